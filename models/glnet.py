@@ -1,0 +1,164 @@
+"""GLNet: a global branch on the downsampled image and a local branch on full-resolution
+patches, each a ResNet + FPN, exchanging feature maps both ways.
+
+The modules hold weights only. Every forward takes the features it depends on as
+arguments and returns the ones its caller may pass on, so nothing is cached between calls.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbone import ResNetBackbone
+from models.fpn import FPN, Context, FPNOutput, Levels
+from utils.patches import PatchGrid, crop_to_patches, coverage_on_map, paste_patches
+
+BRANCH_GROUPS = ("resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv")
+
+
+class BranchOutput(NamedTuple):
+    """c: backbone maps (c2, c3, c4, c5); fpn: the head's logits and intermediates."""
+
+    c: Levels
+    fpn: FPNOutput
+
+    @property
+    def logits(self) -> Tensor:
+        return self.fpn.logits
+
+    @property
+    def ps3(self) -> Tensor:
+        return self.fpn.ps3
+
+    def image(self, i: int) -> BranchOutput:
+        """The outputs of the i-th image of the batch, keeping a batch dimension of one."""
+        return BranchOutput(*(_map_tensors(part, lambda t: t[i : i + 1]) for part in self))  # type: ignore[arg-type]
+
+    def context(self) -> Context:
+        """The maps the other branch consumes."""
+        return Context(self.c, self.fpn.ps0, self.fpn.ps1, self.fpn.ps2)
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    return type(obj)(*(_map_tensors(o, fn) for o in obj)) if hasattr(obj, "_fields") else type(obj)(
+        _map_tensors(o, fn) for o in obj
+    )
+
+
+def _level_sizes(c: Levels) -> list[torch.Size]:
+    # FPN levels p5..p2 have the spatial sizes of c5..c2.
+    return [m.shape[-2:] for m in c[::-1]]
+
+
+def crop_context(global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int], local_c: Levels) -> Context:
+    """Crop the global maps (batch of one image) at each patch, resized to the local maps."""
+    g = global_out.context()
+    levels = _level_sizes(local_c)
+    return Context(
+        tuple(crop_to_patches(m, grid, indices, own.shape[-2:]) for m, own in zip(g.c, local_c)),
+        *(tuple(crop_to_patches(m, grid, indices, s) for m, s in zip(maps, levels)) for maps in g[1:]),
+    )  # type: ignore[arg-type]
+
+
+def empty_context(like: Context) -> Context:
+    """Zero canvases shaped like one image's global maps, for merging local features."""
+    return Context(*(tuple(m.new_zeros((1, *m.shape[1:])) for m in maps) for maps in like))  # type: ignore[arg-type]
+
+
+def paste_context(canvases: Context, local: Context, grid: PatchGrid, indices: Sequence[int]) -> None:
+    """Add the local maps of the given patches into the whole-image canvases."""
+    for canvas_maps, local_maps in zip(canvases, local):
+        for canvas, patch_maps in zip(canvas_maps, local_maps):
+            paste_patches(canvas, patch_maps, grid, indices)
+
+
+def normalise_context(canvases: Context, grid: PatchGrid) -> Context:
+    """Divide merged maps by the pixel coverage template resized to each map.
+
+    Cells no crop reaches stay 0 (0 / coverage); this is the authors' normalisation.
+    """
+    cache: dict[tuple[int, int], Tensor] = {}
+
+    def norm(m: Tensor) -> Tensor:
+        key = tuple(m.shape[-2:])
+        if key not in cache:
+            cache[key] = coverage_on_map(grid, key, m.device).to(m.dtype)
+        return m / cache[key]
+
+    return Context(*(tuple(norm(m) for m in maps) for maps in canvases))  # type: ignore[arg-type]
+
+
+class _GlobalBranchMixin:
+    resnet_global: ResNetBackbone
+    fpn_global: FPN
+
+    def global_branch(self, images: Tensor, context: Optional[Context] = None) -> BranchOutput:
+        """Global images (B, 3, Hg, Wg) -> logits at (Hg/4, Wg/4).
+
+        context: merged local features (stage 3), which switch the head to its `_ext` layers.
+        """
+        c = self.resnet_global(images)
+        return BranchOutput(c, self.fpn_global(c, context))
+
+
+class GLNet(_GlobalBranchMixin, nn.Module):
+    """The whole two-branch network. Attribute names and registration order give the
+    authors' state-dict keys and order."""
+
+    def __init__(self, n_class: int, backbone: str = "resnet50") -> None:
+        super().__init__()
+        if n_class < 2:
+            raise ValueError(f"n_class must be at least 2, got {n_class}")
+        self.n_class = n_class
+        self.resnet_global = ResNetBackbone(backbone)
+        self.resnet_local = ResNetBackbone(backbone)
+        channels = self.resnet_global.channels
+        self.fpn_global = FPN(n_class, channels, plain=True, context_suffix="_ext")
+        self.fpn_local = FPN(n_class, channels, plain=False, context_suffix="")
+        self.ensemble_conv = nn.Conv2d(2 * self.fpn_local.classify.in_channels, n_class, 3, padding=1)
+        nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)
+
+    def local_branch(
+        self, patches: Tensor, global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int]
+    ) -> BranchOutput:
+        """Patches (n, 3, ph, pw) of one image, with that image's global features
+        (batch of one) as context, cropped at each patch."""
+        c = self.resnet_local(patches)
+        return BranchOutput(c, self.fpn_local(c, crop_context(global_out, grid, indices, c)))
+
+    # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its
+    # input channels, so it splits into a local term and a global term. Stage 3 evaluation
+    # keeps the small local term (n_class channels) of every patch instead of its 512-channel
+    # ps3 while it waits for the new global features.
+    def ensemble_local_term(self, local_ps3: Tensor) -> Tensor:
+        """The local half of ensemble_conv (no bias): (n, 512, h, w) -> (n, n_class, h, w)."""
+        weight = self.ensemble_conv.weight[:, : local_ps3.shape[1]]
+        return F.conv2d(local_ps3, weight, padding=self.ensemble_conv.padding)
+
+    def ensemble(
+        self, local_term: Tensor, global_ps3: Tensor, grid: PatchGrid, indices: Sequence[int]
+    ) -> tuple[Tensor, Tensor]:
+        """Ensemble logits per patch and the global ps3 crop they were computed from.
+
+        local_term: `ensemble_local_term` of the patches' local ps3, (n, n_class, h, w);
+        global_ps3: (1, 512, Hg/4, Wg/4) of the same image.
+        """
+        crop = crop_to_patches(global_ps3, grid, indices, local_term.shape[-2:])
+        weight = self.ensemble_conv.weight[:, -crop.shape[1] :]
+        conv = F.conv2d(crop, weight, self.ensemble_conv.bias, padding=self.ensemble_conv.padding)
+        return local_term + conv, crop
+
+
+class GlobalBranch(_GlobalBranchMixin, nn.Module):
+    """The plain global half of GLNet under the same key names: the frozen stage-1 copy
+    that gives the local branch its context in stage 3 (no `_ext` layers, no local half)."""
+
+    def __init__(self, n_class: int, backbone: str = "resnet50") -> None:
+        super().__init__()
+        self.resnet_global = ResNetBackbone(backbone)
+        self.fpn_global = FPN(n_class, self.resnet_global.channels, plain=True, context_suffix=None)

@@ -1,0 +1,235 @@
+"""The three GLNet stages as one runner shared by training and evaluation.
+
+Everything that differs between stages and is not control flow (what learns, defaults,
+which checkpoint initialises what, which predictions exist) is data in STAGES.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from models.fpn import Context
+from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context, paste_context
+from utils.losses import focal_loss, fmreg_loss
+from utils.patches import PatchGrid, extract_patches
+from utils.resample import resize_labels
+
+
+class Stage(IntEnum):
+    """The values are the authors' `--mode`."""
+
+    GLOBAL = 1
+    GLOBAL2LOCAL = 2
+    LOCAL2GLOBAL = 3
+
+
+@dataclass(frozen=True)
+class Load:
+    """Initialise `keys` ("all", "global" or "non_local") of the model from the file named
+    by the command-line flag `flag`."""
+
+    flag: str
+    keys: str = "all"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    trains: tuple[str, ...]  # parameter groups that learn; the others get lr 0 and eval mode
+    epochs: int
+    lr: float
+    predictions: tuple[str, ...]
+    train_loads: tuple[Load, ...]
+    eval_loads: tuple[Load, ...]
+    frozen_global: Optional[str] = None  # flag of the file holding the frozen stage-1 global branch
+
+
+GLOBAL_GROUPS = ("resnet_global", "fpn_global", "ensemble_conv")
+LOCAL_GROUPS = ("resnet_local", "fpn_local", "ensemble_conv")
+ALL_PREDICTIONS = ("global", "local", "ensemble")
+
+STAGES: dict[Stage, StageSpec] = {
+    Stage.GLOBAL: StageSpec(
+        "global", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=("global",),
+        train_loads=(), eval_loads=(Load("path_g", "non_local"),),
+    ),
+    Stage.GLOBAL2LOCAL: StageSpec(
+        "global2local", LOCAL_GROUPS, epochs=50, lr=2e-5, predictions=ALL_PREDICTIONS,
+        train_loads=(Load("path_g", "non_local"),), eval_loads=(Load("path_g2l"),),
+    ),
+    Stage.LOCAL2GLOBAL: StageSpec(
+        "local2global", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=ALL_PREDICTIONS,
+        train_loads=(Load("path_g2l"),), eval_loads=(Load("path_l2g"),), frozen_global="path_g",
+    ),
+}
+
+
+def set_branch_modes(model: GLNet, stage: Stage, training: bool) -> None:
+    """Train mode (batch statistics in BatchNorm) for the groups the stage trains, eval
+    mode for everything else; everything in eval mode when not training."""
+    trains = STAGES[stage].trains if training else ()
+    for name, module in model.named_children():
+        module.train(name in trains)
+
+
+@dataclass
+class ImageResult:
+    """Logits of one image. Global: (1, K, hg, wg); local / ensemble: (N, K, h, w) per patch
+    of `grid`, or None in stage 1."""
+
+    global_logits: Tensor
+    grid: Optional[PatchGrid] = None
+    local_logits: Optional[Tensor] = None
+    ensemble_logits: Optional[Tensor] = None
+
+
+@dataclass
+class StageResult:
+    images: list[ImageResult]
+    criteria: list[float] = field(default_factory=list)  # every focal-loss value, in call order
+    fmreg: list[float] = field(default_factory=list)  # per sub-batch (stage 2)
+    totals: list[float] = field(default_factory=list)  # every loss that is (or would be) backpropagated
+
+    @property
+    def loss(self) -> float:
+        """Mean of the backpropagated losses of the batch: what training logs."""
+        return sum(self.totals) / len(self.totals) if self.totals else float("nan")
+
+
+@dataclass
+class Batch:
+    """images: (3, H, W) float in [0, 1] each (sizes may differ); global_images:
+    (B, 3, Hg, Wg); labels: (H, W) class ids each, or None when there is nothing to score."""
+
+    images: Sequence[Tensor]
+    global_images: Tensor
+    labels: Optional[Sequence[Tensor]] = None
+
+
+class _Losses:
+    """Computes the loss terms when labels exist and backpropagates them when training."""
+
+    def __init__(self, result: StageResult, backward: bool) -> None:
+        self.result, self.backward = result, backward
+
+    def focal(self, logits: Tensor, target: Optional[Tensor]) -> Optional[Tensor]:
+        if target is None:
+            return None
+        loss = focal_loss(logits, target)
+        self.result.criteria.append(loss.item())
+        return loss
+
+    def step(self, loss: Optional[Tensor], retain_graph: bool = False) -> None:
+        if loss is None:
+            return
+        self.result.totals.append(loss.item())
+        if self.backward:
+            loss.backward(retain_graph=retain_graph)
+
+
+def _patch_targets(label: Optional[Tensor], grid: PatchGrid, indices: range, size: Sequence[int]) -> Optional[Tensor]:
+    return None if label is None else resize_labels(extract_patches(label, grid, indices), size)
+
+
+def run_stage(
+    stage: Stage,
+    model: GLNet,
+    batch: Batch,
+    *,
+    patch_size: Sequence[int],
+    sub_batch_size: int,
+    frozen_global: Optional[GlobalBranch] = None,
+    lamb_fmreg: float = 0.15,
+    backward: bool = False,
+) -> StageResult:
+    """Run one stage on a batch: logits for every image, loss terms when labels are given,
+    and, with backward=True, gradients accumulated in the model (no optimizer step).
+
+    Branch train/eval modes are the caller's (see set_branch_modes); evaluation callers
+    wrap this in torch.inference_mode().
+    """
+    if backward and batch.labels is None:
+        raise ValueError("training needs labels")
+    if stage is Stage.LOCAL2GLOBAL and frozen_global is None:
+        raise ValueError("stage 3 needs the frozen stage-1 global branch")
+    result = StageResult(images=[])
+    losses = _Losses(result, backward)
+    labels = list(batch.labels) if batch.labels is not None else [None] * len(batch.images)
+    grids = [PatchGrid.build(img.shape[-2:], patch_size) for img in batch.images]
+
+    if stage is Stage.GLOBAL:
+        out = model.global_branch(batch.global_images)
+        losses.step(losses.focal(out.logits, _global_targets(labels, out)))
+        result.images = [ImageResult(out.logits[i : i + 1]) for i in range(len(batch.images))]
+        return result
+
+    if stage is Stage.GLOBAL2LOCAL:
+        with torch.no_grad():
+            glob = model.global_branch(batch.global_images)
+        for i, (image, label, grid) in enumerate(zip(batch.images, labels, grids)):
+            context = glob.image(i)
+            local_logits, ensemble_logits = [], []
+            for idx in grid.batches(sub_batch_size):
+                local = model.local_branch(extract_patches(image, grid, idx), context, grid, idx)
+                ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, idx)
+                target = _patch_targets(label, grid, idx, local.logits.shape[-2:])
+                fmreg = fmreg_loss(local.ps3, crop)
+                result.fmreg.append(fmreg.item())
+                loss_local, loss_ens = losses.focal(local.logits, target), losses.focal(ensemble, target)
+                losses.step(None if target is None else loss_local + loss_ens + lamb_fmreg * fmreg)
+                local_logits.append(local.logits.detach())
+                ensemble_logits.append(ensemble.detach())
+            result.images.append(
+                ImageResult(glob.logits[i : i + 1], grid, torch.cat(local_logits), torch.cat(ensemble_logits))
+            )
+        return result
+
+    # Stage 3: local features (with the frozen stage-1 global context) feed the global branch.
+    with torch.no_grad():
+        fixed = frozen_global.global_branch(batch.global_images)  # type: ignore[union-attr]
+        merged, kept, local_logits = [], [], []
+        for i, (image, grid) in enumerate(zip(batch.images, grids)):
+            context = fixed.image(i)
+            canvases = empty_context(context.context())
+            terms, logits = [], []
+            for idx in grid.batches(sub_batch_size):
+                local = model.local_branch(extract_patches(image, grid, idx), context, grid, idx)
+                paste_context(canvases, local.context(), grid, idx)
+                # Training needs ps3 itself (ensemble_conv's local half learns); evaluation
+                # only ever needs its n_class-channel local term.
+                terms.append(local.ps3 if backward else model.ensemble_local_term(local.ps3))
+                logits.append(local.logits)
+            merged.append(normalise_context(canvases, grid))
+            kept.append(terms)
+            local_logits.append(torch.cat(logits))
+    glob = model.global_branch(batch.global_images, _cat_contexts(merged))
+    losses.step(losses.focal(glob.logits, _global_targets(labels, glob)), retain_graph=True)
+    last = (len(batch.images) - 1, len(kept[-1]) - 1)
+    for i, (label, grid) in enumerate(zip(labels, grids)):
+        ensemble_logits = []
+        for j, idx in enumerate(grid.batches(sub_batch_size)):
+            term = model.ensemble_local_term(kept[i][j]) if backward else kept[i][j]
+            ensemble, _ = model.ensemble(term, glob.ps3[i : i + 1], grid, idx)
+            target = _patch_targets(label, grid, idx, ensemble.shape[-2:])
+            losses.step(losses.focal(ensemble, target), retain_graph=(i, j) != last)
+            ensemble_logits.append(ensemble.detach())
+        result.images.append(
+            ImageResult(glob.logits[i : i + 1].detach(), grid, local_logits[i], torch.cat(ensemble_logits))
+        )
+    return result
+
+
+def _global_targets(labels: list[Optional[Tensor]], out: BranchOutput) -> Optional[Tensor]:
+    if any(label is None for label in labels):
+        return None
+    return torch.stack([resize_labels(label, out.logits.shape[-2:]) for label in labels])  # type: ignore[arg-type]
+
+
+def _cat_contexts(contexts: list[Context]) -> Context:
+    if len(contexts) == 1:
+        return contexts[0]
+    return Context(*(tuple(torch.cat(maps) for maps in zip(*levels)) for levels in zip(*contexts)))  # type: ignore[arg-type]

@@ -1,0 +1,154 @@
+"""Checkpoint files: the authors' layout in and out, strict checks, atomic writes.
+
+A GLNet weights file is a plain state dict whose keys start with `module.` (the authors
+saved through DataParallel). Files with or without the prefix load; files written here
+always carry it, so they move both ways between this project and the authors' code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+PREFIX = "module."
+
+KEY_FILTERS: dict[str, Callable[[str], bool]] = {
+    "all": lambda k: True,
+    # The authors' filter for stage-1 files: everything except the local branch (so the
+    # ensemble conv comes along).
+    "non_local": lambda k: "local" not in k,
+    "global": lambda k: k.startswith(("resnet_global.", "fpn_global.")),
+}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot initialise the model it was given to; the message says why."""
+
+
+def strip_prefix(state: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`, so a
+    crash or kill at any moment leaves either the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_file(path: str | Path) -> Any:
+    """torch.load with weights_only=True, turning every way a file can be wrong into a
+    CheckpointError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The model weights in a file: a plain state dict, or the `model` entry of a training
+    state written by this project. Keys are returned without the `module.` prefix."""
+    obj = read_file(path)
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
+    return strip_prefix(obj)
+
+
+def mismatches(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys, and 'key: file shape vs model shape' lines."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: {list(state[k].shape)} in file, {list(v.shape)} in model"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    return missing, unexpected, shapes
+
+
+def _describe(path: str | Path, missing: list[str], unexpected: list[str], shapes: list[str], hint: str) -> str:
+    def listing(title: str, items: list[str]) -> str:
+        shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+        return f"\n  {title} ({len(items)}): {shown}" if items else ""
+
+    return (
+        f"{path}: does not match the model{hint}"
+        + listing("missing keys", missing)
+        + listing("unexpected keys", unexpected)
+        + listing("mis-shaped keys", shapes)
+    )
+
+
+def _n_class_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+    for key in ("fpn_global.classify.weight", "fpn_local.classify.weight"):
+        if key in state and key in expected and state[key].shape[0] != expected[key].shape[0]:
+            return f" (the file was trained for n_class={state[key].shape[0]}, the model has {expected[key].shape[0]})"
+    return ""
+
+
+def load_weights(
+    model: nn.Module, path: str | Path, keys: str = "all", reference: nn.Module | None = None
+) -> list[str]:
+    """Initialise `model` from a GLNet weights file and return the keys loaded.
+
+    The whole file is first checked strictly against `reference` (a complete GLNet of the
+    same configuration; by default `model` itself): any missing, unexpected or mis-shaped
+    key raises a CheckpointError listing them. Then only the model's keys selected by
+    `keys` ("all", "non_local", "global") are copied; the rest keep their values.
+    """
+    state = read_state_dict(path)
+    expected = (reference or model).state_dict()
+    missing, unexpected, shapes = mismatches(state, expected)
+    if missing or unexpected or shapes:
+        raise CheckpointError(_describe(path, missing, unexpected, shapes, _n_class_hint(state, expected)))
+    wanted = KEY_FILTERS[keys]
+    selected = {k: v for k, v in state.items() if k in model.state_dict() and wanted(k)}
+    model.load_state_dict(selected, strict=False)
+    return list(selected)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Write the model's state dict in the authors' layout (`module.` keys), atomically."""
+    atomic_save({PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def load_imagenet_backbones(model: nn.Module, path: str | Path) -> None:
+    """Load torchvision ImageNet ResNet weights (e.g. resnet50-0676ba61.pth or
+    resnet50-11ad3fa6.pth) into every `resnet_*` backbone of the model; `fc.*` is dropped."""
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"{path}: ImageNet weights not found. Download torchvision's ResNet-50 weights on a "
+            "machine with internet (e.g. `python -c \"import torchvision; "
+            "torchvision.models.resnet50(weights='IMAGENET1K_V1')\"` and copy the file from "
+            "~/.cache/torch/hub/checkpoints/), then pass --pretrained PATH; or --pretrained none."
+        )
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
+    for name, backbone in model.named_children():
+        if not name.startswith("resnet_"):
+            continue
+        missing, unexpected, shapes = mismatches(state, backbone.state_dict())
+        if missing or unexpected or shapes:
+            raise CheckpointError(_describe(path, missing, unexpected, shapes, f" ({name} expects a torchvision ResNet)"))
+        backbone.load_state_dict(state)
