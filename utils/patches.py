@@ -159,7 +159,8 @@ def merge_logits(patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | 
     (h_img, w_img), (ph, pw) = grid.image_size, grid.patch_size
     r0, r1 = rows if rows is not None else (0, h_img)
     k, h, w = patch_logits.shape[1:]
-    canvas = patch_logits.new_zeros(k, r1 - r0, w_img)
+    # Sum in at least fp32 even when the network ran under bf16/fp16 autocast.
+    canvas = patch_logits.new_zeros(k, r1 - r0, w_img, dtype=torch.promote_types(patch_logits.dtype, torch.float32))
     row_idx = nearest_indices(ph, h, patch_logits.device)
     col_idx = nearest_indices(pw, w, patch_logits.device)
     for i in range(len(grid)):

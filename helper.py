@@ -1,0 +1,325 @@
+"""Training and evaluation of GLNet's stages: model creation and loading per stage, the
+optimizer and its schedule, one training epoch, evaluation and prediction (with optional
+test-time augmentation). The stage logic itself lives in models/stages.py."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from dataset.classes import ClassTable
+from dataset.transforms import global_image, to_unit_float
+from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
+from models.stages import STAGES, Batch, ImageResult, Stage, StageResult, run_stage, set_branch_modes
+from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
+from utils.distributed import DistInfo, all_reduce_, average_gradients
+from utils.metrics import ConfusionMatrix
+from utils.patches import merge_argmax, merge_logits, upsample_argmax
+from utils.resample import nearest_indices
+
+WEIGHT_DECAY = 5e-4
+POLY_POWER = 0.9
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Session:
+    """Everything a stage needs to run on batches: the networks and the configuration."""
+
+    stage: Stage
+    model: GLNet
+    frozen_global: Optional[GlobalBranch]
+    table: ClassTable
+    size_g: tuple[int, int]
+    size_p: tuple[int, int]
+    sub_batch_size: int
+    lamb_fmreg: float
+    device: torch.device
+    dist: DistInfo = DistInfo()
+    amp: Optional[torch.dtype] = None  # autocast dtype (bf16/fp16) on CUDA, None for fp32
+
+    @property
+    def predictions(self) -> tuple[str, ...]:
+        return STAGES[self.stage].predictions
+
+    def run(self, batch: Batch, backward: bool = False) -> StageResult:
+        autocast = torch.autocast(self.device.type, self.amp) if self.amp is not None else contextlib.nullcontext()
+        with autocast:
+            return run_stage(
+                self.stage,
+                self.model,
+                batch,
+                patch_size=self.size_p,
+                sub_batch_size=self.sub_batch_size,
+                frozen_global=self.frozen_global,
+                lamb_fmreg=self.lamb_fmreg,
+                backward=backward,
+            )
+
+
+def checkpoint_path(model_path: str | Path, name: str) -> Path:
+    """The authors' scripts name checkpoints relative to --model_path; absolute paths
+    are taken as they are."""
+    return Path(model_path) / name
+
+
+def build_models(
+    stage: Stage,
+    n_class: int,
+    *,
+    training: bool,
+    paths: dict[str, Optional[Path]],
+    pretrained: Optional[Path] = None,
+    backbone: str = "resnet50",
+    device: torch.device = torch.device("cpu"),
+) -> tuple[GLNet, Optional[GlobalBranch]]:
+    """The network for a stage, initialised as that stage prescribes (STAGES), and the
+    frozen stage-1 global branch where the stage has one.
+
+    paths: checkpoint files by flag name (`path_g`, `path_g2l`, `path_l2g`).
+    pretrained: torchvision ImageNet weights for the backbones when nothing else
+    initialises them (stage 1 training); None for random initialisation.
+    """
+    spec = STAGES[stage]
+    loads = spec.train_loads if training else spec.eval_loads
+    model = GLNet(n_class, backbone)
+    if not loads and pretrained is not None:
+        load_imagenet_backbones(model, pretrained)
+    for load in loads:
+        load_weights(model, _required(paths, load.flag, stage, training), load.keys)
+    frozen = None
+    if spec.frozen_global is not None:
+        frozen = GlobalBranch(n_class, backbone)
+        with torch.device("meta"):
+            reference = GLNet(n_class, backbone)
+        load_weights(frozen, _required(paths, spec.frozen_global, stage, training), "global", reference=reference)
+        frozen.requires_grad_(False).eval().to(device)
+    return model.to(device), frozen
+
+
+_PRODUCED_BY = {"path_g": "stage 1 (global)", "path_g2l": "stage 2 (global2local)", "path_l2g": "stage 3 (local2global)"}
+
+
+def _required(paths: dict[str, Optional[Path]], flag: str, stage: Stage, training: bool) -> Path:
+    path = paths.get(flag)
+    what = "training" if training else "evaluating"
+    if path is None:
+        raise CheckpointError(
+            f"{what} --mode {int(stage)} needs --{flag}, the checkpoint written by {_PRODUCED_BY[flag]}"
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: not found; {what} --mode {int(stage)} needs --{flag}, the checkpoint written by "
+            f"{_PRODUCED_BY[flag]} (run that stage first, or fix the path; relative names are taken "
+            "inside --model_path)"
+        )
+    return path
+
+
+def build_optimizer(model: GLNet, stage: Stage, lr: float) -> torch.optim.Adam:
+    """Adam with the five parameter groups in state-dict order; groups the stage does not
+    train get lr 0, as in the authors' code."""
+    trains = STAGES[stage].trains
+    groups = [
+        {"params": list(getattr(model, name).parameters()), "lr": lr if name in trains else 0.0, "name": name}
+        for name in BRANCH_GROUPS
+    ]
+    return torch.optim.Adam(groups, lr=lr, weight_decay=WEIGHT_DECAY)
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr = base * (1 - T / N) ** 0.9 at iteration T (step it after every optimizer step);
+    groups whose base lr is 0 stay at 0."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** POLY_POWER
+    )
+
+
+def to_batch(samples: dict[str, list[Any]], device: torch.device, with_labels: bool = True) -> Batch:
+    """Move a collated batch to the device: images as floats in [0, 1], the global
+    images (computed on the CPU by GlobalInput) stacked."""
+    labels = samples["label"]
+    has_labels = with_labels and all(label is not None for label in labels)
+    return Batch(
+        images=[to_unit_float(img.to(device, non_blocking=True)) for img in samples["image"]],
+        global_images=torch.stack(samples["global"]).to(device, non_blocking=True),
+        labels=[label.to(device, non_blocking=True) for label in labels] if has_labels else None,
+    )
+
+
+class GlobalInput(torch.utils.data.Dataset):
+    """Adds each sample's downsampled global image, so DataLoader workers compute it."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, size_g: Sequence[int]) -> None:
+        self.dataset, self.size_g = dataset, tuple(size_g)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.dataset[index])
+        sample["global"] = global_image(sample["image"], self.size_g)
+        return sample
+
+
+def predictions_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
+    """Class maps (H, W) of one image for each prediction kind."""
+    out = {"global": upsample_argmax(result.global_logits[0], size)}
+    if "local" in kinds:
+        out["local"] = merge_argmax(result.local_logits, result.grid)  # type: ignore[arg-type]
+        out["ensemble"] = merge_argmax(result.ensemble_logits, result.grid)  # type: ignore[arg-type]
+    return out
+
+
+def _scores_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
+    """Full-resolution summed logits (K, H, W) per kind; only test-time augmentation,
+    which must map scores back before adding them, needs these."""
+    logits = result.global_logits[0]
+    rows = nearest_indices(int(size[0]), logits.shape[-2], logits.device)
+    cols = nearest_indices(int(size[1]), logits.shape[-1], logits.device)
+    out = {"global": logits.index_select(1, rows).index_select(2, cols)}
+    if "local" in kinds:
+        out["local"] = merge_logits(result.local_logits, result.grid)  # type: ignore[arg-type]
+        out["ensemble"] = merge_logits(result.ensemble_logits, result.grid)  # type: ignore[arg-type]
+    return out
+
+
+# The eight dihedral transforms: k quarter turns, after an optional horizontal flip.
+TTA_TRANSFORMS = [(k, flip) for k in range(4) for flip in (False, True)]
+
+
+def _transform(x: Tensor, k: int, flip: bool) -> Tensor:
+    return torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
+
+
+def _untransform(x: Tensor, k: int, flip: bool) -> Tensor:
+    x = torch.rot90(x, -k, dims=(-2, -1))
+    return x.flip(-1) if flip else x
+
+
+def predict(session: Session, samples: dict[str, list[Any]], tta: bool = False) -> list[dict[str, Tensor]]:
+    """Class maps per image and prediction kind for a collated batch (no gradients).
+
+    With tta, the whole method runs on each of the eight flips/rotations of the full image
+    (global image and patches both cut from the transformed image), and the logits, mapped
+    back, are summed before the argmax.
+    """
+    kinds = session.predictions
+    sizes = [tuple(img.shape[-2:]) for img in samples["image"]]
+    if not tta:
+        result = session.run(to_batch(samples, session.device, with_labels=False))
+        return [predictions_of(r, kinds, s) for r, s in zip(result.images, sizes)]
+    totals: list[dict[str, Tensor]] = [{} for _ in sizes]
+    for k, flip in TTA_TRANSFORMS:
+        images = [_transform(img, k, flip) for img in samples["image"]]
+        moved = {"image": images, "global": [global_image(img, session.size_g) for img in images],
+                 "label": [None] * len(images)}
+        result = session.run(to_batch(moved, session.device, with_labels=False))
+        for total, r, img in zip(totals, result.images, images):
+            for kind, scores in _scores_of(r, kinds, img.shape[-2:]).items():
+                back = _untransform(scores, k, flip)
+                total[kind] = total[kind] + back if kind in total else back
+    return [{kind: s.argmax(0) for kind, s in total.items()} for total in totals]
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    scores: dict[str, dict[str, Any]]
+
+
+def _confusions(session: Session) -> dict[str, ConfusionMatrix]:
+    return {kind: ConfusionMatrix(session.table.n_class) for kind in session.predictions}
+
+
+def _scores(session: Session, confusions: dict[str, ConfusionMatrix]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for kind, conf in confusions.items():
+        all_reduce_(conf.matrix, session.dist)
+        out[kind] = {
+            "iou": conf.iou(),
+            "miou": conf.miou(session.table.ignore_in_metric),
+            "pixels": int(conf.matrix.sum()),
+        }
+    return out
+
+
+def train_one_epoch(
+    session: Session,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+) -> EpochStats:
+    """One pass over the loader, one optimizer step per batch. Raises TrainingDiverged on
+    a non-finite loss before stepping, so the weights stay those of the last good step."""
+    set_branch_modes(session.model, session.stage, training=True)
+    confusions = _confusions(session)
+    params = list(session.model.parameters())
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"train {epoch + 1}", disable=not session.dist.is_main, dynamic_ncols=True)
+    for i, samples in enumerate(bar):
+        batch = to_batch(samples, session.device)
+        optimizer.zero_grad(set_to_none=True)
+        result = session.run(batch, backward=True)
+        loss = all_reduce_(torch.tensor([result.loss], dtype=torch.float64, device=session.device), session.dist)
+        loss_value = loss.item() / session.dist.world_size
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss became {loss_value} at epoch {epoch + 1}, batch {i + 1}; stopped before the optimizer "
+                "step, checkpoints from earlier epochs are untouched (try a lower --lr)"
+            )
+        average_gradients(params, session.dist)
+        optimizer.step()
+        scheduler.step()
+        total, count = total + loss_value, count + 1
+        with torch.no_grad():
+            for r, image, label in zip(result.images, batch.images, batch.labels or []):
+                for kind, pred in predictions_of(r, session.predictions, image.shape[-2:]).items():
+                    confusions[kind].update(pred, label)
+        main_kind = session.predictions[-1]
+        bar.set_postfix(loss=f"{total / count:.4f}", miou=f"{confusions[main_kind].miou(session.table.ignore_in_metric):.3f}")
+    return EpochStats(total / max(1, count), _scores(session, confusions))
+
+
+def evaluate(
+    session: Session,
+    loader: torch.utils.data.DataLoader,
+    *,
+    tta: bool = False,
+    on_prediction: Optional[Any] = None,
+    desc: str = "eval",
+) -> dict[str, dict[str, Any]]:
+    """Scores of every prediction kind over the loader's labelled images (summed over
+    ranks): {kind: {"iou": per-class list, "miou": float}}. `on_prediction(id, preds)` is
+    called for every image, e.g. to save it."""
+    set_branch_modes(session.model, session.stage, training=False)
+    confusions = _confusions(session)
+    main_kind = session.predictions[-1]
+    bar = tqdm(loader, desc=desc, disable=not session.dist.is_main, dynamic_ncols=True)
+    with torch.inference_mode():
+        for samples in bar:
+            for sample_id, label, preds in zip(samples["id"], samples["label"], predict(session, samples, tta)):
+                if label is not None:
+                    label = label.to(session.device)
+                    for kind, pred in preds.items():
+                        confusions[kind].update(pred, label)
+                if on_prediction is not None:
+                    on_prediction(sample_id, preds)
+            bar.set_postfix(miou=f"{confusions[main_kind].miou(session.table.ignore_in_metric):.3f}")
+    return _scores(session, confusions)
+
+
+def environment_summary(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return f"torch {torch.__version__} on {name}"

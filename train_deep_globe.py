@@ -1,0 +1,406 @@
+"""Train or evaluate one GLNet stage: `--mode 1` global, `--mode 2` global-to-local,
+`--mode 3` local-to-global. Flags and defaults follow the authors' script; see README."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import helper
+from dataset.classes import DEEPGLOBE, ClassTable, load_class_table
+from dataset.errors import DataError
+from dataset.transforms import to_unit_float
+from dataset.segmentation import SegmentationDataset, build_dataset, collate
+from models.stages import STAGES, Stage
+from utils.checkpoint import CheckpointError, atomic_save, read_file, save_weights, strip_prefix
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
+from utils.patches import MIN_OVERLAP
+
+LAST_SUFFIX = ".last.pth"
+
+
+class ConfigError(ValueError):
+    """Flags that cannot work (together)."""
+
+
+USER_ERRORS = (DataError, CheckpointError, ConfigError, helper.TrainingDiverged)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'508' -> (508, 508); '512,1024' -> (512, 1024) as (H, W)."""
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use N or H,W") from None
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use N or H,W")
+    return (parts[0], parts[-1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # The authors' flags, same meaning and defaults.
+    a("--n_class", type=int, default=None, help="number of classes (default: from the class table; 7 for DeepGlobe)")
+    a("--data_path", default="data/deep_globe", help="dataset root")
+    a("--model_path", default="saved_models", help="folder for checkpoints; --path_* names are taken inside it")
+    a("--log_path", default="runs", help="folder for tensorboard logs and metrics")
+    a("--task_name", default=None, help="run name (default: fpn_deepglobe_<global|global2local|local2global>)")
+    a("--mode", type=int, choices=[1, 2, 3], default=1, help="1 global, 2 global-to-local, 3 local-to-global")
+    a("--evaluation", action="store_true", help="evaluate instead of training")
+    a("--batch_size", type=int, default=6, help="images per optimizer step (per process under torchrun)")
+    a("--sub_batch_size", type=int, default=6, help="patches per forward pass of the local branch")
+    a("--size_g", type=parse_size, default=(508, 508), help="global image size: N or H,W")
+    a("--size_p", type=parse_size, default=(508, 508), help="local patch size: N or H,W")
+    a("--path_g", default=None, help="stage-1 checkpoint (needed by modes 2 and 3)")
+    a("--path_g2l", default=None, help="stage-2 checkpoint (needed by mode 3, and mode 2 evaluation)")
+    a("--path_l2g", default=None, help="stage-3 checkpoint (needed by mode 3 evaluation)")
+    a("--lamb_fmreg", type=float, default=0.15, help="weight of the feature-map regularisation (mode 2)")
+    # Ours.
+    a("--num_epochs", type=int, default=None, help="default per mode: 120, 50, 120")
+    a("--lr", type=float, default=None, help="default per mode: 5e-5, 2e-5, 5e-5")
+    a("--num_workers", type=int, default=2, help="data loading processes")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    a("--seed", type=int, default=0, help="seed of data order and augmentation")
+    a("--resume", action="store_true", help="continue the run from <model_path>/<task_name>.last.pth")
+    a("--pretrained", default="auto", help="ImageNet ResNet-50 weights for stage-1 training: a file, 'none', or "
+      "'auto' (torchvision's cached file under ~/.cache/torch/hub/checkpoints)")
+    a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips")
+    a("--save_predictions", default=None, metavar="DIR", help="write a colour PNG per evaluated image")
+    a("--test", action="store_true", help="evaluate the test split (scored where it has labels)")
+    a("--dataset", choices=["deep_globe", "folder"], default="deep_globe", help="data layout (see README)")
+    a("--classes", default=None, help="class table JSON (default: DeepGlobe's 7 classes)")
+    a("--mask_kind", choices=["ids", "colours"], default="ids", help="masks hold class ids or class colours")
+    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50",
+      help="resnet50 is GLNet; resnet18 only for quick experiments and tests")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    spec = STAGES[Stage(args.mode)]
+    args.task_name = args.task_name or f"fpn_deepglobe_{spec.name}"
+    args.num_epochs = spec.epochs if args.num_epochs is None else args.num_epochs
+    args.lr = spec.lr if args.lr is None else args.lr
+    return args
+
+
+def check_args(args: argparse.Namespace, table: ClassTable) -> None:
+    """Reject flag values that cannot work, with the fix."""
+    problems = []
+    for flag in ("size_g", "size_p"):
+        for side in getattr(args, flag):
+            if side % 4:
+                problems.append(f"--{flag} {side} must be a multiple of 4 (the network's output stride), e.g. 508")
+    if min(args.size_g) < 32:
+        problems.append("--size_g must be at least 32 (ResNet's total stride)")
+    if min(args.size_p) <= MIN_OVERLAP:
+        problems.append(f"--size_p must be larger than {MIN_OVERLAP} (neighbouring patches overlap by {MIN_OVERLAP} px)")
+    for flag in ("batch_size", "sub_batch_size", "num_epochs"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        problems.append("--num_workers cannot be negative")
+    if not args.lr > 0:
+        problems.append(f"--lr must be positive, got {args.lr}")
+    if args.n_class is not None and args.n_class != table.n_class:
+        problems.append(f"--n_class {args.n_class} does not match the class table ({table.n_class} classes)")
+    if args.resume and args.evaluation:
+        problems.append("--resume continues training; it cannot be combined with --evaluation")
+    if args.test and not args.evaluation:
+        problems.append("--test selects the split to evaluate; add --evaluation")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def checkpoint_paths(args: argparse.Namespace) -> dict[str, Optional[Path]]:
+    return {f: helper.checkpoint_path(args.model_path, getattr(args, f)) if getattr(args, f) else None
+            for f in ("path_g", "path_g2l", "path_l2g")}
+
+
+def pretrained_path(args: argparse.Namespace) -> Optional[Path]:
+    if args.pretrained == "none":
+        return None
+    if args.pretrained != "auto":
+        return Path(args.pretrained)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    found = sorted(hub.glob(f"{args.backbone}-*.pth"))
+    if not found:
+        raise CheckpointError(
+            f"no ImageNet {args.backbone} weights in {hub} and no download is possible offline: pass "
+            f"--pretrained PATH to torchvision's {args.backbone} weights (on a machine with internet: "
+            f"python -c \"import torchvision; torchvision.models.{args.backbone}(weights='IMAGENET1K_V1')\" "
+            "and copy the file), or --pretrained none to start from random weights"
+        )
+    return found[0]
+
+
+def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices: Sequence[int]) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(helper.GlobalInput(dataset, args.size_g), list(indices)),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+    )
+
+
+def epoch_order(n: int, seed: int, epoch: int, info: DistInfo, batch_size: int) -> list[int]:
+    """This rank's sample order for an epoch: a permutation fixed by (seed, epoch), so
+    a resumed run sees the same order, cut into equal shares so every rank takes the same
+    number of optimizer steps (the order wraps around to fill the last share)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    per_rank = math.ceil(n / info.world_size)
+    order = (order * (1 + per_rank * info.world_size // max(1, n)))[: per_rank * info.world_size]
+    return shard(order, info)
+
+
+class RunLog:
+    """Tensorboard events and a plain-text log in <log_path>/<task_name>/ (rank 0 only)."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.folder, self.enabled = folder, enabled
+        self.writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            folder.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(folder))
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+            with open(self.folder / "log.txt", "a") as f:
+                f.write(text + "\n")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
+    def panel(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_table(scores: dict[str, dict[str, Any]], table: ClassTable) -> str:
+    kinds = list(scores)
+    width = max(len(n) for n in table.names) + 2
+    lines = ["class".ljust(width) + "".join(k.rjust(10) for k in kinds)]
+    for c, name in enumerate(table.names):
+        mark = " *" if c in table.ignore_in_metric else ""
+        lines.append((name + mark).ljust(width) + "".join(f"{scores[k]['iou'][c]:10.4f}" for k in kinds))
+    lines.append("mIoU".ljust(width) + "".join(f"{scores[k]['miou']:10.4f}" for k in kinds))
+    if table.ignore_in_metric:
+        lines.append("(* not counted in the mIoU)")
+    return "\n".join(lines)
+
+
+def prediction_panel(session: helper.Session, samples: dict[str, list[Any]], max_side: int = 512) -> np.ndarray:
+    """Image | label | predictions of the first image of a batch, in the class colours."""
+    image = samples["image"][0]
+    preds = helper.predict(session, {k: v[:1] for k, v in samples.items()})[0]
+    label = samples["label"][0]
+    tiles = [(to_unit_float(image) * 255).byte().permute(1, 2, 0).numpy()]
+    maps = ([label] if label is not None else []) + [preds[k].cpu() for k in session.predictions]
+    tiles += [session.table.colorize(m) for m in maps]
+    h, w = tiles[0].shape[:2]
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.concatenate([np.asarray(Image.fromarray(t).resize(size, Image.NEAREST)) for t in tiles], axis=1)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def guard_outputs(args: argparse.Namespace, best: Path, last: Path) -> None:
+    """Never overwrite another run's checkpoints silently."""
+    existing = [p for p in (best, last) if p.exists()]
+    if existing and not args.resume:
+        names = ", ".join(str(p) for p in existing)
+        raise ConfigError(
+            f"{names} already exist(s) from an earlier run: pass --resume to continue it, choose another "
+            "--task_name, or delete the file(s) to start over"
+        )
+    if args.resume and not last.exists():
+        raise ConfigError(f"--resume: {last} not found (nothing to resume; drop --resume to start a new run)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_table(args: argparse.Namespace) -> ClassTable:
+    return load_class_table(args.classes) if args.classes else DEEPGLOBE
+
+
+def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> None:
+    stage = session.stage
+    train_set = build_dataset(args.dataset, args.data_path, "train", table, args.mask_kind, augment=True, seed=args.seed)
+    val_set = build_dataset(args.dataset, args.data_path, "crossvali", table, args.mask_kind, augment=False, seed=args.seed)
+    best_path = helper.checkpoint_path(args.model_path, args.task_name + ".pth")
+    last_path = helper.checkpoint_path(args.model_path, args.task_name + LAST_SUFFIX)
+    guard_outputs(args, best_path, last_path)
+
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / session.dist.world_size) / args.batch_size)
+    optimizer = helper.build_optimizer(session.model, stage, args.lr)
+    scheduler = helper.poly_schedule(optimizer, args.num_epochs * steps_per_epoch)
+    start_epoch, best_score = 0, -1.0
+    if args.resume:
+        state = read_file(last_path)
+        session.model.load_state_dict(strip_prefix(state["model"]))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
+        set_rng_state(state["rng"])
+        log.line(f"resuming {args.task_name} after epoch {start_epoch} (best val mIoU {best_score:.4f})")
+    main_kind = session.predictions[-1]
+    val_loader = make_loader(val_set, args, shard(range(len(val_set)), session.dist))
+    for epoch in range(start_epoch, args.num_epochs):
+        train_set.set_epoch(epoch)
+        order = epoch_order(len(train_set), args.seed, epoch, session.dist, args.batch_size)
+        stats = helper.train_one_epoch(session, make_loader(train_set, args, order), optimizer, scheduler, epoch)
+        val = helper.evaluate(session, val_loader, desc=f"val {epoch + 1}")
+        score = val[main_kind]["miou"]
+        values = {"loss/train": stats.loss, "lr": max(g["lr"] for g in optimizer.param_groups)}
+        values.update({f"miou_train/{k}": s["miou"] for k, s in stats.scores.items()})
+        values.update({f"miou_val/{k}": s["miou"] for k, s in val.items()})
+        log.scalars(values, epoch + 1)
+        log.line(
+            f"epoch {epoch + 1}/{args.num_epochs}  loss {stats.loss:.4f}  "
+            + "  ".join(f"{k} train {stats.scores[k]['miou']:.4f} val {val[k]['miou']:.4f}" for k in val)
+        )
+        if session.dist.is_main:
+            if score > best_score:
+                best_score = score
+                save_weights(session.model, best_path)
+                log.line(f"  new best {main_kind} val mIoU {score:.4f}: saved {best_path}")
+            if len(val_set):
+                log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])), epoch + 1)
+            atomic_save(
+                {
+                    "model": {"module." + k: v for k, v in session.model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "best_score": best_score,
+                    "rng": rng_state(),
+                    "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+                },
+                last_path,
+            )
+        barrier(session.dist)
+    log.line(f"done: best {main_kind} val mIoU {best_score:.4f}, weights in {best_path}")
+
+
+def run_evaluation(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> dict[str, Any]:
+    split = "test" if args.test else "crossvali"
+    dataset = build_dataset(args.dataset, args.data_path, split, table, args.mask_kind, augment=False, seed=args.seed)
+    loader = make_loader(dataset, args, shard(range(len(dataset)), session.dist))
+    save_dir = Path(args.save_predictions) if args.save_predictions else None
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    main_kind = session.predictions[-1]
+
+    def save(sample_id: str, preds: dict[str, Any]) -> None:
+        if save_dir is not None:
+            Image.fromarray(table.colorize(preds[main_kind].cpu())).save(save_dir / f"{sample_id}_mask.png")
+
+    start = time.perf_counter()
+    scores = helper.evaluate(session, loader, tta=args.tta, on_prediction=save, desc=f"eval {split}")
+    if session.dist.is_main:
+        log.line(f"{split}: {len(dataset)} images in {time.perf_counter() - start:.1f} s")
+        if scores[main_kind]["pixels"]:
+            log.line(format_table(scores, table))
+        else:
+            log.line(f"{split} has no labels: nothing to score")
+        log.folder.mkdir(parents=True, exist_ok=True)
+        (log.folder / "metrics.json").write_text(json.dumps({"split": split, **scores}, indent=2))
+        if save_dir is not None:
+            log.line(f"predictions written to {save_dir}")
+    return scores
+
+
+def run(args: argparse.Namespace) -> int:
+    table = load_table(args)
+    check_args(args, table)
+    info, device = init_distributed(args.device)
+    try:
+        seed_everything(args.seed)
+        stage = Stage(args.mode)
+        model, frozen = helper.build_models(
+            stage,
+            table.n_class,
+            training=not args.evaluation,
+            paths=checkpoint_paths(args),
+            pretrained=None if args.evaluation or STAGES[stage].train_loads else pretrained_path(args),
+            backbone=args.backbone,
+            device=device,
+        )
+        session = helper.Session(stage, model, frozen, table, args.size_g, args.size_p, args.sub_batch_size,
+                                 args.lamb_fmreg, device, info)
+        log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
+        log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
+                 f"with {helper.environment_summary(device)}")
+        try:
+            if args.evaluation:
+                run_evaluation(args, session, table, log)
+            else:
+                train(args, session, table, log)
+        finally:
+            log.close()
+    finally:
+        cleanup(info)
+    return 0
+
+
+def user_message(error: BaseException) -> str:
+    """One line for a user mistake; errors re-raised from DataLoader workers carry the
+    worker's traceback, of which only the last line is the message."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    for prefix in ("dataset.errors.DataError: ",):
+        text = text.removeprefix(prefix)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is in the .last.pth file; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
