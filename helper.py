@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dataset.classes import ClassTable
-from dataset.transforms import global_image, to_unit_float
+from dataset.transforms import global_image
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import STAGES, Batch, ImageResult, Stage, StageResult, run_stage, set_branch_modes
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
@@ -146,12 +146,13 @@ def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int) -> torch.o
 
 
 def to_batch(samples: dict[str, list[Any]], device: torch.device, with_labels: bool = True) -> Batch:
-    """Move a collated batch to the device: images as floats in [0, 1], the global
-    images (computed on the CPU by GlobalInput) stacked."""
+    """Move a collated batch to the device (images keep their dtype; the stage runner
+    converts patches as it cuts them), with the global images (computed on the CPU by
+    GlobalInput) stacked."""
     labels = samples["label"]
     has_labels = with_labels and all(label is not None for label in labels)
     return Batch(
-        images=[to_unit_float(img.to(device, non_blocking=True)) for img in samples["image"]],
+        images=[img.to(device, non_blocking=True) for img in samples["image"]],
         global_images=torch.stack(samples["global"]).to(device, non_blocking=True),
         labels=[label.to(device, non_blocking=True) for label in labels] if has_labels else None,
     )

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from dataset.transforms import to_unit_float
 from models.fpn import Context
 from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context, paste_context
 from utils.losses import focal_loss, fmreg_loss
@@ -102,8 +103,10 @@ class StageResult:
 
 @dataclass
 class Batch:
-    """images: (3, H, W) float in [0, 1] each (sizes may differ); global_images:
-    (B, 3, Hg, Wg); labels: (H, W) class ids each, or None when there is nothing to score."""
+    """images: (3, H, W) each, uint8 or float in [0, 1] (sizes may differ; uint8 keeps a
+    huge image at a quarter of the memory, patches are converted as they are cut);
+    global_images: (B, 3, Hg, Wg) float; labels: (H, W) class ids each, or None when there
+    is nothing to score."""
 
     images: Sequence[Tensor]
     global_images: Tensor
@@ -129,6 +132,10 @@ class _Losses:
         self.result.totals.append(loss.item())
         if self.backward:
             loss.backward(retain_graph=retain_graph)
+
+
+def _patches(image: Tensor, grid: PatchGrid, indices: range) -> Tensor:
+    return to_unit_float(extract_patches(image, grid, indices))
 
 
 def _patch_targets(label: Optional[Tensor], grid: PatchGrid, indices: range, size: Sequence[int]) -> Optional[Tensor]:
@@ -174,7 +181,7 @@ def run_stage(
             context = glob.image(i)
             local_logits, ensemble_logits = [], []
             for idx in grid.batches(sub_batch_size):
-                local = model.local_branch(extract_patches(image, grid, idx), context, grid, idx)
+                local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
                 ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, idx)
                 target = _patch_targets(label, grid, idx, local.logits.shape[-2:])
                 fmreg = fmreg_loss(local.ps3, crop)
@@ -197,7 +204,7 @@ def run_stage(
             canvases = empty_context(context.context())
             terms, logits = [], []
             for idx in grid.batches(sub_batch_size):
-                local = model.local_branch(extract_patches(image, grid, idx), context, grid, idx)
+                local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
                 paste_context(canvases, local.context(), grid, idx)
                 # Training needs ps3 itself (ensemble_conv's local half learns); evaluation
                 # only ever needs its n_class-channel local term.
