@@ -1,0 +1,144 @@
+"""Class tables: names, mask colours and the classes the metric leaves out.
+
+The DeepGlobe and lung tables are defined here and nowhere else.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dataset.errors import DataError
+
+Colour = tuple[int, int, int]
+BINARY_THRESHOLD = 128  # DeepGlobe's official rule: a mask channel is "on" when >= 128
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """Class id i is called names[i] and drawn as colours[i] (RGB) in colour masks.
+
+    ignore_in_metric: class ids that are trained on but left out of the mean IoU.
+    """
+
+    names: tuple[str, ...]
+    colours: tuple[Colour, ...]
+    ignore_in_metric: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.names or len(self.names) != len(self.colours):
+            raise DataError(f"need one colour per class and at least one class, got {len(self.names)} names and {len(self.colours)} colours")
+        for colour in self.colours:
+            if len(colour) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in colour):
+                raise DataError(f"colour {list(colour)} is not three integers in 0..255")
+        if len(set(self.colours)) != len(self.colours):
+            raise DataError(f"colours must differ between classes, got {[list(c) for c in self.colours]}")
+        bad = [i for i in self.ignore_in_metric if not 0 <= i < self.n_class]
+        if bad:
+            raise DataError(f"ignore_in_metric holds ids {bad} outside 0..{self.n_class - 1}")
+
+    @property
+    def n_class(self) -> int:
+        return len(self.names)
+
+    def colorize(self, label: Union[Tensor, np.ndarray]) -> np.ndarray:
+        """Draw a label map in the table's colours.
+
+        Args:
+            label: (H, W) class ids in 0..n_class-1.
+        Returns:
+            (H, W, 3) uint8 RGB.
+        """
+        ids = label.detach().cpu().numpy() if isinstance(label, Tensor) else np.asarray(label)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_class):
+            raise ValueError(f"label holds ids {ids.min()}..{ids.max()}, the table has 0..{self.n_class - 1}")
+        return np.asarray(self.colours, dtype=np.uint8)[ids]
+
+    def colours_to_ids(self, rgb: Union[Tensor, np.ndarray]) -> Tensor:
+        """Class ids of a colour mask, binarising each channel at 128 first so that
+        compression noise maps to the nearest pure colour (the DeepGlobe rule).
+
+        Args:
+            rgb: (H, W, 3) uint8.
+        Returns:
+            (H, W) int64 class ids.
+        Raises:
+            DataError: a binarised colour that is not in the table (the message does not
+                name a file; callers that read one prefix it).
+        """
+        rgb = rgb.numpy() if isinstance(rgb, Tensor) else np.asarray(rgb)
+        codes = _binary_codes(rgb)
+        lookup = np.full(8, -1, dtype=np.int64)
+        for class_id, colour in enumerate(self.colours):
+            code = int(_binary_codes(np.asarray(colour))[()])
+            if lookup[code] >= 0:
+                raise DataError(
+                    f"classes {lookup[code]} and {class_id} have the same colour after binarising at "
+                    f"{BINARY_THRESHOLD}; colour masks need class colours made of 0 and 255"
+                )
+            lookup[code] = class_id
+        ids = lookup[codes]
+        unknown = ids < 0
+        if unknown.any():
+            y, x = (int(v[0]) for v in np.nonzero(unknown))
+            colour = tuple(255 * int(c >= BINARY_THRESHOLD) for c in rgb[y, x])
+            raise DataError(
+                f"{int(unknown.sum())} pixels (first at y={y}, x={x}, value {tuple(int(c) for c in rgb[y, x])}) "
+                f"binarise to colour {colour}, which is not in the class table; fix the mask or add the colour to the table"
+            )
+        return torch.from_numpy(ids)
+
+
+def _binary_codes(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) colours -> (...) integers 0..7, one bit per binarised channel (R high)."""
+    bits = (rgb >= BINARY_THRESHOLD).astype(np.int64)
+    return 4 * bits[..., 0] + 2 * bits[..., 1] + bits[..., 2]
+
+
+DEEPGLOBE = ClassTable(
+    names=("unknown", "urban", "agriculture", "rangeland", "forest", "water", "barren"),
+    colours=((0, 0, 0), (0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255)),
+    ignore_in_metric=(0,),
+)
+LUNG = ClassTable(names=("background", "lung"), colours=((0, 0, 0), (255, 255, 255)))
+
+
+def load_class_table(path: Union[str, Path]) -> ClassTable:
+    """Read a class table from JSON:
+    `{"classes": [{"id": 0, "name": "background", "colour": [0, 0, 0]}, ...], "ignore_in_metric": [0]}`.
+
+    Args:
+        path: the JSON file. Ids must be 0..n-1 (in any order), colours distinct.
+    Returns:
+        The ClassTable.
+    Raises:
+        DataError: naming the file, for a missing or malformed file.
+    """
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+        classes = sorted(spec["classes"], key=lambda c: c["id"])
+        ids = [c["id"] for c in classes]
+        if ids != list(range(len(ids))):
+            raise DataError(f"class ids must be 0..n-1 with no gaps or repeats, got {ids}")
+        return ClassTable(
+            names=tuple(str(c["name"]) for c in classes),
+            colours=tuple(tuple(c["colour"]) for c in classes),
+            ignore_in_metric=tuple(spec.get("ignore_in_metric", ())),
+        )
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such class table file; check the path") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error}); fix the file") from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise DataError(
+            f'{path}: expected {{"classes": [{{"id": 0, "name": ..., "colour": [r, g, b]}}, ...], '
+            f'"ignore_in_metric": [...]}} (problem: {error!r}); fix the file'
+        ) from None
+    except DataError as error:
+        raise DataError(f"{path}: {error}; fix the file") from None

@@ -1,0 +1,113 @@
+"""Reading images and masks into tensors, and writing class-id masks.
+
+Every failure caused by the files themselves is a DataError naming the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dataset.classes import ClassTable
+from dataset.errors import DataError
+
+PathLike = Union[str, Path]
+MaskKind = Literal["ids", "colours"]
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Modes whose pixels are class ids as they stand ("P": the palette index is the id).
+ID_MODES = ("1", "L", "P") + SIXTEEN_BIT_MODES
+# Modes that are 8-bit colour or grey once converted to RGB; RGBA and LA lose alpha.
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """Open and fully decode an image, so that truncated files fail here.
+
+    Args:
+        path: any format Pillow reads.
+    Returns:
+        The decoded PIL image.
+    Raises:
+        DataError: missing, truncated, corrupt or oversized file.
+    """
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; check the path or re-run the preparation script") from None
+    except (OSError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot read image ({error}); the file is truncated or corrupt, re-download or re-export it") from None
+
+
+def read_image(path: PathLike) -> Tensor:
+    """Read an image as three channels.
+
+    Grey images are replicated to three channels, alpha is dropped, palettes are expanded.
+
+    Args:
+        path: the image file.
+    Returns:
+        (3, H, W) uint8 for 8-bit sources, or float32 in [0, 1] for 16-bit grey
+        (divided by 65535) -- see dataset.transforms.to_unit_float.
+    """
+    image = open_image(path)
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = torch.from_numpy(np.asarray(image, dtype=np.float32) / 65535.0)
+        return grey.expand(3, -1, -1).contiguous()
+    if image.mode not in EIGHT_BIT_MODES:
+        raise DataError(f"{path}: unsupported pixel format {image.mode!r}; save it as an 8-bit RGB/grey or 16-bit grey PNG")
+    rgb = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(rgb.transpose(2, 0, 1).copy())
+
+
+def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
+    """Read a mask as class ids.
+
+    Args:
+        path: the mask file.
+        table: the classes; ids must be below table.n_class.
+        kind: "ids" for single-channel masks holding class ids (palette masks: the index is
+            the id), "colours" for RGB masks drawn in the table's colours.
+    Returns:
+        (H, W) int64 class ids.
+    """
+    image = open_image(path)
+    if kind == "colours":
+        try:
+            return table.colours_to_ids(np.asarray(image.convert("RGB")))
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
+    if kind != "ids":
+        raise ValueError(f"mask kind must be 'ids' or 'colours', got {kind!r}")
+    if image.mode not in ID_MODES:
+        raise DataError(
+            f"{path}: mask has {len(image.getbands())} channels ({image.mode}) but class ids were expected; "
+            f"convert it to a single-channel id PNG (python -m dataset.prepare_deep_globe does this for DeepGlobe) "
+            f"or read it as a colour mask"
+        )
+    ids = torch.from_numpy(np.asarray(image).astype(np.int64))
+    if ids.numel() and int(ids.max()) >= table.n_class:
+        raise DataError(
+            f"{path}: mask holds class id {int(ids.max())} but the class table has {table.n_class} classes "
+            f"(ids 0..{table.n_class - 1}); fix the mask or use a table with more classes"
+        )
+    return ids
+
+
+def write_label(path: PathLike, label: Union[Tensor, np.ndarray]) -> None:
+    """Write class ids as a single-channel 8-bit PNG, creating parent folders.
+
+    Args:
+        path: the .png to write.
+        label: (H, W) integer class ids in 0..255.
+    """
+    ids = label.detach().cpu().numpy() if isinstance(label, Tensor) else np.asarray(label)
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+        raise ValueError(f"class ids {ids.min()}..{ids.max()} do not fit an 8-bit PNG")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ids.astype(np.uint8)).save(path)
