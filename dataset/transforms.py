@@ -5,7 +5,7 @@ ones. Inputs are only scaled to [0, 1]; GLNet uses no mean/std normalisation.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,3 +36,28 @@ def global_image(image: Tensor, size: Sequence[int]) -> Tensor:
         return torch.from_numpy(out.copy()).float().div_(255.0)
     channels = [np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)) for c in array]
     return torch.from_numpy(np.stack(channels)).clamp_(0.0, 1.0)
+
+
+def augment(image: Tensor, label: Optional[Tensor], generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
+    """GLNet's training augmentation, applied to image and label together.
+
+    A horizontal flip with probability 0.5; then, with probability 0.5, a rotation by 90,
+    180 or 270 degrees chosen uniformly. Non-square inputs come out with H and W swapped
+    after odd rotations.
+
+    Args:
+        image: (C, H, W), any dtype.
+        label: (H, W) class ids, or None for unlabelled images.
+        generator: the only source of randomness, so a seeded generator replays the draw.
+    Returns:
+        (image, label) transformed alike, contiguous.
+    """
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    quarter_turns = int(torch.randint(1, 4, (), generator=generator)) if torch.rand((), generator=generator) < 0.5 else 0
+
+    def apply(x: Tensor) -> Tensor:
+        if flip:
+            x = x.flip(-1)
+        return torch.rot90(x, quarter_turns, dims=(-2, -1)).contiguous()
+
+    return apply(image), None if label is None else apply(label)

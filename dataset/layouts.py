@@ -1,0 +1,126 @@
+"""Where a split's images and masks live on disk, and the list of samples they make.
+
+Two layouts, one mechanism: a split folder holds an image folder and an optional mask
+folder, and a sample id maps to `<image_dir>/<id><image suffix>` and `<mask_dir>/<id><mask suffix>`.
+
+    deep_globe: <root>/<split>/Sat/<id>_sat.jpg     <root>/<split>/Label/<id>_mask.png
+    folder:     <root>/<split>/images/<id>.<png|jpg|jpeg|tif|tiff>   <root>/<split>/masks/<id>.png
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Union
+
+from dataset.errors import DataError
+
+PathLike = Union[str, Path]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class Sample(NamedTuple):
+    id: str
+    image: Path
+    mask: Optional[Path]  # None: unlabelled
+
+
+def index_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    """Map id -> file for the files in `folder` named `<id><suffix>` (suffix matched
+    case-insensitively); other files are ignored.
+
+    Raises:
+        DataError: two files with the same id (e.g. a.png and a.jpg).
+    """
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in suffixes if path.name.lower().endswith(s) and len(path.name) > len(s)), None)
+        if suffix is None or not path.is_file():
+            continue
+        sample_id = path.name[: -len(suffix)]
+        if sample_id in found:
+            raise DataError(f"{path}: id {sample_id!r} also names {found[sample_id].name}; keep one of the two files")
+        found[sample_id] = path
+    return found
+
+
+@dataclass(frozen=True)
+class Layout:
+    image_dir: str
+    mask_dir: str
+    image_suffixes: tuple[str, ...]  # lower case; the first is what preparation writes
+    mask_suffix: str
+
+    def image_path(self, split_dir: PathLike, sample_id: str, suffix: Optional[str] = None) -> Path:
+        return Path(split_dir) / self.image_dir / f"{sample_id}{suffix or self.image_suffixes[0]}"
+
+    def mask_path(self, split_dir: PathLike, sample_id: str) -> Path:
+        return Path(split_dir) / self.mask_dir / f"{sample_id}{self.mask_suffix}"
+
+    def id_of(self, name: str) -> str:
+        """The sample id in a split-list line: a file name loses its image suffix, a bare id stays."""
+        suffix = next((s for s in self.image_suffixes if name.lower().endswith(s)), "")
+        return name[: len(name) - len(suffix)]
+
+    def samples(self, split_dir: PathLike, split_list: Optional[PathLike] = None) -> list[Sample]:
+        """The samples of one split folder, sorted by id.
+
+        Args:
+            split_dir: e.g. <root>/train.
+            split_list: optional text file, one id or image file name per line: only these
+                samples, in this order.
+        Returns:
+            Samples; masks are None when the split has no mask folder.
+        Raises:
+            DataError: a missing or empty image folder, an image without its mask when the
+                mask folder exists, or a listed id without an image.
+        """
+        if not Path(split_dir).is_dir():
+            raise DataError(f"{split_dir}: no such split folder; check the data root and split name, or prepare the data first")
+        image_dir = Path(split_dir) / self.image_dir
+        if not image_dir.is_dir():
+            raise DataError(f"{image_dir}: no such folder; put the split's images in {self.image_dir}/")
+        images = index_files(image_dir, self.image_suffixes)
+        if not images:
+            raise DataError(f"{image_dir}: no images named <id>{'|'.join(self.image_suffixes)}; put the split's images there")
+        ids = sorted(images) if split_list is None else _listed_ids(Path(split_list), self, images, image_dir)
+        mask_dir = Path(split_dir) / self.mask_dir
+        if not mask_dir.is_dir():
+            return [Sample(i, images[i], None) for i in ids]
+        missing = [i for i in ids if not self.mask_path(split_dir, i).is_file()]
+        if missing:
+            raise DataError(
+                f"{self.mask_path(split_dir, missing[0])}: no such mask ({len(missing)} of {len(ids)} images lack theirs); "
+                f"add the masks or remove {mask_dir} to use the split unlabelled"
+            )
+        return [Sample(i, images[i], self.mask_path(split_dir, i)) for i in ids]
+
+
+def _listed_ids(split_list: Path, layout: Layout, images: dict[str, Path], image_dir: Path) -> list[str]:
+    try:
+        lines = [line.strip() for line in split_list.read_text().splitlines()]
+    except FileNotFoundError:
+        raise DataError(f"{split_list}: no such split list; check the path") from None
+    ids = [layout.id_of(line) for line in lines if line]
+    if not ids:
+        raise DataError(f"{split_list}: the split list is empty; list one id per line")
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise DataError(
+            f"{split_list}: {len(missing)} listed ids have no image in {image_dir} "
+            f"(first: {missing[:3]}); remove them from the list or add the files"
+        )
+    return ids
+
+
+DEEP_GLOBE = Layout("Sat", "Label", ("_sat.jpg",), "_mask.png")
+FOLDER = Layout("images", "masks", IMAGE_SUFFIXES, ".png")
+
+
+def deep_globe_samples(root: PathLike, split: str, split_list: Optional[PathLike] = None) -> list[Sample]:
+    """Samples of `<root>/<split>` in the prepared DeepGlobe layout (see Layout.samples)."""
+    return DEEP_GLOBE.samples(Path(root) / split, split_list)
+
+
+def folder_samples(root: PathLike, split: str, split_list: Optional[PathLike] = None) -> list[Sample]:
+    """Samples of `<root>/<split>` in the generic images/ + masks/ layout (see Layout.samples)."""
+    return FOLDER.samples(Path(root) / split, split_list)

@@ -1,0 +1,133 @@
+"""One segmentation dataset over (id, image, mask) samples, and the presets that build it.
+
+DeepGlobe is not a separate code path: it is the "deep_globe" preset (its layout, its
+class table, class-id masks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence, TypedDict, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dataset.classes import DEEPGLOBE, ClassTable
+from dataset.errors import DataError
+from dataset.io import MaskKind, read_image, read_mask
+from dataset.layouts import Sample, deep_globe_samples, folder_samples
+from dataset.transforms import augment as paired_augment
+
+PathLike = Union[str, Path]
+
+
+class Item(TypedDict):
+    id: str
+    image: Tensor  # (3, H, W) uint8, or float32 in [0, 1] for 16-bit sources
+    label: Optional[Tensor]  # (H, W) int64 class ids; None for unlabelled samples
+
+
+class SegmentationDataset(Dataset):
+    """Images with optional class-id labels, read from disk per item.
+
+    Augmentation (dataset.transforms.augment) draws from a generator seeded by
+    (seed, epoch, index), so an item is the same whichever worker loads it and in whatever
+    order. Call set_epoch before each epoch; DataLoader workers see the new epoch as long as
+    they are not persistent (the default), since they copy the dataset when an epoch starts.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        table: ClassTable,
+        mask_kind: MaskKind = "ids",
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.samples = list(samples)
+        self.table = table
+        self.mask_kind = mask_kind
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def generator(self, index: int) -> torch.Generator:
+        """The augmentation generator of item `index` in the current epoch."""
+        state = np.random.SeedSequence((self.seed, self.epoch, index)).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state))
+
+    def __getitem__(self, index: int) -> Item:
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        label = None if sample.mask is None else read_mask(sample.mask, self.table, self.mask_kind)
+        if label is not None and tuple(label.shape) != tuple(image.shape[-2:]):
+            raise DataError(
+                f"{sample.mask}: mask is {tuple(label.shape)} (H, W) but its image {sample.image} is "
+                f"{tuple(image.shape[-2:])}; the mask must match the image pixel for pixel"
+            )
+        if self.augment:
+            image, label = paired_augment(image, label, self.generator(index))
+        return {"id": sample.id, "image": image, "label": label}
+
+
+def collate(items: Sequence[Item]) -> dict[str, list[Any]]:
+    """Batch items as lists per key: images differ in size, so nothing is stacked. Keys
+    added by wrappers (e.g. the global image) are batched the same way."""
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
+@dataclass(frozen=True)
+class Preset:
+    samples: Callable[[PathLike, str, Optional[PathLike]], list[Sample]]
+    table: Optional[ClassTable]  # None: the caller must give one
+    mask_kind: MaskKind
+
+
+PRESETS: dict[str, Preset] = {
+    "deep_globe": Preset(deep_globe_samples, DEEPGLOBE, "ids"),
+    "folder": Preset(folder_samples, None, "ids"),
+}
+
+
+def build_dataset(
+    kind: Literal["deep_globe", "folder"],
+    root: PathLike,
+    split: str,
+    table: Optional[ClassTable] = None,
+    mask_kind: Optional[MaskKind] = None,
+    augment: bool = False,
+    seed: int = 0,
+    split_list: Optional[PathLike] = None,
+) -> SegmentationDataset:
+    """The dataset of one split.
+
+    Args:
+        kind: the layout preset, "deep_globe" or "folder" (see dataset.layouts).
+        root: the data root holding one folder per split.
+        split: e.g. "train", "crossvali", "test".
+        table: class table; defaults to the preset's (DEEPGLOBE for deep_globe; folder has none).
+        mask_kind: "ids" or "colours"; defaults to the preset's ("ids").
+        augment: apply GLNet's training augmentation.
+        seed: augmentation seed.
+        split_list: optional file of ids restricting and ordering the split.
+    Returns:
+        The SegmentationDataset.
+    """
+    if kind not in PRESETS:
+        raise ValueError(f"dataset kind must be one of {sorted(PRESETS)}, got {kind!r}")
+    preset = PRESETS[kind]
+    table = table or preset.table
+    if table is None:
+        raise DataError(f"{root}: the {kind!r} layout has no default class table; give one (e.g. a JSON file read by load_class_table)")
+    samples = preset.samples(root, split, split_list)
+    return SegmentationDataset(samples, table, mask_kind or preset.mask_kind, augment, seed)
