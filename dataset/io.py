@@ -35,8 +35,10 @@ def open_image(path: PathLike) -> Image.Image:
         DataError: missing, truncated, corrupt or oversized file.
     """
     try:
-        image = Image.open(path)
-        image.load()
+        # Pillow leaves a file it opened itself open when decoding fails; ours is closed here.
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            image.load()
         return image
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; check the path or re-run the preparation script") from None
