@@ -1,0 +1,101 @@
+"""What the preparation scripts share: claiming the destination, preparing split by split
+with per-sample failures reported rather than fatal, and the summary."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from tqdm import tqdm
+
+from dataset.errors import DataError
+from dataset.io import open_image
+
+SPLITS = ("train", "crossvali", "test")
+EMPTY_SPLIT = 1  # exit status when a split ends up with no samples
+
+
+def claim_destination(dst: Path, force: bool, owned: Sequence[str] = SPLITS) -> None:
+    """Make `dst` ready to be written.
+
+    A non-empty `dst` is only touched with `force`, and then only the folders the caller
+    writes (`owned`) are removed, so a mistyped --dst cannot wipe unrelated files.
+
+    Raises:
+        DataError: `dst` is a file, or a non-empty folder and not `force`.
+    """
+    if dst.exists() and not dst.is_dir():
+        raise DataError(f"{dst}: is a file, not a folder; choose another --dst")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not force:
+            raise DataError(f"{dst}: exists and is not empty; pass --force to replace its {'/'.join(owned)} folders")
+        for folder in owned:
+            if (dst / folder).exists():
+                shutil.rmtree(dst / folder)
+    dst.mkdir(parents=True, exist_ok=True)
+
+
+class MissingSample(DataError):
+    """A sample's source file is absent: reported with the other absent ones, not alone."""
+
+
+def prepare_splits(splits: Mapping[str, Sequence[str]], prepare_one: Callable[[str, str], None], source: Path) -> int:
+    """Call `prepare_one(split, name)` for every name of every split and report.
+
+    A DataError from `prepare_one` skips that sample and the rest go on, so one bad file
+    does not cost the whole preparation. Absent samples (MissingSample) are named in one
+    warning per split; other failures get one warning each, with their own message.
+
+    Args:
+        splits: split -> sample names.
+        prepare_one: writes one sample; raises DataError for a missing or unusable one.
+        source: the source folder, for the warnings.
+    Returns:
+        Exit status: 0, or EMPTY_SPLIT when some split has no prepared sample.
+    """
+    warnings: list[str] = []
+    empty: list[str] = []
+    for split, names in splits.items():
+        missing: list[str] = []
+        unusable: list[str] = []
+        for name in tqdm(names, desc=split, unit="img"):
+            try:
+                prepare_one(split, name)
+            except MissingSample:
+                missing.append(name)
+            except DataError as error:
+                unusable.append(f"{split}/{name}: {error}")
+        done = len(names) - len(missing) - len(unusable)
+        print(f"{split}: prepared {done} of {len(names)} ({len(missing)} missing, {len(unusable)} unusable)")
+        if missing:
+            warnings.append(f"{split}: {len(missing)} samples missing from {source}, skipped: {' '.join(missing)}")
+        warnings += [f"skipped {message}" for message in unusable]
+        if done == 0:
+            empty.append(split)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if empty:
+        print(f"error: no sample could be prepared for split(s) {', '.join(empty)}; see the warnings above", file=sys.stderr)
+        return EMPTY_SPLIT
+    return 0
+
+
+def copy_image(src: Path, dst: Path, label_size: tuple[int, int], mask: str) -> None:
+    """Copy an image's bytes unchanged (no re-encoding), after decoding it once so that
+    truncated downloads are caught now rather than mid-training, and checking that it has
+    the size of its label.
+
+    Args:
+        src: the image to copy.
+        dst: where to put it; parent folders are created.
+        label_size: (H, W) of the label prepared for it.
+        mask: the mask file(s) the label came from, for the message.
+    Raises:
+        DataError: unreadable image, or a size other than label_size.
+    """
+    width, height = open_image(src).size
+    if (height, width) != tuple(label_size):
+        raise DataError(f"{src}: image is {(height, width)} (H, W) but its mask {mask} is {tuple(label_size)}; re-export one of them")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
