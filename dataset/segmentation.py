@@ -6,8 +6,7 @@ class table, class-id masks).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, TypedDict, Union
+from typing import Any, Callable, Literal, Optional, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -16,11 +15,9 @@ from torch.utils.data import Dataset
 
 from dataset.classes import DEEPGLOBE, ClassTable
 from dataset.errors import DataError
-from dataset.io import MaskKind, read_image, read_mask
+from dataset.io import MaskKind, PathLike, read_image, read_mask
 from dataset.layouts import Sample, deep_globe_samples, folder_samples
 from dataset.transforms import augment as paired_augment
-
-PathLike = Union[str, Path]
 
 
 class Item(TypedDict):

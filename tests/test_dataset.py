@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.classes import DEEPGLOBE, LUNG, ClassTable, load_class_table
+from dataset.classes import DEEPGLOBE, LUNG, load_class_table
 from dataset.errors import DataError
 from dataset.io import read_image, read_mask, write_label
 from dataset.layouts import deep_globe_samples, folder_samples
