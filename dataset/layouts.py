@@ -24,6 +24,13 @@ class Sample(NamedTuple):
     mask: Optional[Path]  # None: unlabelled
 
 
+def strip_suffix(name: str, suffixes: Sequence[str]) -> Optional[str]:
+    """`name` without the first of `suffixes` (lower case) it ends with, ignoring case;
+    None when it ends with none of them or is nothing but the suffix."""
+    lowered = name.lower()
+    return next((name[: -len(s)] for s in suffixes if lowered.endswith(s) and len(name) > len(s)), None)
+
+
 def index_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     """Map id -> file for the files in `folder` named `<id><suffix>` (suffix matched
     case-insensitively); other files are ignored.
@@ -33,10 +40,9 @@ def index_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     """
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        suffix = next((s for s in suffixes if path.name.lower().endswith(s) and len(path.name) > len(s)), None)
-        if suffix is None or not path.is_file():
+        sample_id = strip_suffix(path.name, suffixes)
+        if sample_id is None or not path.is_file():
             continue
-        sample_id = path.name[: -len(suffix)]
         if sample_id in found:
             raise DataError(f"{path}: id {sample_id!r} also names {found[sample_id].name}; keep one of the two files")
         found[sample_id] = path
@@ -58,8 +64,7 @@ class Layout:
 
     def id_of(self, name: str) -> str:
         """The sample id in a split-list line: a file name loses its image suffix, a bare id stays."""
-        suffix = next((s for s in self.image_suffixes if name.lower().endswith(s)), "")
-        return name[: len(name) - len(suffix)]
+        return strip_suffix(name, self.image_suffixes) or name
 
     def samples(self, split_dir: PathLike, split_list: Optional[PathLike] = None) -> list[Sample]:
         """The samples of one split folder, sorted by id.

@@ -33,6 +33,14 @@ class SegmentationDataset(Dataset):
     (seed, epoch, index), so an item is the same whichever worker loads it and in whatever
     order. Call set_epoch before each epoch; DataLoader workers see the new epoch as long as
     they are not persistent (the default), since they copy the dataset when an epoch starts.
+
+    Args:
+        samples: (id, image path, mask path or None) triples, e.g. from dataset.layouts.
+        table: the classes; mask ids must be below table.n_class.
+        mask_kind: "ids" (single-channel class ids) or "colours" (RGB in the table's colours).
+        augment: apply GLNet's training augmentation.
+        seed: non-negative augmentation seed.
+    Items are dicts {"id": str, "image": (3, H, W) uint8 or float32, "label": (H, W) int64 or None}.
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class SegmentationDataset(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of `epoch` from now on."""
         self.epoch = epoch
 
     def __len__(self) -> int:
