@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,10 +22,13 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def nearest_indices(out_len: int, in_len: int, device: torch.device | None = None) -> Tensor:
-    """torch's legacy nearest rule: output i reads input floor(i * in / out)."""
-    return (torch.arange(out_len, device=device, dtype=torch.float64) * (in_len / out_len)).floor().long().clamp_(
-        max=in_len - 1
-    )
+    """torch's legacy nearest rule: output i reads input floor(i * in / out).
+
+    Computed in float32 as torch does (scale = float(in) / out, then i * scale), so that
+    products that are whole numbers in exact arithmetic round the way torch's do.
+    """
+    scale = float(np.float32(in_len) / np.float32(out_len))
+    return (torch.arange(out_len, device=device, dtype=torch.float32) * scale).floor().long().clamp_(max=in_len - 1)
 
 
 def pil_nearest_indices(out_len: int, in_len: int, device: torch.device | None = None) -> Tensor:
