@@ -32,9 +32,17 @@ def nearest_indices(out_len: int, in_len: int, device: torch.device | None = Non
 
 
 def pil_nearest_indices(out_len: int, in_len: int, device: torch.device | None = None) -> Tensor:
-    """Pillow's NEAREST rule: output i reads input floor((i + 0.5) * in / out)."""
-    i = torch.arange(out_len, device=device, dtype=torch.float64)
-    return ((i + 0.5) * (in_len / out_len)).floor().long().clamp_(max=in_len - 1)
+    """Pillow's NEAREST rule: output i reads input floor((i + 0.5) * in / out).
+
+    Pillow evaluates (i + 0.5) * in / out by accumulating the step in float64, starting at
+    step / 2 and adding step per output pixel, so where the exact value is a whole number
+    the accumulated one can fall just below it. NumPy's cumsum adds in the same order.
+    """
+    step = in_len / out_len
+    coords = np.full(out_len, step)
+    coords[0] = step * 0.5
+    idx = np.minimum(np.cumsum(coords).astype(np.int64), in_len - 1)
+    return torch.from_numpy(idx).to(device)
 
 
 def resize_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
