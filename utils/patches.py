@@ -91,7 +91,10 @@ class PatchGrid:
         # Same float expressions as the authors (fraction times size), then half-to-even.
         t, l = round(top / h_img * hf), round(left / w_img * wf)
         h, w = round(hf * (ph / h_img)), round(wf * (pw / w_img))
-        # Keep the box on the map; the authors' slices were cut short the same way.
+        # Keep the box on the map; the authors' slices were cut short the same way. A
+        # rounded origin can land one past the last cell (e.g. 3.5 -> 4 on a 4-cell map,
+        # where the authors' slice was empty and crashed): move it onto the last cell.
+        t, l = min(t, hf - 1), min(l, wf - 1)
         return t, l, max(1, min(h, hf - t)), max(1, min(w, wf - l))
 
     def coverage(self) -> Tensor:
