@@ -1,0 +1,171 @@
+"""Segment one image, or every image of a folder, with a trained GLNet stage.
+
+    python predict.py --mode 3 --model_path saved_models --input IMAGE_OR_FOLDER --output DIR
+
+Writes <stem>_mask.png (the class colours) and <stem>_ids.png (class ids, 8-bit grey) per
+image into --output, replacing files of those names: predictions are cheap to regenerate.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+import helper
+import train_deep_globe
+from dataset.classes import ClassTable
+from dataset.errors import USAGE_ERROR, DataError
+from dataset.io import read_image, write_label
+from dataset.layouts import IMAGE_SUFFIXES, index_files
+from dataset.transforms import global_image
+from models.glnet import GLNet, GlobalBranch
+from models.stages import STAGES, Stage
+from train_deep_globe import USER_ERRORS, ConfigError, checkpoint_paths, load_table, parse_size, user_message
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_checkpoint(stage: Stage) -> str:
+    """The file training writes for a stage under its default task name."""
+    return f"fpn_deepglobe_{STAGES[stage].name}.pth"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--input", required=True, help="an image, or a folder whose png/jpg/jpeg/tif/tiff images are all segmented")
+    a("--output", required=True, help="folder for <stem>_mask.png and <stem>_ids.png (created; existing files "
+      "of those names are overwritten)")
+    a("--mode", type=int, choices=[1, 2, 3], default=3, help="stage whose weights predict: 1 global, 2 global-to-local, "
+      "3 local-to-global (GLNet) (default: 3)")
+    a("--model_path", default="saved_models", help="folder of the checkpoints; --path_* names are taken inside it")
+    for stage, flag in ((Stage.GLOBAL, "path_g"), (Stage.GLOBAL2LOCAL, "path_g2l"), (Stage.LOCAL2GLOBAL, "path_l2g")):
+        a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
+    a("--size_g", type=parse_size, default=(508, 508), help="global image size the model was trained with: N or H,W")
+    a("--size_p", type=parse_size, default=(508, 508), help="local patch size the model was trained with: N or H,W")
+    a("--sub_batch_size", type=int, default=6, help="patches per forward pass of the local branch (memory vs speed)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast to bf16 or fp16 (CUDA only)")
+    a("--channels_last", action="store_true", help="run the convolutions in channels-last memory format")
+    a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower)")
+    a("--classes", default=None, help="class table JSON (default: DeepGlobe's 7 classes)")
+    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="must match the checkpoints")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_args(args: argparse.Namespace, table: ClassTable) -> None:
+    """Reject flag values that cannot work. The flags shared with training follow the
+    trainer's rules, so its own check runs, with its defaults for the flags predict lacks."""
+    trainer_defaults = vars(train_deep_globe.parse_args([]))
+    train_deep_globe.check_args(argparse.Namespace(**{**trainer_defaults, **vars(args)}), table)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.amp is not None and device.type != "cuda":
+        raise ConfigError(f"--amp {args.amp} needs a CUDA device, got --device {args.device}; drop --amp on the CPU")
+
+
+def find_images(path: Path) -> list[Path]:
+    """The image itself, or the images of a folder sorted by name.
+
+    Raises:
+        DataError: no such path, a folder without images, or two images with one stem
+            (their outputs would overwrite each other).
+    """
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such image or folder; check --input")
+    images = index_files(path, IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder; check --input")
+    return list(images.values())
+
+
+def use_channels_last(model: GLNet, frozen_global: Optional[GlobalBranch]) -> None:
+    """Convert the networks' weights to channels-last (NHWC), which cuDNN convolves faster
+    with tensor cores; activations follow the weights' format."""
+    for net in (model, frozen_global):
+        if net is not None:
+            net.to(memory_format=torch.channels_last)
+
+
+def make_session(
+    stage: Stage,
+    model: GLNet,
+    frozen_global: Optional[GlobalBranch],
+    table: ClassTable,
+    args: argparse.Namespace,
+) -> helper.Session:
+    """An evaluation session on args.device with the sizes, autocast and memory format of
+    args (size_g, size_p, sub_batch_size, amp, channels_last); the networks go to eval mode."""
+    device = torch.device(args.device)
+    model.to(device).eval()
+    if frozen_global is not None:
+        frozen_global.to(device).eval()
+    if args.channels_last:
+        use_channels_last(model, frozen_global)
+    # lamb_fmreg only weighs a training loss; prediction computes none.
+    return helper.Session(stage, model, frozen_global, table, args.size_g, args.size_p, args.sub_batch_size,
+                          lamb_fmreg=0.0, device=device, amp=AMP_DTYPES.get(args.amp))
+
+
+def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session:
+    """The stage's evaluation weights loaded from the checkpoints the flags name."""
+    stage = Stage(args.mode)
+    model, frozen = helper.build_models(stage, table.n_class, training=False, paths=checkpoint_paths(args),
+                                        backbone=args.backbone, device=torch.device(args.device))
+    return make_session(stage, model, frozen, table, args)
+
+
+def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> Tensor:
+    """The stage's final prediction (GLNet's ensemble; the global one in mode 1) for one
+    image (3, H, W), uint8 or float in [0, 1]: (H, W) int64 class ids on the session's device."""
+    samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
+    with torch.inference_mode():
+        predictions = helper.predict(session, samples, tta)[0]
+    return predictions[session.predictions[-1]]
+
+
+def write_prediction(ids: Tensor, table: ClassTable, output: Path, stem: str) -> None:
+    """<stem>_mask.png in the table's colours and <stem>_ids.png with the class ids."""
+    ids = ids.cpu()
+    Image.fromarray(table.colorize(ids)).save(output / f"{stem}_mask.png")
+    write_label(output / f"{stem}_ids.png", ids)
+
+
+def run(args: argparse.Namespace) -> int:
+    table = load_table(args)
+    check_args(args, table)
+    images = find_images(Path(args.input))
+    session = build_session(args, table)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    # disable=None: a bar only on a terminal, not in logs and pipes.
+    for path in tqdm(images, desc="predict", unit="image", dynamic_ncols=True, disable=None):
+        write_prediction(predict_image(session, read_image(path), args.tta), table, output, path.stem)
+    print(f"wrote the predictions of {len(images)} image(s) to {output}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""predict.py end to end on tiny generated images with ResNet-18 checkpoints."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from dataset.classes import DEEPGLOBE
+from models.glnet import GLNet, GlobalBranch
+from models.stages import Stage
+from utils.checkpoint import save_weights
+
+# Small sizes keep a mode-3 run to a few seconds on two cores.
+SIZES = ["--size_g", "64", "--size_p", "96", "--sub_batch_size", "4", "--backbone", "resnet18"]
+# (H, W) of the generated images, by name: non-square RGB, 16-bit grey, RGBA smaller than a patch.
+IMAGES = {"rgb": (100, 150), "grey16": (90, 70), "small_rgba": (40, 60)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """Every stage's checkpoint under its default name (one random network for all)."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    model = GLNet(DEEPGLOBE.n_class, "resnet18")
+    for stage in Stage:
+        save_weights(model, folder / predict.default_checkpoint(stage))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    (h, w), (gh, gw), (sh, sw) = IMAGES.values()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 65536, (gh, gw), dtype=np.uint16)).save(folder / "grey16.png")
+    Image.fromarray(rng.integers(0, 256, (sh, sw, 4), dtype=np.uint8)).save(folder / "small_rgba.tif")
+    (folder / "notes.txt").write_text("not an image: ignored")
+    return folder
+
+
+def run(models: Path, *args: str) -> int:
+    return predict.main(["--model_path", str(models), "--device", "cpu", *SIZES, *args])
+
+
+def check_outputs(folder: Path, names: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Both files exist per image with the image's size, ids are classes, colours are the
+    palette's colours of those ids. Returns the id maps."""
+    palette = np.asarray(DEEPGLOBE.colours, dtype=np.uint8)
+    found = {}
+    for name, (h, w) in names.items():
+        ids_png, mask_png = Image.open(folder / f"{name}_ids.png"), Image.open(folder / f"{name}_mask.png")
+        assert ids_png.mode == "L" and mask_png.mode == "RGB"
+        ids, mask = np.asarray(ids_png), np.asarray(mask_png)
+        assert ids.shape == (h, w) and mask.shape == (h, w, 3)
+        assert ids.max() < DEEPGLOBE.n_class
+        np.testing.assert_array_equal(mask, palette[ids])
+        found[name] = ids
+    return found
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_mode3_folder_writes_ids_and_colours_and_overwrites(models, images, tmp_path, capsys):
+    out = tmp_path / "out" / "nested"
+    out.mkdir(parents=True)
+    (out / "rgb_mask.png").write_bytes(b"stale")
+    assert run(models, "--mode", "3", "--input", str(images), "--output", str(out)) == 0
+    check_outputs(out, IMAGES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{k}.png" for n in IMAGES for k in ("ids", "mask"))
+    assert "3 image(s)" in capsys.readouterr().out
+
+
+def test_mode1_single_image_and_channels_last_agree(models, images, tmp_path):
+    plain, nhwc = tmp_path / "plain", tmp_path / "nhwc"
+    for out, extra in ((plain, []), (nhwc, ["--channels_last"])):
+        assert run(models, "--mode", "1", "--input", str(images / "rgb.jpg"), "--output", str(out), *extra) == 0
+    a, b = check_outputs(plain, {"rgb": IMAGES["rgb"]})["rgb"], check_outputs(nhwc, {"rgb": IMAGES["rgb"]})["rgb"]
+    # Same weights, another memory layout: only float rounding may differ.
+    assert (a == b).mean() > 0.99
+
+
+def test_tta_runs_on_a_non_square_image(models, images, tmp_path):
+    assert run(models, "--mode", "1", "--tta", "--input", str(images / "rgb.jpg"), "--output", str(tmp_path)) == 0
+    check_outputs(tmp_path, {"rgb": IMAGES["rgb"]})
+
+
+def test_use_channels_last_converts_both_networks():
+    model, frozen = GLNet(DEEPGLOBE.n_class, "resnet18"), GlobalBranch(DEEPGLOBE.n_class, "resnet18")
+    predict.use_channels_last(model, frozen)
+    for net in (model, frozen):
+        for name, p in net.named_parameters():
+            if p.dim() == 4:
+                assert p.is_contiguous(memory_format=torch.channels_last), name
+
+
+def test_missing_checkpoint_is_one_line(models, images, tmp_path, capsys):
+    code = run(models, "--mode", "3", "--path_l2g", "nope.pth", "--input", str(images), "--output", str(tmp_path))
+    assert code == 2
+    assert "nope.pth: not found" in one_error_line(capsys)
+
+
+def test_missing_input_and_empty_folder_are_one_line(models, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(models, "--input", str(empty), "--output", str(tmp_path / "o")) == 2
+    assert "no images" in one_error_line(capsys)
+    assert run(models, "--input", str(tmp_path / "absent.png"), "--output", str(tmp_path / "o")) == 2
+    assert "no such image or folder" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_image_is_one_line(models, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert run(models, "--mode", "1", "--input", str(bad), "--output", str(tmp_path / "o")) == 2
+    assert "broken.png" in one_error_line(capsys)
+
+
+def test_amp_needs_cuda(models, images, tmp_path, capsys):
+    assert run(models, "--amp", "bf16", "--input", str(images), "--output", str(tmp_path)) == 2
+    assert "--amp bf16 needs a CUDA device" in one_error_line(capsys)
+
+
+def test_bad_sizes_use_the_trainers_rules(models, images, tmp_path, capsys):
+    assert run(models, "--size_p", "98", "--input", str(images), "--output", str(tmp_path)) == 2
+    assert "--size_p 98 must be a multiple of 4" in one_error_line(capsys)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mode3_on_cuda_with_amp_and_channels_last(models, images, tmp_path, amp):
+    args = ["--mode", "3", "--amp", amp, "--channels_last", "--input", str(images), "--output", str(tmp_path)]
+    assert predict.main(["--model_path", str(models), "--device", "cuda", *SIZES, *args]) == 0
+    check_outputs(tmp_path, IMAGES)
