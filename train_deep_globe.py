@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 import helper
-from dataset.classes import DEEPGLOBE, ClassTable, load_class_table
+from dataset.classes import ClassTable, load_class_table
 from dataset.errors import DataError
 from dataset.transforms import to_unit_float
-from dataset.segmentation import SegmentationDataset, build_dataset, collate
+from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
 from models.stages import STAGES, Stage
 from utils.checkpoint import CheckpointError, atomic_save, read_file, save_weights, strip_prefix
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
@@ -258,7 +258,12 @@ def seed_everything(seed: int) -> None:
 
 
 def load_table(args: argparse.Namespace) -> ClassTable:
-    return load_class_table(args.classes) if args.classes else DEEPGLOBE
+    if args.classes:
+        return load_class_table(args.classes)
+    table = PRESETS[args.dataset].table
+    if table is None:
+        raise ConfigError(f"--dataset {args.dataset} needs --classes, a class table JSON (see README, 'Your own data')")
+    return table
 
 
 def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> None:
