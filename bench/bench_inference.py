@@ -1,0 +1,368 @@
+"""Time and peak memory of GLNet per mode and image size: evaluation of one image and,
+with --train, one training step on one image. See bench/README.md for the protocol.
+
+    python bench/bench_inference.py --sizes 2448 --modes 3 --device cpu --repeat 1 --json out.json
+    python bench/bench_inference.py --via-cli --sizes 2448 --modes 3 --device cpu
+
+Weights are deterministic random ones (utils.parity's rule), so no checkpoint is needed.
+Every case runs in a fresh process, so its peak memory is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script from anywhere, the repo's modules must still import.
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import helper  # noqa: E402
+from dataset.classes import DEEPGLOBE  # noqa: E402
+from dataset.make_demo import make_deep_globe_demo  # noqa: E402
+from dataset.transforms import global_image  # noqa: E402
+from models.glnet import GLNet, GlobalBranch  # noqa: E402
+from models.stages import STAGES, Batch, Stage, set_branch_modes  # noqa: E402
+from predict import AMP_DTYPES, default_checkpoint, make_session, predict_image  # noqa: E402
+from utils.checkpoint import save_weights  # noqa: E402
+from utils.parity import apply_rule_weights  # noqa: E402
+from train_deep_globe import parse_size  # noqa: E402
+from utils.patches import PatchGrid  # noqa: E402
+
+KINDS = ("eval", "train")
+WEIGHT_SEED = 0
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: `kind` ("eval" or "train") of `mode` on a size x size image."""
+
+    mode: int
+    size: int
+    kind: str = "eval"
+    device: str = "cpu"
+    amp: Optional[str] = None
+    channels_last: bool = False
+    sub_batch_size: int = 6
+    size_g: tuple[int, int] = (508, 508)
+    size_p: tuple[int, int] = (508, 508)
+    backbone: str = "resnet50"
+    threads: Optional[int] = None
+    repeat: int = 3
+    profile: bool = False
+
+
+@dataclass
+class Record:
+    """What a case measured. seconds: median over the timed runs of one image (eval) or
+    one step (train); peak_mb: the process's peak RSS on the CPU, peak allocated CUDA
+    memory on a GPU."""
+
+    case: dict[str, Any]
+    seconds: float
+    runs: list[float]
+    peak_mb: float
+    peak_of: str
+    patches: int
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return 1.0 / self.seconds
+
+
+def environment(device: torch.device, threads: Optional[int]) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "device_name": helper.environment_summary(device),
+        "threads": threads or torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+
+
+def patch_count(case: Case) -> int:
+    """Patches per image (0 in mode 1, which has no local branch)."""
+    return 0 if case.mode == Stage.GLOBAL else len(PatchGrid.build((case.size, case.size), case.size_p))
+
+
+def case_from_dict(data: dict[str, Any]) -> Case:
+    """Inverse of dataclasses.asdict after a JSON round trip (lists back to tuples)."""
+    return Case(**{**data, "size_g": tuple(data["size_g"]), "size_p": tuple(data["size_p"])})
+
+
+def rule_session(case: Case) -> helper.Session:
+    """A session of the case's stage with rule weights: realistic activations, no files."""
+    stage = Stage(case.mode)
+    model = GLNet(DEEPGLOBE.n_class, case.backbone)
+    apply_rule_weights(model, WEIGHT_SEED)
+    frozen = None
+    if STAGES[stage].frozen_global is not None:
+        frozen = GlobalBranch(DEEPGLOBE.n_class, case.backbone)
+        apply_rule_weights(frozen, WEIGHT_SEED)
+        frozen.requires_grad_(False)
+    return make_session(stage, model, frozen, DEEPGLOBE, argparse.Namespace(**asdict(case)))
+
+
+def random_image(size: int, generator: torch.Generator) -> torch.Tensor:
+    """(3, size, size) uint8, as images arrive from disk."""
+    return torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def eval_step(session: helper.Session, image: torch.Tensor) -> Callable[[], None]:
+    """Segment the image as predict.py does, from the uint8 tensor to the class map."""
+    return lambda: predict_image(session, image)
+
+
+def train_step(session: helper.Session, image: torch.Tensor, generator: torch.Generator) -> Callable[[], None]:
+    """One optimizer step of the stage on the image with a random label map."""
+    label = torch.randint(0, DEEPGLOBE.n_class, image.shape[-2:], generator=generator)
+    batch = Batch(
+        images=[image.to(session.device)],
+        global_images=global_image(image, session.size_g)[None].to(session.device),
+        labels=[label.to(session.device)],
+    )
+    optimizer = helper.build_optimizer(session.model, session.stage, STAGES[session.stage].lr)
+    set_branch_modes(session.model, session.stage, training=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        session.run(batch, backward=True)
+        optimizer.step()
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def print_profile(step: Callable[[], None], device: torch.device, rows: int = 15) -> None:
+    """Top operators of one run by their own time, on stderr."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        timed(step, device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_case(case: Case) -> Record:
+    """Measure a case in this process: one warm-up run, then the median of case.repeat runs.
+
+    The CPU peak is this process's peak RSS, which only belongs to the case when the
+    process ran nothing else (run_case_isolated).
+    """
+    if case.kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {case.kind!r}")
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    device = torch.device(case.device)
+    generator = torch.Generator().manual_seed(0)
+    session = rule_session(case)
+    image = random_image(case.size, generator)
+    step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed(step, device)
+    runs = [timed(step, device) for _ in range(case.repeat)]
+    if case.profile:
+        print_profile(step, device)
+    on_cuda = device.type == "cuda"
+    return Record(
+        case=asdict(case),
+        seconds=statistics.median(runs),
+        runs=runs,
+        peak_mb=torch.cuda.max_memory_allocated(device) / MB if on_cuda else peak_rss_mb(),
+        peak_of="cuda allocated" if on_cuda else "process rss",
+        patches=patch_count(case),
+        environment=environment(device, case.threads),
+    )
+
+
+def run_case_isolated(case: Case) -> Record:
+    """run_case in a fresh Python process, so the peak memory is the case's alone."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one-case", json.dumps(asdict(case))]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"case {asdict(case)} failed with exit status {done.returncode} (its error is above)")
+    return record_from_json(done.stdout.strip().splitlines()[-1])
+
+
+def record_from_json(text: str) -> Record:
+    """The record a --one-case child printed (the case stays a dict, as in Record)."""
+    data = json.loads(text)
+    return Record(**{k: v for k, v in data.items() if k != "images_per_s"})
+
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    return {**asdict(record), "images_per_s": record.images_per_s}
+
+
+def write_cli_inputs(folder: Path, size: int, backbone: str) -> tuple[Path, Path]:
+    """A one-image crossvali split in DeepGlobe's layout and rule-weight checkpoints under
+    the default names of every stage: (data root, model folder)."""
+    data, models = folder / "data", folder / "models"
+    make_deep_globe_demo(data, n_train=0, n_val=1, n_test=0, size=size)
+    model = GLNet(DEEPGLOBE.n_class, backbone)
+    apply_rule_weights(model, WEIGHT_SEED)
+    for stage in Stage:
+        save_weights(model, models / default_checkpoint(stage))
+    return data, models
+
+
+def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
+    """The evaluation command line of eval_deep_globe.sh, on the case's settings."""
+    paths = {flag: default_checkpoint(stage) for flag, stage in
+             (("--path_g", Stage.GLOBAL), ("--path_g2l", Stage.GLOBAL2LOCAL), ("--path_l2g", Stage.LOCAL2GLOBAL))}
+    cmd = [sys.executable, str(ROOT / "train_deep_globe.py"), "--evaluation", "--mode", str(case.mode),
+           "--data_path", str(data), "--model_path", str(models), "--log_path", str(logs),
+           "--sub_batch_size", str(case.sub_batch_size), "--size_g", "{},{}".format(*case.size_g),
+           "--size_p", "{},{}".format(*case.size_p), "--device", case.device, "--backbone", case.backbone]
+    for flag, name in paths.items():
+        cmd += [flag, name]
+    return cmd
+
+
+def run_measured(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run a command; its wall time (s) and the peak RSS (MB) of its largest process.
+
+    os.wait4 reports the rusage of exactly this child, whatever else this process ran.
+    """
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read().decode(errors='replace')[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def run_cli_case(case: Case, folder: Path) -> Record:
+    """Evaluate a generated one-image dataset with train_deep_globe.py; the whole process
+    counts: start-up, model loading, data loading and writing the metrics."""
+    data, models = write_cli_inputs(folder / str(case.size), case.size, case.backbone)
+    env = dict(os.environ)
+    if case.threads:
+        env["OMP_NUM_THREADS"] = str(case.threads)
+    seconds, peak = run_measured(cli_command(case, data, models, folder / "runs"), env)
+    return Record(
+        case={**asdict(case), "kind": "cli-eval"},
+        seconds=seconds,
+        runs=[seconds],
+        peak_mb=peak,
+        peak_of="process rss",
+        patches=patch_count(case),
+        environment=environment(torch.device(case.device), case.threads),
+    )
+
+
+def format_table(records: Sequence[Record]) -> str:
+    header = f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} {'peak MB':>9}"
+    lines = [header]
+    for r in records:
+        c = r.case
+        lines.append(
+            f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
+            f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--sizes", type=int_list, default=[2448, 5000, 8000], help="square image sides (default: 2448,5000,8000)")
+    a("--modes", type=int_list, default=[1, 2, 3], help="stages to run (default: 1,2,3)")
+    a("--train", action="store_true", help="also time one training step per mode and size")
+    a("--via-cli", action="store_true", help="instead, time `train_deep_globe.py --evaluation` as a whole process "
+      "on a generated one-image dataset")
+    a("--repeat", type=int, default=3, help="timed runs per case after one warm-up; the median is reported (default: 3)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype (CUDA only)")
+    a("--channels_last", action="store_true", help="channels-last weights")
+    a("--sub_batch_size", type=int, default=6, help="patches per local forward pass (default: 6)")
+    a("--size_g", type=parse_size, default=(508, 508), help="global image size (default: 508)")
+    a("--size_p", type=parse_size, default=(508, 508), help="patch size (default: 508)")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="(default: resnet50)")
+    a("--profile", action="store_true", help="print the top operators of one more run of each case")
+    a("--json", default=None, metavar="OUT", help="write every record to this JSON file")
+    a("--one-case", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def cases_of(args: argparse.Namespace) -> list[Case]:
+    kinds = ("eval", "train") if args.train and not args.via_cli else ("eval",)
+    common = dict(device=args.device, amp=args.amp, channels_last=args.channels_last,
+                  sub_batch_size=args.sub_batch_size, size_g=args.size_g, size_p=args.size_p,
+                  backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile)
+    return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.amp is not None and torch.device(args.device).type != "cuda":
+        raise SystemExit(f"error: --amp {args.amp} needs a CUDA device, got --device {args.device}")
+    if args.via_cli and (args.amp or args.channels_last):
+        raise SystemExit("error: --via-cli runs train_deep_globe.py, which has no --amp or --channels_last")
+    if args.repeat < 1:
+        raise SystemExit("error: --repeat must be at least 1")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.one_case is not None:
+        print(json.dumps(record_to_json(run_case(case_from_dict(json.loads(args.one_case))))))
+        return 0
+    check_args(args)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="glnet_bench_") as folder:
+        for case in cases_of(args):
+            print(f"running {case.kind} mode {case.mode} size {case.size} ...", file=sys.stderr, flush=True)
+            records.append(run_cli_case(case, Path(folder)) if args.via_cli else run_case_isolated(case))
+    print(format_table(records))
+    if records:
+        print(f"({records[0].environment['device_name']}, peak: {records[0].peak_of})")
+    if args.json:
+        Path(args.json).write_text(json.dumps([record_to_json(r) for r in records], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The inference benchmark on tiny cases: in-process, through its command line (one fresh
+process per case) and timing train_deep_globe.py as a whole."""
+import json
+
+import pytest
+
+from bench.bench_inference import Case, build_parser, cases_of, main, record_to_json, run_case
+
+# One thread: these tests check what the benchmark reports, not speed, and a single
+# thread stays fast on a busy shared machine where two threads contend.
+TINY = dict(size=128, size_g=(64, 64), size_p=(96, 96), sub_batch_size=4, backbone="resnet18", repeat=2, threads=1)
+TINY_FLAGS = ["--sizes", "128", "--size_g", "64", "--size_p", "96", "--sub_batch_size", "4",
+              "--backbone", "resnet18", "--repeat", "1", "--device", "cpu", "--threads", "1"]
+
+
+def check_record(record: dict, kind: str, mode: int, patches: int) -> None:
+    assert record["case"]["kind"] == kind and record["case"]["mode"] == mode
+    assert record["seconds"] > 0 and record["images_per_s"] == pytest.approx(1 / record["seconds"])
+    assert record["peak_mb"] > 0 and record["peak_of"] == "process rss"
+    assert record["patches"] == patches
+    assert record["environment"]["threads"] == 1
+
+
+@pytest.mark.parametrize("mode, kind, patches", [(1, "eval", 0), (3, "eval", 4), (2, "train", 4)])
+def test_run_case_measures_every_repeat(mode, kind, patches):
+    record = run_case(Case(mode, kind=kind, **TINY))
+    assert len(record.runs) == TINY["repeat"] and all(t > 0 for t in record.runs)
+    assert min(record.runs) <= record.seconds <= max(record.runs)
+    check_record(record_to_json(record), kind, mode, patches)
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        run_case(Case(1, kind="infer", **TINY))
+
+
+def test_cases_cover_sizes_modes_and_kinds():
+    args = build_parser().parse_args(["--sizes", "256,512", "--modes", "1,3", "--train", "--size_p", "128"])
+    cases = cases_of(args)
+    assert [(c.size, c.mode, c.kind) for c in cases] == [
+        (s, m, k) for s in (256, 512) for m in (1, 3) for k in ("eval", "train")
+    ]
+    assert all(c.size_p == (128, 128) and c.backbone == "resnet50" for c in cases)
+    assert all(c.kind == "eval" for c in cases_of(build_parser().parse_args(["--train", "--via-cli"])))
+
+
+def test_command_line_runs_each_case_in_its_own_process(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main([*TINY_FLAGS, "--modes", "1", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    check_record(record, "eval", 1, 0)
+    table = capsys.readouterr().out
+    assert "s/image" in table and "peak MB" in table and len(table.strip().splitlines()) == 3
+
+
+def test_via_cli_times_the_real_entry_point(tmp_path):
+    out = tmp_path / "cli.json"
+    assert main([*TINY_FLAGS, "--modes", "3", "--via-cli", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    check_record(record, "cli-eval", 3, 4)
+    # A whole process: at least the size of an imported torch.
+    assert record["peak_mb"] > 200
+
+
+def test_amp_on_cpu_is_refused():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main([*TINY_FLAGS, "--amp", "bf16"])
