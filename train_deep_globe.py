@@ -347,10 +347,19 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, table: Cla
         else:
             log.line(f"{split} has no labels: nothing to score")
         log.folder.mkdir(parents=True, exist_ok=True)
-        (log.folder / "metrics.json").write_text(json.dumps({"split": split, **scores}, indent=2))
+        (log.folder / "metrics.json").write_text(json.dumps({"split": split, **_json_safe(scores)}, indent=2))
         if save_dir is not None:
             log.line(f"predictions written to {save_dir}")
     return scores
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a class absent from truth and prediction) becomes null: strict JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def run(args: argparse.Namespace) -> int:
