@@ -1,0 +1,371 @@
+"""Patch grid, extraction, feature crops and merging (utils/patches.py), and the
+resampling rules they rest on (utils/resample.py).
+
+Golden values come from the reference fixtures (the authors' own grid function); the
+rest are properties any correct tiling has, checked over many sizes.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import DEVICES, FIXTURES
+from utils.patches import (
+    MIN_OVERLAP,
+    PatchGrid,
+    axis_origins,
+    coverage_on_map,
+    crop_to_patches,
+    extract_patches,
+    merge_argmax,
+    merge_logits,
+    paste_patches,
+    upsample_argmax,
+)
+from utils.resample import nearest_indices, pil_nearest_indices, resize_labels
+
+
+def _read_tsv(name: str) -> list[dict[str, str]]:
+    with open(FIXTURES / name, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+PATCH_INFO = _read_tsv("patch_info.tsv")
+
+# (H, W, p): square and non-square, sides below, at and just above p, large and odd sizes.
+GRID_CASES = [
+    (600, 600, 256), (2448, 2448, 508), (300, 420, 160), (200, 260, 96), (257, 1000, 256),
+    (100, 100, 256), (256, 256, 256), (80, 300, 96), (300, 80, 96), (509, 508, 508),
+    (1001, 777, 128), (5000, 3001, 508), (51 + 1, 999, 51), (2448, 1224, 300), (97, 1537, 96),
+]
+
+
+# --------------------------------------------------------------------------- golden grids
+
+
+def test_golden_grid_2448_508():
+    rows = _read_tsv("global2patch_2448_508.tsv")
+    grid = PatchGrid.build((2448, 2448), (508, 508))
+    assert len(grid) == len(rows) == 36
+    assert (grid.n_rows, grid.n_cols) == (6, 6)
+    assert grid.patch_size == (508, 508)
+    # Step 388: the origins are whole multiples of it.
+    assert grid.tops == grid.lefts == tuple(388 * i for i in range(6))
+    for row in rows:
+        i = int(row["index"])
+        assert (i // grid.n_cols, i % grid.n_cols) == (int(row["row"]), int(row["col"]))
+        top, left = grid.origin(i)
+        assert (top, left) == (int(row["top_px"]), int(row["left_px"]))
+        assert (int(row["height_px"]), int(row["width_px"])) == grid.patch_size
+        # The fractions the authors carried, bit for bit.
+        assert top / 2448 == float(row["top_frac"])
+        assert left / 2448 == float(row["left_frac"])
+
+
+@pytest.mark.parametrize("row", PATCH_INFO, ids=[f"{r['x']}-{r['p']}" for r in PATCH_INFO])
+def test_patch_info_row(row):
+    x, p = int(row["x"]), int(row["p"])
+    error = row["error"]
+    if error.startswith("NoReturn"):
+        # The authors loop forever for p <= 50; we refuse with a clear message.
+        with pytest.raises(ValueError, match="too small"):
+            axis_origins(x, p)
+        with pytest.raises(ValueError):
+            PatchGrid.build((x, x), (p, p))
+        return
+    origins, extent = axis_origins(x, p)
+    grid = PatchGrid.build((x, x), (p, p))
+    if error.startswith("ZeroDivisionError"):
+        # Documented behaviour where the authors divide by zero (side <= patch): one patch
+        # that shrinks to the side.
+        assert x <= p
+        assert (origins, extent) == ((0,), x)
+        assert len(grid) == 1 and grid.patch_size == (x, x) and grid.origin(0) == (0, 0)
+        return
+    assert not error
+    n, m, step = int(row["n"]), int(row["m"]), float(row["step_x"])
+    assert len(origins) == n and extent == p
+    assert (grid.n_rows, grid.n_cols) == (n, m)
+    assert (x - p) / (n - 1) == step  # the same float step as the authors'
+    assert origins == tuple(round(i * step) for i in range(n - 1)) + (x - p,)
+
+
+# --------------------------------------------------------------------------- grid properties
+
+
+def _brute_coverage(grid: PatchGrid) -> np.ndarray:
+    cov = np.zeros(grid.image_size, dtype=np.int64)
+    ph, pw = grid.patch_size
+    for top, left in grid.origins():
+        cov[top : top + ph, left : left + pw] += 1
+    return cov
+
+
+@pytest.mark.parametrize("h, w, p", GRID_CASES)
+def test_grid_covers_everything(h, w, p):
+    grid = PatchGrid.build((h, w), (p, p))
+    ph, pw = grid.patch_size
+    assert (ph, pw) == (min(h, p), min(w, p))
+    cov = grid.coverage()
+    assert cov.shape == (h, w)
+    expected = _brute_coverage(grid)
+    assert (expected >= 1).all()
+    assert np.array_equal(cov.numpy(), expected)
+    # Where no two patches overlap, every pixel is covered exactly once.
+    if grid.n_rows == 1 and grid.n_cols == 1:
+        assert (cov == 1).all()
+    # Row-major patch order.
+    assert grid.origins() == [(t, l) for t in grid.tops for l in grid.lefts]
+
+
+@pytest.mark.parametrize("h, w, p", GRID_CASES)
+def test_grid_axis_rules(h, w, p):
+    grid = PatchGrid.build((h, w), (p, p))
+    for origins, extent, length in ((grid.tops, grid.patch_size[0], h), (grid.lefts, grid.patch_size[1], w)):
+        assert origins[0] == 0
+        assert origins[-1] == length - extent  # last patch flush with the end
+        assert all(b > a for a, b in zip(origins, origins[1:]))
+        # Neighbours overlap by at least MIN_OVERLAP px.
+        assert all(a + extent - b >= MIN_OVERLAP for a, b in zip(origins, origins[1:]))
+        n = len(origins)
+        if n > 1:
+            # n is the smallest count satisfying both rules: one patch fewer fails one of them.
+            fewer = n - 1
+            too_few = fewer * extent < length
+            assert too_few or extent - (length - extent) / (fewer - 1) < MIN_OVERLAP
+
+
+def test_one_patch_per_short_side():
+    grid = PatchGrid.build((80, 300), (96, 96))
+    assert grid.n_rows == 1 and grid.tops == (0,)
+    assert grid.patch_size == (80, 96)
+    image = torch.arange(80 * 300, dtype=torch.float32).reshape(1, 80, 300)
+    patches = extract_patches(image, grid, range(len(grid)))
+    assert patches.shape == (grid.n_cols, 1, 80, 96)
+
+
+def test_batches_cover_indices_in_order():
+    grid = PatchGrid.build((600, 600), (256, 256))
+    assert [list(r) for r in grid.batches(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    for size in (1, 2, 5, 9, 100):
+        assert list(itertools.chain(*grid.batches(size))) == list(range(len(grid)))
+        assert all(1 <= len(r) <= size for r in grid.batches(size))
+    with pytest.raises(ValueError):
+        grid.batches(0)
+
+
+# --------------------------------------------------------------------------- extraction and merging
+
+
+@pytest.mark.parametrize("h, w, p", [(600, 600, 256), (300, 420, 160), (80, 300, 96), (257, 509, 128)])
+def test_extract_then_merge_round_trip(h, w, p):
+    grid = PatchGrid.build((h, w), (p, p))
+    x = torch.randn(3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(h * w))
+    patches = extract_patches(x, grid, range(len(grid)))
+    assert patches.shape == (len(grid), 3, *grid.patch_size)
+    for i, (top, left) in enumerate(grid.origins()):
+        assert torch.equal(patches[i], x[:, top : top + grid.patch_size[0], left : left + grid.patch_size[1]])
+    # Logits at patch resolution: merge sums the overlaps; dividing by coverage gives x back.
+    merged = merge_logits(patches, grid)
+    assert merged.shape == x.shape
+    torch.testing.assert_close(merged / grid.coverage().double(), x, rtol=1e-12, atol=1e-12)
+
+
+def test_extract_labels_keeps_dtype():
+    grid = PatchGrid.build((200, 260), (96, 96))
+    label = torch.randint(0, 7, (200, 260), dtype=torch.uint8)
+    patches = extract_patches(label, grid, [0, 5, len(grid) - 1])
+    assert patches.shape == (3, 96, 96) and patches.dtype == torch.uint8
+    top, left = grid.origin(len(grid) - 1)
+    assert torch.equal(patches[2], label[top:, left:])
+
+
+def _merge_reference(patch_logits: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Sum nearest-upsampled patch logits on a canvas, with F.interpolate doing the upsampling."""
+    ph, pw = grid.patch_size
+    up = F.interpolate(patch_logits, size=(ph, pw), mode="nearest")
+    canvas = patch_logits.new_zeros(patch_logits.shape[1], *grid.image_size)
+    for i, (top, left) in enumerate(grid.origins()):
+        canvas[:, top : top + ph, left : left + pw] += up[i]
+    return canvas
+
+
+@pytest.mark.parametrize("h, w, p, cells", [(600, 600, 256, 64), (300, 420, 160, 40), (257, 509, 130, 33)])
+def test_merge_logits_matches_nearest_upsampling(h, w, p, cells):
+    grid = PatchGrid.build((h, w), (p, p))
+    logits = torch.randn(len(grid), 5, cells, cells + 1, dtype=torch.float64)
+    merged = merge_logits(logits, grid)
+    torch.testing.assert_close(merged, _merge_reference(logits, grid), rtol=0, atol=1e-12)
+    # A band of rows is the same rows of the whole canvas.
+    for r0, r1 in ((0, 1), (h // 3, h // 2), (h - 7, h)):
+        torch.testing.assert_close(merge_logits(logits, grid, (r0, r1)), merged[:, r0:r1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_band_bytes", [1, 1000, 7 * 420 * 4 * 13, 64 << 20])
+def test_merge_argmax_in_bands_equals_full_argmax(max_band_bytes):
+    grid = PatchGrid.build((300, 420), (160, 160))
+    logits = torch.randn(len(grid), 7, 40, 40, generator=torch.Generator().manual_seed(1))
+    expected = merge_logits(logits, grid).argmax(0)
+    pred = merge_argmax(logits, grid, max_band_bytes=max_band_bytes)
+    assert pred.dtype == torch.long and pred.shape == (300, 420)
+    assert torch.equal(pred, expected)
+
+
+def test_upsample_argmax_equals_argmax_of_nearest_upsampling():
+    logits = torch.randn(7, 64, 48)
+    for size in ((600, 600), (257, 131), (64, 48), (2448, 1000)):
+        expected = F.interpolate(logits[None], size=size, mode="nearest")[0].argmax(0)
+        assert torch.equal(upsample_argmax(logits, size), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_device_preserved(device, dtype):
+    grid = PatchGrid.build((300, 420), (160, 160))
+    idx = range(len(grid))
+    image = torch.rand(3, 300, 420, dtype=dtype, device=device)
+    patches = extract_patches(image, grid, idx)
+    logits = torch.randn(len(grid), 4, 40, 40, dtype=dtype, device=device)
+    fmap = torch.randn(1, 8, 10, 13, dtype=dtype, device=device)
+    canvas = torch.zeros(1, 8, 10, 13, dtype=dtype, device=device)
+    outputs = {
+        "extract_patches": patches,
+        "merge_logits": merge_logits(logits, grid),
+        "crop_to_patches": crop_to_patches(fmap, grid, idx, (5, 5)),
+        "paste_patches": paste_patches(canvas, torch.randn(len(grid), 8, 5, 5, dtype=dtype, device=device), grid, idx),
+    }
+    for name, out in outputs.items():
+        assert out.dtype == dtype and out.device.type == device, name
+    for name, out in {"merge_argmax": merge_argmax(logits, grid), "upsample_argmax": upsample_argmax(logits[0], (300, 420))}.items():
+        assert out.dtype == torch.long and out.device.type == device, name
+    cov = coverage_on_map(grid, (10, 13), torch.device(device))
+    assert cov.shape == (1, 1, 10, 13) and cov.device.type == device
+    labels = torch.randint(0, 7, (2, 300, 420), device=device, dtype=torch.uint8)
+    resized = resize_labels(labels, (75, 105))
+    assert resized.dtype == torch.uint8 and resized.device.type == device and resized.shape == (2, 75, 105)
+
+
+# --------------------------------------------------------------------------- feature-map crops
+
+
+@pytest.mark.parametrize("h, w, p", GRID_CASES[:10] + [(768, 768, 96), (10000, 10000, 508)])
+def test_cell_box_stays_on_the_map(h, w, p):
+    grid = PatchGrid.build((h, w), (p, p))
+    # Boxes are separable: checking every row origin in column 0 and every column origin
+    # in row 0 covers every patch.
+    indices = [r * grid.n_cols for r in range(grid.n_rows)] + list(range(grid.n_cols))
+    for hf, wf in [(1, 1), (2, 3), (4, 4), (8, 8), (16, 5), (33, 65), (127, 127)]:
+        for i in indices:
+            t, l, bh, bw = grid.cell_box(i, (hf, wf))
+            assert 0 <= t and t + bh <= hf and bh >= 1, (i, hf, (t, l, bh, bw))
+            assert 0 <= l and l + bw <= wf and bw >= 1, (i, wf, (t, l, bh, bw))
+
+
+def test_crop_on_a_map_smaller_than_one_cell_per_patch():
+    # Regression: the last patch of a 768 px image in 96 px patches starts at 672, and
+    # round(672 / 768 * 4) = 4 is one past a 4-cell map.
+    grid = PatchGrid.build((768, 768), (96, 96))
+    fmap = torch.randn(1, 3, 4, 4)
+    crops = crop_to_patches(fmap, grid, range(len(grid)), (2, 2))
+    assert crops.shape == (len(grid), 3, 2, 2) and torch.isfinite(crops).all()
+    canvas = paste_patches(torch.zeros(1, 3, 4, 4), torch.ones(len(grid), 3, 2, 2), grid, range(len(grid)))
+    assert (canvas > 0).any()
+
+
+def test_parity_crops():
+    # Reference README 6: for the parity run the 8x8 c5 map gets 3x3 crops at rows/cols 0, 2, 5.
+    grid = PatchGrid.build((600, 600), (256, 256))
+    fmap = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
+    crops = crop_to_patches(fmap, grid, range(len(grid)), (3, 3))
+    for i, (r, c) in enumerate(itertools.product((0, 2, 5), repeat=2)):
+        assert grid.cell_box(i, (8, 8)) == (r, c, 3, 3)
+        assert torch.equal(crops[i], fmap[0, :, r : r + 3, c : c + 3])
+    # A crop resized to another size is the bilinear resize of that crop.
+    big = crop_to_patches(fmap, grid, [4], (16, 16))
+    expected = F.interpolate(fmap[:, :, 2:5, 2:5], size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(big, expected, rtol=0, atol=0)
+
+
+def test_paste_adds_each_patch_at_its_box():
+    grid = PatchGrid.build((600, 600), (256, 256))
+    maps = torch.rand(len(grid), 2, 3, 3)
+    canvas = paste_patches(torch.zeros(1, 2, 8, 8), maps, grid, range(len(grid)))
+    expected = torch.zeros(1, 2, 8, 8)
+    for i, (r, c) in enumerate(itertools.product((0, 2, 5), repeat=2)):
+        expected[0, :, r : r + 3, c : c + 3] += maps[i]
+    torch.testing.assert_close(canvas, expected, rtol=0, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- coverage template
+
+
+def test_coverage_equals_parity_overlap_template(parity_ref):
+    grid = PatchGrid.build((600, 600), (256, 256))
+    assert np.array_equal(grid.coverage().numpy(), parity_ref["overlap_template"].astype(np.float32))
+
+
+@pytest.mark.parametrize("h, w, p", [(600, 600, 256), (300, 420, 160), (2448, 2448, 508), (257, 1000, 256), (80, 300, 96)])
+def test_coverage_on_map_equals_bilinear_resize_of_template(h, w, p):
+    grid = PatchGrid.build((h, w), (p, p))
+    template = grid.coverage()[None, None]
+    for size in ((64, 64), (8, 8), (1, 1), (16, 5), (127, 127), (h // 4, w // 4)):
+        expected = F.interpolate(template, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(coverage_on_map(grid, size), expected, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- resampling rules
+
+
+NEAREST_PAIRS = [(o, i) for i in (1, 2, 3, 7, 24, 63, 64, 127) for o in (1, 5, 64, 82, 96, 123, 256, 508, 600, 2448)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nearest_indices_is_torch_legacy_nearest(device):
+    # (82, 2) is a regression: i * in / out = 1 exactly at i = 41, which torch's float32
+    # arithmetic puts just below 1.
+    for out_len, in_len in NEAREST_PAIRS + [(82, 2), (141, 3), (123, 3)]:
+        x = torch.arange(in_len, dtype=torch.float32, device=device)[None, None]
+        expected = F.interpolate(x, size=out_len, mode="nearest")[0, 0].long()
+        got = nearest_indices(out_len, in_len, torch.device(device))
+        assert got.device.type == device
+        assert torch.equal(got, expected), (out_len, in_len)
+
+
+def _pil_indices(in_len: int, out_len: int) -> np.ndarray:
+    """Which input column Image.resize(NEAREST) reads for each output column (index coded in RGB)."""
+    a = np.arange(in_len)
+    row = np.stack([a % 256, a // 256, np.zeros_like(a)], -1)[None].astype(np.uint8)
+    out = np.asarray(Image.fromarray(row, "RGB").resize((out_len, 1), Image.NEAREST))[0].astype(np.int64)
+    return out[:, 0] + 256 * out[:, 1]
+
+
+PIL_PAIRS = [(2448, 127), (600, 64), (508, 127), (1000, 63), (256, 64), (200, 50), (96, 24), (260, 16),
+             (8, 6), (16, 12), (20, 15), (2, 7), (127, 2448), (63, 1000), (5, 5), (3001, 750)]
+
+
+@pytest.mark.parametrize("in_len, out_len", PIL_PAIRS)
+def test_pil_nearest_indices_equal_pillow(in_len, out_len):
+    # (8, 6), (16, 12), (20, 15), (2, 7) are exact ties that Pillow's accumulated float64
+    # step puts on the lower input pixel.
+    assert np.array_equal(pil_nearest_indices(out_len, in_len).numpy(), _pil_indices(in_len, out_len))
+
+
+@pytest.mark.parametrize("size_in, size_out", [((2448, 2448), (127, 127)), ((600, 600), (64, 64)),
+                                               ((508, 508), (127, 127)), ((1000, 1000), (63, 63)),
+                                               ((300, 420), (32, 32)), ((96, 160), (24, 40)), ((16, 20), (12, 15))])
+def test_resize_labels_equals_pillow_nearest(size_in, size_out):
+    rng = np.random.default_rng(sum(size_in))
+    label = rng.integers(0, 7, size_in, dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(label).resize(size_out[::-1], Image.NEAREST))
+    got = resize_labels(torch.from_numpy(label), size_out)
+    assert got.shape == size_out
+    assert np.array_equal(got.numpy(), expected)
+    # Leading dimensions are carried along.
+    batch = resize_labels(torch.from_numpy(np.stack([label, label[::-1].copy()])), size_out)
+    assert torch.equal(batch[0], got)
