@@ -1,0 +1,158 @@
+"""End to end through the real entry point: all three stages and evaluation on tiny
+generated data, the files each stage writes, resume, and the shell scripts' flags."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import helper
+import train_deep_globe
+from dataset.make_demo import make_deep_globe_demo
+from utils.checkpoint import read_file, read_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",
+        "--sub_batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_deep_globe_demo(root, n_train=2, n_val=1, n_test=1, size=128, seed=0)
+    return root
+
+
+def _run(*args: str) -> int:
+    return train_deep_globe.main([*map(str, args)])
+
+
+def _common(data: Path, tmp: Path) -> list[str]:
+    return ["--data_path", str(data), "--model_path", str(tmp / "models"), "--log_path", str(tmp / "logs"), *TINY]
+
+
+def _groups(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_three_stages_and_evaluation(data, tmp_path, monkeypatch):
+    loads: list[tuple[str, str]] = []
+    real_load = helper.load_weights
+
+    def spy(model, path, keys="all", reference=None):
+        loads.append((Path(path).name, keys))
+        return real_load(model, path, keys, reference)
+
+    monkeypatch.setattr(helper, "load_weights", spy)
+    common = _common(data, tmp_path)
+    models = tmp_path / "models"
+
+    assert _run("--mode", 1, "--num_epochs", 1, "--pretrained", "none", *common) == 0
+    assert loads == []
+    g = read_state_dict(models / "fpn_deepglobe_global.pth")
+    assert (models / "fpn_deepglobe_global.last.pth").is_file()
+    events = list((tmp_path / "logs" / "fpn_deepglobe_global").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert "epoch 1/1" in (tmp_path / "logs" / "fpn_deepglobe_global" / "log.txt").read_text()
+
+    assert _run("--mode", 2, "--num_epochs", 1, "--path_g", "fpn_deepglobe_global.pth", *common) == 0
+    assert loads == [("fpn_deepglobe_global.pth", "non_local")]
+    g2l = read_state_dict(models / "fpn_deepglobe_global2local.pth")
+    # Stage 2 starts from stage 1 and never trains the global branch.
+    assert _same(_groups(g2l, "resnet_global."), _groups(g, "resnet_global."))
+    assert _same(_groups(g2l, "fpn_global."), _groups(g, "fpn_global."))
+    assert not _same(_groups(g2l, "fpn_local."), _groups(g, "fpn_local."))
+
+    loads.clear()
+    assert _run("--mode", 3, "--num_epochs", 1, "--path_g", "fpn_deepglobe_global.pth",
+                "--path_g2l", "fpn_deepglobe_global2local.pth", *common) == 0
+    assert sorted(loads) == [("fpn_deepglobe_global.pth", "global"), ("fpn_deepglobe_global2local.pth", "all")]
+    l2g = read_state_dict(models / "fpn_deepglobe_local2global.pth")
+    # Stage 3 starts from stage 2, keeps its local branch and trains the global one.
+    assert _same(_groups(l2g, "resnet_local."), _groups(g2l, "resnet_local."))
+    assert _same(_groups(l2g, "fpn_local."), _groups(g2l, "fpn_local."))
+    assert not _same(_groups(l2g, "fpn_global."), _groups(g2l, "fpn_global."))
+    # The authors' layout: every key carries the DataParallel prefix.
+    assert all(k.startswith("module.") for k in read_file(models / "fpn_deepglobe_local2global.pth"))
+
+    predictions = tmp_path / "predictions"
+    assert _run("--mode", 3, "--evaluation", "--test", "--path_g", "fpn_deepglobe_global.pth",
+                "--path_g2l", "fpn_deepglobe_global2local.pth", "--path_l2g", "fpn_deepglobe_local2global.pth",
+                "--save_predictions", predictions, *common) == 0
+    metrics = json.loads((tmp_path / "logs" / "fpn_deepglobe_local2global" / "metrics.json").read_text())
+    assert metrics["split"] == "test"
+    for kind in ("global", "local", "ensemble"):
+        assert len(metrics[kind]["iou"]) == 7
+        assert 0.0 <= metrics[kind]["miou"] <= 1.0
+    assert [p.name for p in predictions.iterdir()] == ["demotest000_mask.png"]
+
+
+def _losses(log: Path) -> list[float]:
+    return [float(x) for x in re.findall(r"loss (\S+)", log.read_text())]
+
+
+def test_training_lowers_the_loss_and_resume_ends_with_the_same_weights(data, tmp_path, monkeypatch):
+    args = ["--mode", 1, "--num_epochs", 3, "--lr", "1e-3", "--pretrained", "none"]
+    assert _run(*args, *_common(data, tmp_path / "straight")) == 0
+    losses = _losses(tmp_path / "straight" / "logs" / "fpn_deepglobe_global" / "log.txt")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+    real_epoch = helper.train_one_epoch
+
+    def interrupted(session, loader, optimizer, scheduler, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(session, loader, optimizer, scheduler, epoch)
+
+    monkeypatch.setattr(helper, "train_one_epoch", interrupted)
+    assert _run(*args, *_common(data, tmp_path / "resumed")) == 130
+    monkeypatch.setattr(helper, "train_one_epoch", real_epoch)
+    assert read_file(tmp_path / "resumed" / "models" / "fpn_deepglobe_global.last.pth")["epoch"] == 1
+    assert _run(*args, "--resume", *_common(data, tmp_path / "resumed")) == 0
+
+    for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.last.pth"):
+        straight = read_state_dict(tmp_path / "straight" / "models" / name)
+        resumed = read_state_dict(tmp_path / "resumed" / "models" / name)
+        assert _same(straight, resumed), name
+
+
+def _script_args(script: Path) -> list[str]:
+    """The arguments a .sh script passes to train_deep_globe.py, with the environment
+    defaults it documents substituted."""
+    text = script.read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("python train_deep_globe.py"))
+    words = shlex.split(line.split("train_deep_globe.py", 1)[1])
+    words = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", w) for w in words if w != "$@"]
+    return words
+
+
+@pytest.mark.parametrize(
+    "script, mode, evaluation, paths",
+    [
+        ("train_deep_globe_global.sh", 1, False, {}),
+        ("train_deep_globe_global2local.sh", 2, False, {"path_g": "fpn_deepglobe_global.pth"}),
+        ("train_deep_globe_local2global.sh", 3, False,
+         {"path_g": "fpn_deepglobe_global.pth", "path_g2l": "fpn_deepglobe_global2local.pth"}),
+        ("eval_deep_globe.sh", 3, True, {"path_g": "fpn_deepglobe_global.pth",
+                                         "path_g2l": "fpn_deepglobe_global2local.pth",
+                                         "path_l2g": "fpn_deepglobe_local2global.pth"}),
+    ],
+)
+def test_scripts_use_the_authors_settings(script, mode, evaluation, paths):
+    args = train_deep_globe.parse_args(_script_args(ROOT / script))
+    assert (args.mode, args.evaluation) == (mode, evaluation)
+    assert (args.batch_size, args.sub_batch_size, args.size_g, args.size_p) == (6, 6, (508, 508), (508, 508))
+    assert (args.n_class, args.data_path, args.model_path) == (7, "data/deep_globe", "saved_models")
+    for flag in ("path_g", "path_g2l", "path_l2g"):
+        assert getattr(args, flag) == paths.get(flag)
+    # Each training stage writes the file the next stage's script reads.
+    assert args.task_name + ".pth" in {"fpn_deepglobe_global.pth", "fpn_deepglobe_global2local.pth",
+                                       "fpn_deepglobe_local2global.pth"}
