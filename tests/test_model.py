@@ -1,0 +1,285 @@
+"""GLNet's structure (models/): the authors' state-dict layout, parameter counts, branch
+shapes, statelessness, the FPN's context rules and the fixtures' weight rule.
+
+Structural tests use the ResNet-18 variant (fast); the ResNet-50 network is built only
+where the reference tables describe it.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from conftest import DEVICES, FIXTURES
+from models.fpn import FPN
+from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
+from models.stages import Batch, Stage, run_stage
+from utils.parity import apply_rule_weights, rule_tensor
+from utils.patches import PatchGrid, extract_patches
+
+N_CLASS = 5
+
+
+def _tsv(name: str) -> list[dict[str, str]]:
+    with open(FIXTURES / name, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def glnet50() -> GLNet:
+    return GLNet(7)
+
+
+def _small(seed: int = 0, n_class: int = N_CLASS) -> GLNet:
+    torch.manual_seed(seed)
+    return GLNet(n_class, backbone="resnet18")
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_state_dict_matches_the_authors_key_table(glnet50):
+    rows = _tsv("state_dict_keys.tsv")
+    state = glnet50.state_dict()
+    assert len(rows) == len(state) == 718
+    dtypes = {"float32": torch.float32, "int64": torch.int64}
+    for row, (key, value) in zip(rows, state.items()):
+        assert row["key"].startswith("module.")
+        assert row["key"][len("module.") :] == key  # same order, key for key
+        assert list(value.shape) == ast.literal_eval(row["shape"]), key
+        assert value.dtype == dtypes[row["dtype"]], key
+        assert value.numel() == int(row["numel"]), key
+
+
+# Reference README section 4: (parameter tensors, parameters, buffer tensors, buffer elements, keys).
+PARAMETER_TABLE = {
+    "resnet_global": (159, 23_508_032, 159, 53_173, 318),
+    "resnet_local": (159, 23_508_032, 159, 53_173, 318),
+    "fpn_global": (52, 18_322_439, 0, 0, 52),
+    "fpn_local": (28, 13_797_895, 0, 0, 28),
+    "ensemble_conv": (2, 64_519, 0, 0, 2),
+}
+
+
+def test_parameter_counts_per_submodule(glnet50):
+    assert tuple(name for name, _ in glnet50.named_children()) == BRANCH_GROUPS == tuple(PARAMETER_TABLE)
+    for name, (n_params, params, n_buffers, buffer_elems, keys) in PARAMETER_TABLE.items():
+        module = getattr(glnet50, name)
+        counted = (
+            len(list(module.parameters())),
+            sum(p.numel() for p in module.parameters()),
+            len(list(module.buffers())),
+            sum(b.numel() for b in module.buffers()),
+            len(module.state_dict()),
+        )
+        assert counted == (n_params, params, n_buffers, buffer_elems, keys), name
+    assert sum(p.numel() for p in glnet50.parameters()) == 79_200_917
+    # 106 BatchNorm layers, all in the two backbones.
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in glnet50.modules()) == 106
+
+
+def test_global_branch_keys_are_the_plain_global_half(glnet50):
+    def plain_global(key: str) -> bool:
+        top, layer = key.split(".")[:2]
+        return top == "resnet_global" or (top == "fpn_global" and not layer.endswith("_ext") and layer != "smooth")
+
+    keys = list(GlobalBranch(7).state_dict())
+    assert keys == [k for k in glnet50.state_dict() if plain_global(k)]
+
+
+def test_channels_follow_the_backbone():
+    model = _small()
+    assert model.resnet_global.channels == (64, 128, 256, 512)
+    assert model.fpn_global.toplayer.in_channels == 512
+    assert model.fpn_global.toplayer_ext.in_channels == 1024
+    assert model.fpn_local.toplayer.in_channels == 1024
+    assert model.fpn_local.latlayer3.in_channels == 128
+    assert model.ensemble_conv.in_channels == 1024 and model.ensemble_conv.out_channels == N_CLASS
+
+
+def test_initialisation():
+    model = _small()
+    for head in (model.fpn_global, model.fpn_local):
+        for name, conv in head.named_children():
+            assert torch.equal(conv.bias, torch.zeros_like(conv.bias)), name
+            if conv.weight.numel() >= 10_000:
+                assert 0.009 < conv.weight.std().item() < 0.011, name
+                assert abs(conv.weight.mean().item()) < 1e-3, name
+    assert 0.009 < model.ensemble_conv.weight.std().item() < 0.011
+    with pytest.raises(ValueError):
+        GLNet(1, backbone="resnet18")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        GLNet(3, backbone="resnet7")
+
+
+# --------------------------------------------------------------------------- branch shapes
+
+
+def _check_branch(out, batch: int, size: tuple[int, int], n_class: int, ps3_channels: int = 512):
+    h, w = size
+    assert out.logits.shape == (batch, n_class, h // 4, w // 4)
+    assert out.ps3.shape == (batch, ps3_channels, h // 4, w // 4)
+    for level, (c, stride, channels) in enumerate(zip(out.c, (4, 8, 16, 32), (64, 128, 256, 512))):
+        assert c.shape == (batch, channels, -(-h // stride), -(-w // stride)), level
+    # FPN levels are ordered p5..p2, with the sizes of c5..c2.
+    for maps, channels in ((out.fpn.ps0, 256), (out.fpn.ps1, 256), (out.fpn.ps2, 128)):
+        assert [tuple(m.shape) for m in maps] == [(batch, channels, *c.shape[-2:]) for c in out.c[::-1]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_branch_shapes(device):
+    model = _small().to(device).eval()
+    images = torch.rand(2, 3, 64, 96, device=device)
+    with torch.no_grad():
+        glob = model.global_branch(images)
+        _check_branch(glob, 2, (64, 96), N_CLASS)
+
+        grid = PatchGrid.build((100, 130), (64, 64))
+        idx = range(3, 8)
+        patches = extract_patches(torch.rand(3, 100, 130, device=device), grid, idx)
+        local = model.local_branch(patches, glob.image(1), grid, idx)
+        _check_branch(local, 5, (64, 64), N_CLASS)
+
+        term = model.ensemble_local_term(local.ps3)
+        assert term.shape == (5, N_CLASS, 16, 16)
+        ensemble, crop = model.ensemble(term, glob.ps3[1:2], grid, idx)
+        assert ensemble.shape == (5, N_CLASS, 16, 16) and crop.shape == (5, 512, 16, 16)
+        # Splitting ensemble_conv into a local and a global term is exact up to float noise.
+        direct = model.ensemble_conv(torch.cat((local.ps3, crop), dim=1))
+        torch.testing.assert_close(ensemble, direct, rtol=1e-5, atol=1e-6)
+
+        # The global head with merged local features as context (stage 3) keeps its shapes.
+        ext = model.global_branch(images, glob.context())
+        _check_branch(ext, 2, (64, 96), N_CLASS)
+        assert not torch.equal(ext.logits, glob.logits)
+
+
+def test_non_square_images():
+    model = _small().eval()
+    with torch.no_grad():
+        _check_branch(model.global_branch(torch.rand(1, 3, 96, 160)), 1, (96, 160), N_CLASS)
+        # Patches are cropped from a non-square image whose global image is square.
+        image = torch.rand(3, 60, 120)
+        res = run_stage(Stage.GLOBAL2LOCAL, model, Batch([image], torch.rand(1, 3, 64, 64)),
+                        patch_size=(64, 64), sub_batch_size=3)
+    grid = res.images[0].grid
+    # The 60 px side is shorter than the patch: one row of patches 60 px high.
+    assert grid.image_size == (60, 120) and grid.patch_size == (60, 64) and grid.n_rows == 1
+    assert res.images[0].local_logits.shape == (grid.n_cols, N_CLASS, 15, 16)
+    assert res.images[0].ensemble_logits.shape == (grid.n_cols, N_CLASS, 15, 16)
+
+
+# --------------------------------------------------------------------------- statelessness
+
+
+def _tensor_attributes(module: nn.Module) -> list[str]:
+    """Names of attributes (also inside lists, tuples and dicts) holding tensors that are
+    not the module's registered parameters or buffers."""
+    found = []
+
+    def walk(value, path):
+        if isinstance(value, Tensor):
+            found.append(path)
+        elif isinstance(value, nn.Module):
+            return  # submodules are walked on their own
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}[{k!r}]")
+        elif isinstance(value, (list, tuple, set)):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+
+    for name, value in vars(module).items():
+        if name not in ("_parameters", "_buffers", "_modules"):
+            walk(value, name)
+    return found
+
+
+def test_modules_hold_no_activations_after_forwards():
+    model = _small()
+    frozen = GlobalBranch(N_CLASS, backbone="resnet18")
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    image, label = torch.rand(3, 70, 90), torch.randint(0, N_CLASS, (70, 90))
+    batch = Batch([image], torch.rand(1, 3, 64, 64), [label])
+    for stage in Stage:
+        model.train()
+        run_stage(stage, model, batch, patch_size=(64, 64), sub_batch_size=4, frozen_global=frozen, backward=True)
+        model.eval()
+        with torch.inference_mode():
+            run_stage(stage, model, batch, patch_size=(64, 64), sub_batch_size=4, frozen_global=frozen)
+    for root in (model, frozen):
+        for name, module in root.named_modules():
+            assert _tensor_attributes(module) == [], f"{type(module).__name__} {name!r} holds tensors"
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_calls_give_identical_outputs(device):
+    model = _small().to(device).eval()
+    frozen = GlobalBranch(N_CLASS, backbone="resnet18").to(device).eval()
+    batch = Batch([torch.rand(3, 70, 90, device=device)], torch.rand(1, 3, 64, 64, device=device))
+    for stage in Stage:
+        with torch.inference_mode():
+            a, b = (run_stage(stage, model, batch, patch_size=(64, 64), sub_batch_size=4, frozen_global=frozen)
+                    for _ in range(2))
+        assert torch.equal(a.images[0].global_logits, b.images[0].global_logits), stage
+        if stage is not Stage.GLOBAL:
+            assert torch.equal(a.images[0].local_logits, b.images[0].local_logits), stage
+            assert torch.equal(a.images[0].ensemble_logits, b.images[0].ensemble_logits), stage
+
+
+# --------------------------------------------------------------------------- FPN context rules
+
+
+def test_fpn_context_rules():
+    model = _small().eval()
+    frozen = GlobalBranch(N_CLASS, backbone="resnet18").eval()
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        context = model.global_branch(images).context()
+        c = model.resnet_global(images)
+        with pytest.raises(ValueError, match="takes no context"):
+            frozen.fpn_global(c, context)  # plain set only
+        with pytest.raises(ValueError, match="needs context"):
+            model.fpn_local(c)  # context set only
+        # GLNet's global head has both sets.
+        model.fpn_global(c)
+        model.fpn_global(c, context)
+    with pytest.raises(ValueError):
+        FPN(N_CLASS, (64, 128, 256, 512), plain=False, context_suffix=None)
+
+
+# --------------------------------------------------------------------------- weight rule
+
+
+def test_rule_weights_match_the_reference_check(glnet50):
+    rows = _tsv("rule_weights_seed0_check.tsv")
+    state = glnet50.state_dict()
+    assert [r["key"] for r in rows] == list(state)
+    for row in rows:
+        key = row["key"]
+        value = rule_tensor(key, state[key], seed=0)
+        assert list(value.shape) == ast.literal_eval(row["shape"]) and value.dtype == state[key].dtype, key
+        flat = value.reshape(-1).numpy()
+        np.testing.assert_allclose(flat.astype(np.float64).sum(), float(row["sum"]), rtol=1e-9, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(
+            (flat.astype(np.float64) ** 2).sum(), float(row["sum_sq"]), rtol=1e-9, atol=1e-12, err_msg=key
+        )
+        assert flat[:4].astype(np.float64).tolist() == ast.literal_eval(row["first4"]), key
+
+
+def test_apply_rule_weights_is_prefix_free_and_shared_with_the_frozen_copy():
+    model, frozen = _small(1), GlobalBranch(N_CLASS, backbone="resnet18")
+    apply_rule_weights(model, 3)
+    apply_rule_weights(frozen, 3)
+    full = model.state_dict()
+    for key, value in frozen.state_dict().items():
+        assert torch.equal(value, full[key]), key
+    assert all(v.item() == 0 for k, v in full.items() if k.endswith("num_batches_tracked"))
+    apply_rule_weights(frozen, 4)
+    assert not torch.equal(frozen.state_dict()["fpn_global.classify.weight"], full["fpn_global.classify.weight"])
