@@ -63,11 +63,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def as_trainer_args(args: argparse.Namespace) -> argparse.Namespace:
+    """predict's flags over the trainer's defaults. The flags both have mean the same, so
+    the trainer's own checks and class-table choice apply to predict unchanged."""
+    return argparse.Namespace(**{**vars(train_deep_globe.parse_args([])), **vars(args)})
+
+
 def check_args(args: argparse.Namespace, table: ClassTable) -> None:
-    """Reject flag values that cannot work. The flags shared with training follow the
-    trainer's rules, so its own check runs, with its defaults for the flags predict lacks."""
-    trainer_defaults = vars(train_deep_globe.parse_args([]))
-    train_deep_globe.check_args(argparse.Namespace(**{**trainer_defaults, **vars(args)}), table)
+    """Reject flag values that cannot work, with the fix."""
+    train_deep_globe.check_args(as_trainer_args(args), table)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
@@ -145,7 +149,7 @@ def write_prediction(ids: Tensor, table: ClassTable, output: Path, stem: str) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    table = load_table(args)
+    table = load_table(as_trainer_args(args))
     check_args(args, table)
     images = find_images(Path(args.input))
     session = build_session(args, table)

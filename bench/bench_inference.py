@@ -286,16 +286,15 @@ def run_cli_case(case: Case, folder: Path) -> Record:
     )
 
 
-def format_table(records: Sequence[Record]) -> str:
-    header = f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} {'peak MB':>9}"
-    lines = [header]
-    for r in records:
-        c = r.case
-        lines.append(
-            f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
-            f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f}"
-        )
-    return "\n".join(lines)
+TABLE_HEADER = f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} {'peak MB':>9}"
+
+
+def format_row(r: Record) -> str:
+    c = r.case
+    return (
+        f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
+        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f}"
+    )
 
 
 def int_list(text: str) -> list[int]:
@@ -351,16 +350,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(record_to_json(run_case(case_from_dict(json.loads(args.one_case))))))
         return 0
     check_args(args)
-    records = []
+    records: list[Record] = []
+    print(TABLE_HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="glnet_bench_") as folder:
         for case in cases_of(args):
             print(f"running {case.kind} mode {case.mode} size {case.size} ...", file=sys.stderr, flush=True)
             records.append(run_cli_case(case, Path(folder)) if args.via_cli else run_case_isolated(case))
-    print(format_table(records))
+            # Row by row, and the JSON rewritten after each case: long runs keep what they measured.
+            print(format_row(records[-1]), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps([record_to_json(r) for r in records], indent=2))
     if records:
         print(f"({records[0].environment['device_name']}, peak: {records[0].peak_of})")
-    if args.json:
-        Path(args.json).write_text(json.dumps([record_to_json(r) for r in records], indent=2))
     return 0
 
 

@@ -35,7 +35,9 @@ def images(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     (h, w), (gh, gw), (sh, sw) = IMAGES.values()
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
-    Image.fromarray(rng.integers(0, 65536, (gh, gw), dtype=np.uint16)).save(folder / "grey16.png")
+    grey16 = rng.integers(0, 65536, (gh, gw), dtype=np.uint16)
+    # frombytes names the 16-bit mode explicitly; fromarray's choice differs between Pillow versions.
+    Image.frombytes("I;16", (gw, gh), grey16.astype("<u2").tobytes()).save(folder / "grey16.png")
     Image.fromarray(rng.integers(0, 256, (sh, sw, 4), dtype=np.uint8)).save(folder / "small_rgba.tif")
     (folder / "notes.txt").write_text("not an image: ignored")
     return folder
