@@ -396,11 +396,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def user_message(error: BaseException) -> str:
-    """One line for a user mistake; errors re-raised from DataLoader workers carry the
-    worker's traceback, of which only the last line is the message."""
-    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    for prefix in ("dataset.errors.DataError: ",):
-        text = text.removeprefix(prefix)
+    """The one-line message of a user mistake. Errors re-raised from DataLoader workers
+    carry the worker's traceback, whose last line is the original message."""
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
     return text
 
 

@@ -90,7 +90,7 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
         raise DataError(
             f"{path}: mask has {len(image.getbands())} channels ({image.mode}) but class ids were expected; "
             f"convert it to a single-channel id PNG (python -m dataset.prepare_deep_globe does this for DeepGlobe) "
-            f"or read it as a colour mask"
+            f"or pass --mask_kind colours to read it as a colour mask"
         )
     ids = torch.from_numpy(np.asarray(image).astype(np.int64))
     if ids.numel() and int(ids.max()) >= table.n_class:

@@ -7,9 +7,7 @@ always carry it, so they move both ways between this project and the authors' co
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -65,7 +63,7 @@ def read_file(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - torch's unpicklers raise many types on garbage
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
@@ -96,9 +94,11 @@ def mismatches(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> t
 
 
 def _describe(path: str | Path, missing: list[str], unexpected: list[str], shapes: list[str], hint: str) -> str:
+    """One line: the file, why it does not fit, and the offending keys (the first few)."""
+
     def listing(title: str, items: list[str]) -> str:
-        shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-        return f"\n  {title} ({len(items)}): {shown}" if items else ""
+        shown = ", ".join(items[:4]) + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
+        return f"; {title} ({len(items)}): {shown}" if items else ""
 
     return (
         f"{path}: does not match the model{hint}"

@@ -1,0 +1,235 @@
+"""Every bad input gets one clear line and exit status 2; an interruption loses nothing."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models.stages
+import train_deep_globe
+from dataset.make_demo import make_deep_globe_demo
+from models.glnet import GLNet
+from utils.checkpoint import atomic_save, read_file, read_state_dict, save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",
+        "--sub_batch_size", "4", "--num_workers", "0", "--device", "cpu", "--pretrained", "none"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pristine")
+    make_deep_globe_demo(root, n_train=2, n_val=1, n_test=1, size=128, seed=1)
+    return root
+
+
+@pytest.fixture
+def data(pristine, tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(pristine, root)
+    return root
+
+
+def _args(data: Path, tmp: Path, *extra) -> list[str]:
+    return ["--data_path", str(data), "--model_path", str(tmp / "models"), "--log_path", str(tmp / "logs"),
+            *TINY, *map(str, extra)]
+
+
+def _is_progress(line: str) -> bool:
+    return not line.strip() or "it/s" in line or "%|" in line
+
+
+def _fails(capsys, argv: list[str], *fragments: str) -> str:
+    """Run main, expect exit status 2 and a single stderr line holding every fragment."""
+    assert train_deep_globe.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if not _is_progress(line)]
+    assert len(lines) == 1, lines
+    err = lines[0]
+    assert err.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def _first(folder: Path) -> Path:
+    return sorted(folder.iterdir())[0]
+
+
+def test_colour_mask_where_ids_are_expected(data, tmp_path, capsys):
+    mask = _first(data / "train" / "Label")
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(mask)
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(mask), "--mask_kind colours")
+
+
+def test_class_id_beyond_n_class(data, tmp_path, capsys):
+    mask = _first(data / "train" / "Label")
+    Image.fromarray(np.full((128, 128), 9, np.uint8)).save(mask)
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(mask), "9")
+
+
+def test_image_and_mask_of_different_sizes(data, tmp_path, capsys):
+    mask = _first(data / "train" / "Label")
+    Image.fromarray(np.zeros((100, 128), np.uint8)).save(mask)
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(mask))
+
+
+def test_truncated_image(data, tmp_path, capsys):
+    image = _first(data / "train" / "Sat")
+    image.write_bytes(image.read_bytes()[:300])
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(image), "truncated or corrupt")
+
+
+def test_missing_and_empty_split_folders(data, tmp_path, capsys):
+    _fails(capsys, _args(tmp_path / "nowhere", tmp_path, "--num_epochs", 1), "nowhere", "no such split folder")
+    for f in (data / "train" / "Sat").iterdir():
+        f.unlink()
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), "Sat", "no images")
+
+
+def test_errors_from_loader_workers_are_one_line_too(data, tmp_path):
+    mask = _first(data / "train" / "Label")
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(mask)
+    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv[argv.index("--num_workers") + 1] = "1"
+    proc = subprocess.run([sys.executable, "train_deep_globe.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if not _is_progress(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert str(mask) in proc.stderr
+
+
+def test_small_and_non_square_images_train_in_every_stage(tmp_path):
+    root = tmp_path / "data"
+    for split, size in (("train", (80, 150)), ("crossvali", (60, 70))):
+        rng = np.random.default_rng(0)
+        (root / split / "Sat").mkdir(parents=True)
+        (root / split / "Label").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / split / "Sat" / "a_sat.jpg")
+        Image.fromarray(rng.integers(0, 7, size, dtype=np.uint8)).save(root / split / "Label" / "a_mask.png")
+    base = _args(root, tmp_path, "--num_epochs", 1)
+    assert train_deep_globe.main(["--mode", "1", *base]) == 0
+    assert train_deep_globe.main(["--mode", "2", "--path_g", "fpn_deepglobe_global.pth", *base]) == 0
+    assert train_deep_globe.main(["--mode", "3", "--path_g", "fpn_deepglobe_global.pth",
+                                  "--path_g2l", "fpn_deepglobe_global2local.pth", *base]) == 0
+
+
+@pytest.fixture
+def models_dir(tmp_path) -> Path:
+    return tmp_path / "models"
+
+
+def test_checkpoint_of_another_n_class(data, tmp_path, models_dir, capsys):
+    save_weights(GLNet(2, "resnet18"), models_dir / "g.pth")
+    _fails(capsys, _args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "n_class=2")
+
+
+def test_checkpoint_of_another_architecture(data, tmp_path, models_dir, capsys):
+    save_weights(GLNet(7, "resnet18"), models_dir / "g.pth")
+    argv = _args(data, tmp_path, "--mode", 2, "--path_g", "g.pth")
+    argv[argv.index("--backbone") + 1] = "resnet50"
+    _fails(capsys, argv, "g.pth", "does not match the model", "mis-shaped keys")
+
+
+def test_not_a_checkpoint(data, tmp_path, models_dir, capsys):
+    models_dir.mkdir()
+    (models_dir / "g.pth").write_text("hello")
+    _fails(capsys, _args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "not a readable PyTorch checkpoint")
+
+
+def test_stage_started_without_the_previous_stage(data, tmp_path, capsys):
+    _fails(capsys, _args(data, tmp_path, "--mode", 2), "needs --path_g", "stage 1")
+    _fails(capsys, _args(data, tmp_path, "--mode", 2, "--path_g", "fpn_deepglobe_global.pth"),
+           "fpn_deepglobe_global.pth: not found", "run that stage first")
+    _fails(capsys, _args(data, tmp_path, "--mode", 3, "--evaluation", "--path_g", "a.pth", "--path_g2l", "b.pth"),
+           "needs --path_l2g")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--size_g", "510"], "--size_g 510 must be a multiple of 4"),
+        (["--sub_batch_size", "0"], "--sub_batch_size must be at least 1"),
+        (["--size_p", "48"], "--size_p must be larger than 50"),
+        (["--test"], "--test selects the split to evaluate; add --evaluation"),
+        (["--n_class", "3"], "--n_class 3 does not match the class table (7 classes)"),
+    ],
+)
+def test_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
+    _fails(capsys, _args(data, tmp_path, *flags), fragment)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+    argv = _args(data, tmp_path, "--num_epochs", 1)
+    assert train_deep_globe.main(argv) == 0
+    best, last = tmp_path / "models" / "fpn_deepglobe_global.pth", tmp_path / "models" / "fpn_deepglobe_global.last.pth"
+    before = _digest(best), _digest(last)
+
+    monkeypatch.setattr(models.stages, "focal_loss", lambda logits, target: logits.sum() * math.nan)
+    _fails(capsys, argv[:-2] + ["--num_epochs", "3", "--resume"], "loss became nan at epoch 2, batch 1",
+           "checkpoints from earlier epochs are untouched")
+    assert (_digest(best), _digest(last)) == before
+
+
+def test_existing_run_is_never_overwritten_silently(data, tmp_path, capsys):
+    argv = _args(data, tmp_path, "--num_epochs", 1)
+    assert train_deep_globe.main(argv) == 0
+    _fails(capsys, argv, "fpn_deepglobe_global.pth", "already exist", "--resume", "--task_name")
+    _fails(capsys, _args(data, tmp_path, "--task_name", "other", "--resume"), "other.last.pth not found")
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
+    path = tmp_path / "state.pth"
+    script = (
+        "import sys, torch; sys.path.insert(0, '.');"
+        "from utils.checkpoint import atomic_save;"
+        "t = torch.arange(8_000_000, dtype=torch.float32);"
+        f"atomic_save(t, {str(path)!r}); print('ready', flush=True)\n"
+        f"while True: atomic_save(t, {str(path)!r})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    for delay in (0.05, 0.13, 0.21):
+        time.sleep(delay)
+        assert torch.equal(read_file(path), torch.arange(8_000_000, dtype=torch.float32))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.equal(read_file(path), torch.arange(8_000_000, dtype=torch.float32))
+
+
+def test_sigkilled_training_resumes_to_the_uninterrupted_weights(data, tmp_path):
+    args = ["--num_epochs", "4", "--lr", "1e-3"]
+    straight = tmp_path / "straight"
+    assert train_deep_globe.main(_args(data, straight, *args)) == 0
+
+    killed = tmp_path / "killed"
+    last = killed / "models" / "fpn_deepglobe_global.last.pth"
+    proc = subprocess.Popen([sys.executable, "train_deep_globe.py", *_args(data, killed, *args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    # Somewhere in epoch 2, possibly while its checkpoints are being written.
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_file(last)["epoch"] in (0, 1, 2)
+    assert train_deep_globe.main(_args(data, killed, *args, "--resume")) == 0
+    for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.last.pth"):
+        a, b = read_state_dict(straight / "models" / name), read_state_dict(killed / "models" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
