@@ -1,0 +1,262 @@
+"""The stage runner (models/stages.py) on a small ResNet-18 GLNet: what learns in each
+stage, what BatchNorm statistics move, evaluation independent of the sub-batch size, the
+loss bookkeeping, and the errors for impossible calls."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICES
+from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
+from models.stages import STAGES, Batch, Stage, StageResult, run_stage, set_branch_modes
+from utils.patches import PatchGrid
+
+N_CLASS = 4
+IMAGE = (66, 70)  # a 2 x 2 grid of 64 px patches
+SIZE_G = (64, 64)
+SIZE_P = (64, 64)
+SUB_BATCH = 2
+
+
+def _model(seed: int = 0, device: str = "cpu") -> GLNet:
+    torch.manual_seed(seed)
+    return GLNet(N_CLASS, backbone="resnet18").to(device)
+
+
+def _frozen(device: str = "cpu") -> GlobalBranch:
+    torch.manual_seed(100)
+    return GlobalBranch(N_CLASS, backbone="resnet18").to(device).eval()
+
+
+def _batch(sizes=(IMAGE,), labels: bool = True, device: str = "cpu", seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, *s, generator=g).to(device) for s in sizes]
+    global_images = torch.rand(len(sizes), 3, *SIZE_G, generator=g).to(device)
+    label_maps = [torch.randint(0, N_CLASS, s, generator=g).to(device) for s in sizes] if labels else None
+    return Batch(images, global_images, label_maps)
+
+
+def _run(stage: Stage, model: GLNet, batch: Batch, device: str = "cpu", **kwargs) -> StageResult:
+    kwargs.setdefault("sub_batch_size", SUB_BATCH)
+    frozen = kwargs.pop("frozen_global", _frozen(device))
+    return run_stage(stage, model, batch, patch_size=SIZE_P, frozen_global=frozen, **kwargs)
+
+
+def _learns(stage: Stage, name: str) -> bool:
+    """Whether a parameter gets a gradient in a stage, from its name alone."""
+    group, layer = name.split(".")[:2]
+    ext_layer = layer.endswith("_ext") or layer == "smooth"  # the global head's context set
+    if stage is Stage.GLOBAL:
+        return group == "resnet_global" or (group == "fpn_global" and not ext_layer)
+    if stage is Stage.GLOBAL2LOCAL:
+        return group in ("resnet_local", "fpn_local", "ensemble_conv")
+    return group in ("resnet_global", "ensemble_conv") or (group == "fpn_global" and (ext_layer or layer == "classify"))
+
+
+def _n_sub_batches() -> int:
+    return len(PatchGrid.build(IMAGE, SIZE_P).batches(SUB_BATCH))
+
+
+# --------------------------------------------------------------------------- what learns
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stage", list(Stage))
+def test_gradients_reach_exactly_the_learning_parameters(stage, device):
+    model = _model(device=device)
+    set_branch_modes(model, stage, training=True)
+    _run(stage, model, _batch(device=device), device, backward=True)
+    learning = set()
+    for name, p in model.named_parameters():
+        if _learns(stage, name):
+            assert p.grad is not None, f"no gradient for {name}"
+            assert torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
+            learning.add(name.split(".")[0])
+        else:
+            assert p.grad is None, f"unexpected gradient for {name}"
+    # Whatever learns belongs to a group the stage trains (those get lr > 0).
+    assert learning <= set(STAGES[stage].trains)
+    assert learning == set(STAGES[stage].trains) - ({"ensemble_conv"} if stage is Stage.GLOBAL else set())
+
+
+def test_set_branch_modes():
+    model = _model()
+    for stage in Stage:
+        set_branch_modes(model, stage, training=True)
+        for name in BRANCH_GROUPS:
+            module = getattr(model, name)
+            expected = name in STAGES[stage].trains
+            assert all(m.training == expected for m in module.modules()), (stage, name)
+        set_branch_modes(model, stage, training=False)
+        assert not any(m.training for child in model.children() for m in child.modules())
+
+
+def _bn_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_batchnorm_statistics_move_only_in_the_trained_backbone(stage):
+    model, frozen = _model(), _frozen()
+    before = {name: _bn_state(getattr(model, name)) for name in ("resnet_global", "resnet_local")}
+    frozen_before = _bn_state(frozen)
+    set_branch_modes(model, stage, training=True)
+    _run(stage, model, _batch(), frozen_global=frozen, backward=True)
+
+    trained = "resnet_local" if stage is Stage.GLOBAL2LOCAL else "resnet_global"
+    # One BatchNorm update per forward through the trained backbone: once per batch for
+    # the global one, once per sub-batch of patches for the local one.
+    updates = _n_sub_batches() if stage is Stage.GLOBAL2LOCAL else 1
+    for name, old in before.items():
+        new = _bn_state(getattr(model, name))
+        for key, value in old.items():
+            if name != trained:
+                assert torch.equal(new[key], value), f"{name}.{key} changed"
+            elif key.endswith("num_batches_tracked"):
+                assert new[key].item() == value.item() + updates, f"{name}.{key}"
+            else:
+                assert not torch.equal(new[key], value), f"{name}.{key} did not change"
+    for key, value in _bn_state(frozen).items():
+        assert torch.equal(value, frozen_before[key]), f"frozen {key} changed"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("stage", [Stage.GLOBAL2LOCAL, Stage.LOCAL2GLOBAL])
+def test_evaluation_does_not_depend_on_the_sub_batch_size(stage):
+    model, frozen, batch = _model(), _frozen(), _batch(sizes=(IMAGE, (50, 80)))
+    set_branch_modes(model, stage, training=False)
+    results = []
+    for size in (1, 2, 5):
+        with torch.inference_mode():
+            results.append(_run(stage, model, batch, frozen_global=frozen, sub_batch_size=size))
+    first = results[0]
+    for res in results[1:]:
+        for a, b in zip(first.images, res.images):
+            # Equal up to float noise: the CPU's conv kernels sum in a batch-size dependent
+            # order (~1e-7 here); BatchNorm using batch statistics would be off by far more.
+            for field in ("global_logits", "local_logits", "ensemble_logits"):
+                torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-6, msg=field)
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_evaluation_with_labels_scores_without_gradients(stage):
+    model = _model()
+    set_branch_modes(model, stage, training=False)
+    res = _run(stage, model, _batch())  # no inference_mode: backward=False alone must not train
+    assert res.criteria and all(math.isfinite(c) and c > 0 for c in res.criteria)
+    assert math.isfinite(res.loss)
+    assert all(p.grad is None for p in model.parameters())
+    with torch.inference_mode():
+        again = _run(stage, model, _batch())
+    assert again.criteria == pytest.approx(res.criteria, rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_evaluation_without_labels_has_no_losses(stage):
+    model = _model()
+    set_branch_modes(model, stage, training=False)
+    with torch.inference_mode():
+        res = _run(stage, model, _batch(labels=False))
+    assert res.criteria == [] and res.totals == [] and math.isnan(res.loss)
+    img = res.images[0]
+    assert img.global_logits.shape == (1, N_CLASS, 16, 16)
+    if stage is Stage.GLOBAL:
+        assert img.grid is None and img.local_logits is None and img.ensemble_logits is None
+    else:
+        n = len(PatchGrid.build(IMAGE, SIZE_P))
+        assert len(img.grid) == n
+        assert img.local_logits.shape == img.ensemble_logits.shape == (n, N_CLASS, 16, 16)
+
+
+# --------------------------------------------------------------------------- loss bookkeeping
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_loss_terms(stage):
+    model = _model()
+    set_branch_modes(model, stage, training=True)
+    res = _run(stage, model, _batch(), backward=True)
+    n_sub = _n_sub_batches()
+    assert res.loss == pytest.approx(sum(res.totals) / len(res.totals), rel=1e-12)
+    if stage is Stage.GLOBAL:
+        assert len(res.criteria) == len(res.totals) == 1 and res.totals == res.criteria
+        assert res.fmreg == []
+    elif stage is Stage.GLOBAL2LOCAL:
+        # Per sub-batch: focal(local), focal(ensemble); total = both + 0.15 * fmreg.
+        assert len(res.criteria) == 2 * n_sub and len(res.totals) == len(res.fmreg) == n_sub
+        for j, total in enumerate(res.totals):
+            local, ens = res.criteria[2 * j : 2 * j + 2]
+            assert total == pytest.approx(local + ens + 0.15 * res.fmreg[j], rel=1e-5)
+            assert res.fmreg[j] > 0
+    else:
+        # focal(global), then focal(ensemble) per sub-batch; no fmreg in stage 3.
+        assert len(res.criteria) == len(res.totals) == 1 + n_sub and res.totals == res.criteria
+        assert res.fmreg == []
+
+
+def test_fmreg_weight_is_an_argument():
+    batch = _batch()
+    totals = {}
+    for lamb in (0.0, 1.0):
+        model = _model()
+        set_branch_modes(model, Stage.GLOBAL2LOCAL, training=True)
+        res = _run(Stage.GLOBAL2LOCAL, model, batch, backward=True, lamb_fmreg=lamb)
+        totals[lamb] = res.totals
+        for j, total in enumerate(res.totals):
+            assert total == pytest.approx(res.criteria[2 * j] + res.criteria[2 * j + 1] + lamb * res.fmreg[j], rel=1e-5)
+    assert totals[0.0] != totals[1.0]
+
+
+def test_stage_result_loss_is_the_mean_of_totals():
+    assert StageResult(images=[], totals=[1.0, 2.0, 6.0]).loss == 3.0
+    assert math.isnan(StageResult(images=[]).loss)
+
+
+# --------------------------------------------------------------------------- errors and batches
+
+
+def test_stage3_needs_the_frozen_global_branch():
+    with pytest.raises(ValueError, match="frozen"):
+        _run(Stage.LOCAL2GLOBAL, _model(), _batch(), frozen_global=None)
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_backward_needs_labels(stage):
+    model = _model()
+    with pytest.raises(ValueError, match="labels"):
+        _run(stage, model, _batch(labels=False), backward=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("stage", list(Stage))
+def test_batch_of_images_of_different_sizes(stage, backward):
+    # The second image is shorter than a patch: one row of patches 50 px high.
+    sizes = (IMAGE, (50, 80))
+    model = _model()
+    set_branch_modes(model, stage, training=backward)
+    with torch.inference_mode(not backward):
+        res = _run(stage, model, _batch(sizes=sizes), backward=backward)
+    assert len(res.images) == 2
+    assert all(math.isfinite(c) for c in res.criteria) and res.criteria
+    for img, size in zip(res.images, sizes):
+        assert img.global_logits.shape == (1, N_CLASS, 16, 16)
+        if stage is Stage.GLOBAL:
+            continue
+        grid = PatchGrid.build(size, SIZE_P)
+        assert img.grid == grid
+        h, w = (-(-s // 4) for s in grid.patch_size)  # stride 4, rounding up
+        assert img.local_logits.shape == img.ensemble_logits.shape == (len(grid), N_CLASS, h, w)
+    if stage is not Stage.GLOBAL:
+        assert res.images[1].grid.patch_size == (50, 64)
+        n_sub = sum(len(PatchGrid.build(s, SIZE_P).batches(SUB_BATCH)) for s in sizes)
+        assert len(res.totals) == (n_sub if stage is Stage.GLOBAL2LOCAL else n_sub + 1)
+    if backward:
+        grads = [p.grad for n, p in model.named_parameters() if _learns(stage, n)]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
