@@ -147,9 +147,12 @@ def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size:
 
 def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: Sequence[int]) -> Tensor:
     """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place."""
-    for i, patch_map in zip(indices, patch_maps):
-        t, l, h, w = grid.cell_box(i, canvas.shape[-2:])
-        canvas[0, :, t : t + h, l : l + w] += resize(patch_map[None], (h, w))[0]
+    boxes = [grid.cell_box(i, canvas.shape[-2:]) for i in indices]
+    sizes = {(h, w) for _, _, h, w in boxes}
+    # Boxes share one size except where the map's edge cut one short: resize together.
+    resized = {size: resize(patch_maps, size) for size in sizes}
+    for k, (t, l, h, w) in enumerate(boxes):
+        canvas[0, :, t : t + h, l : l + w] += resized[(h, w)][k]
     return canvas
 
 
