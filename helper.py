@@ -24,6 +24,7 @@ from utils.metrics import ConfusionMatrix
 from utils.patches import merge_argmax, merge_logits, upsample_argmax
 from utils.resample import nearest_indices
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_DECAY = 5e-4
 POLY_POWER = 0.9
 
@@ -124,6 +125,14 @@ def _required(paths: dict[str, Optional[Path]], flag: str, stage: Stage, trainin
             "inside --model_path)"
         )
     return path
+
+
+def use_channels_last(*nets: Optional[torch.nn.Module]) -> None:
+    """Convert weights to channels-last (NHWC), which cuDNN convolves faster with tensor
+    cores; activations follow the weights' format."""
+    for net in nets:
+        if net is not None:
+            net.to(memory_format=torch.channels_last)
 
 
 def build_optimizer(model: GLNet, stage: Stage, lr: float) -> torch.optim.Adam:

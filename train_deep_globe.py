@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mask_kind", choices=["ids", "colours"], default="ids", help="masks hold class ids or class colours")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50",
       help="resnet50 is GLNet; resnet18 only for quick experiments and tests")
+    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None,
+      help="autocast on CUDA: bf16 (training and evaluation) or fp16 (evaluation)")
+    a("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    a("--checkpointing", action="store_true",
+      help="activation checkpointing of the FPN heads in training: less memory, some recomputation")
     return p
 
 
@@ -118,6 +123,13 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         problems.append("--resume continues training; it cannot be combined with --evaluation")
     if args.test and not args.evaluation:
         problems.append("--test selects the split to evaluate; add --evaluation")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.amp is not None and device.type != "cuda":
+        problems.append(f"--amp {args.amp} needs a CUDA device, got --device {args.device}; drop --amp on the CPU")
+    if args.amp == "fp16" and not args.evaluation:
+        problems.append("--amp fp16 is for evaluation; train with --amp bf16 (it needs no loss scaling)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -378,8 +390,11 @@ def run(args: argparse.Namespace) -> int:
             backbone=args.backbone,
             device=device,
         )
+        model.checkpoint_fpn = args.checkpointing
+        if args.channels_last:
+            helper.use_channels_last(model, frozen)
         session = helper.Session(stage, model, frozen, table, args.size_g, args.size_p, args.sub_batch_size,
-                                 args.lamb_fmreg, device, info)
+                                 args.lamb_fmreg, device, info, helper.AMP_DTYPES.get(args.amp))
         log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
         log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
                  f"with {helper.environment_summary(device)}")

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.backbone import ResNetBackbone
 from models.fpn import FPN, Context, FPNOutput, Levels
@@ -96,6 +97,15 @@ def normalise_context(canvases: Context, grid: PatchGrid) -> Context:
 class _GlobalBranchMixin:
     resnet_global: ResNetBackbone
     fpn_global: FPN
+    # Recompute FPN activations during backward instead of storing them. Only the FPN
+    # heads (no BatchNorm, whose running statistics a recomputation would update twice)
+    # and they hold most of the training memory: 1024-channel maps at stride 4.
+    checkpoint_fpn: bool = False
+
+    def _fpn(self, fpn: FPN, c: Levels, context: Optional[Context]) -> FPNOutput:
+        if self.checkpoint_fpn and torch.is_grad_enabled():
+            return checkpoint(fpn, c, context, use_reentrant=False)
+        return fpn(c, context)
 
     def global_branch(self, images: Tensor, context: Optional[Context] = None) -> BranchOutput:
         """Global images (B, 3, Hg, Wg) -> logits at (Hg/4, Wg/4).
@@ -103,7 +113,7 @@ class _GlobalBranchMixin:
         context: merged local features (stage 3), which switch the head to its `_ext` layers.
         """
         c = self.resnet_global(images)
-        return BranchOutput(c, self.fpn_global(c, context))
+        return BranchOutput(c, self._fpn(self.fpn_global, c, context))
 
 
 class GLNet(_GlobalBranchMixin, nn.Module):
@@ -129,7 +139,7 @@ class GLNet(_GlobalBranchMixin, nn.Module):
         """Patches (n, 3, ph, pw) of one image, with that image's global features
         (batch of one) as context, cropped at each patch."""
         c = self.resnet_local(patches)
-        return BranchOutput(c, self.fpn_local(c, crop_context(global_out, grid, indices, c)))
+        return BranchOutput(c, self._fpn(self.fpn_local, c, crop_context(global_out, grid, indices, c)))
 
     # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its
     # input channels, so it splits into a local term and a global term. Stage 3 evaluation
