@@ -4,8 +4,9 @@ Every failure caused by the files themselves is a DataError naming the file.
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -46,6 +47,26 @@ def open_image(path: PathLike) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({error}); the file is truncated or corrupt, re-download or re-export it") from None
 
 
+def png_significant_bits(path: PathLike) -> Optional[int]:
+    """The grey channel's significant bits a PNG declares (its sBIT chunk), or None.
+
+    Pillow does not expose sBIT, so the chunks before the image data are read here.
+    """
+    with open(path, "rb") as file:
+        if file.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            header = file.read(8)
+            if len(header) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"sBIT":
+                return file.read(length)[0]
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            file.seek(length + 4, 1)  # the chunk's data and CRC
+
+
 def read_image(path: PathLike) -> Tensor:
     """Read an image as three channels.
 
@@ -54,12 +75,14 @@ def read_image(path: PathLike) -> Tensor:
     Args:
         path: the image file.
     Returns:
-        (3, H, W) uint8 for 8-bit sources, or float32 in [0, 1] for 16-bit grey
-        (divided by 65535) -- see dataset.transforms.to_unit_float.
+        (3, H, W) uint8 for 8-bit sources, or float32 in [0, 1] for 16-bit grey, divided
+        by 2**bits - 1 where bits is the depth the PNG declares in its sBIT chunk (12-bit
+        X-rays are often stored so), else by 65535 -- see dataset.transforms.to_unit_float.
     """
     image = open_image(path)
     if image.mode in SIXTEEN_BIT_MODES:
-        grey = torch.from_numpy(np.asarray(image, dtype=np.float32) / 65535.0)
+        top = 2 ** (png_significant_bits(path) or 16) - 1
+        grey = torch.from_numpy(np.asarray(image, dtype=np.float32) / top).clamp_(0.0, 1.0)
         return grey.expand(3, -1, -1).contiguous()
     if image.mode not in EIGHT_BIT_MODES:
         raise DataError(f"{path}: unsupported pixel format {image.mode!r}; save it as an 8-bit RGB/grey or 16-bit grey PNG")

@@ -1,5 +1,7 @@
 """Class tables, image and mask reading, paired augmentation, layouts and the dataset."""
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ from PIL import Image
 
 from dataset.classes import DEEPGLOBE, LUNG, load_class_table
 from dataset.errors import DataError
-from dataset.io import read_image, read_mask, write_label
+from dataset.io import png_significant_bits, read_image, read_mask, write_label
 from dataset.layouts import deep_globe_samples, folder_samples
 from dataset.segmentation import SegmentationDataset, build_dataset, collate
 from dataset.transforms import augment
@@ -335,3 +337,20 @@ def test_dataloader_workers_collate_and_match_indexing(tmp_path):
 def test_dataset_rejects_negative_seed():
     with pytest.raises(ValueError, match="non-negative"):
         SegmentationDataset([], DEEPGLOBE, seed=-1)
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """The PNG with an sBIT chunk (significant bits of the grey channel) after IHDR."""
+    ihdr_end = 8 + 8 + 13 + 4
+    chunk = b"sBIT" + bytes([bits])
+    return png[:ihdr_end] + struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[ihdr_end:]
+
+
+def test_sixteen_bit_png_declaring_twelve_bits_is_scaled_by_4095(tmp_path):
+    values = (np.arange(12).reshape(3, 4) * 372).astype(np.uint16)  # up to 4092: 12-bit data
+    Image.fromarray(values).save(tmp_path / "plain.png")
+    (tmp_path / "sbit.png").write_bytes(_with_sbit((tmp_path / "plain.png").read_bytes(), 12))
+    assert png_significant_bits(tmp_path / "plain.png") is None
+    assert png_significant_bits(tmp_path / "sbit.png") == 12
+    np.testing.assert_allclose(read_image(tmp_path / "plain.png")[0].numpy(), values / 65535, rtol=1e-6)
+    np.testing.assert_allclose(read_image(tmp_path / "sbit.png")[0].numpy(), values / 4095, rtol=1e-6)
