@@ -3,13 +3,14 @@
 # as in the paper. Add --test to predict and score the test split, --tta for test-time
 # augmentation, --save_predictions DIR for colour PNGs.
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
+# (relative overrides are taken from the current directory).
 set -euo pipefail
-cd "$(dirname "$0")"
-python train_deep_globe.py \
+here="$(cd "$(dirname "$0")" && pwd)"
+python "$here/train_deep_globe.py" \
     --n_class 7 \
-    --data_path "${DATA:-data/deep_globe}" \
-    --model_path "${MODELS:-saved_models}" \
-    --log_path "${LOGS:-runs}" \
+    --data_path "${DATA:-$here/data/deep_globe}" \
+    --model_path "${MODELS:-$here/saved_models}" \
+    --log_path "${LOGS:-$here/runs}" \
     --task_name "fpn_deepglobe_local2global" \
     --mode 3 \
     --evaluation \

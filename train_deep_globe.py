@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import helper
-from dataset.classes import ClassTable, load_class_table
+from dataset.classes import NAMED_TABLES, ClassTable, load_class_table
 from dataset.errors import DataError
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_predictions", default=None, metavar="DIR", help="write a colour PNG per evaluated image")
     a("--test", action="store_true", help="evaluate the test split (scored where it has labels)")
     a("--dataset", choices=["deep_globe", "folder"], default="deep_globe", help="data layout (see README)")
-    a("--classes", default=None, help="class table JSON (default: DeepGlobe's 7 classes)")
+    a("--classes", default=None, help="class table: a JSON file, or deep_globe / lung (default: the dataset's own)")
     a("--mask_kind", choices=["ids", "colours"], default="ids", help="masks hold class ids or class colours")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50",
       help="resnet50 is GLNet; resnet18 only for quick experiments and tests")
@@ -270,6 +270,8 @@ def seed_everything(seed: int) -> None:
 
 
 def load_table(args: argparse.Namespace) -> ClassTable:
+    if args.classes in NAMED_TABLES:
+        return NAMED_TABLES[args.classes]
     if args.classes:
         return load_class_table(args.classes)
     table = PRESETS[args.dataset].table

@@ -2,14 +2,15 @@
 # Stage 2: the local branch on full-resolution patches, with the stage-1 global branch
 # (--path_g, written by train_deep_globe_global.sh) as frozen context.
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
+# (relative overrides are taken from the current directory).
 # Extra arguments are passed on to train_deep_globe.py.
 set -euo pipefail
-cd "$(dirname "$0")"
-python train_deep_globe.py \
+here="$(cd "$(dirname "$0")" && pwd)"
+python "$here/train_deep_globe.py" \
     --n_class 7 \
-    --data_path "${DATA:-data/deep_globe}" \
-    --model_path "${MODELS:-saved_models}" \
-    --log_path "${LOGS:-runs}" \
+    --data_path "${DATA:-$here/data/deep_globe}" \
+    --model_path "${MODELS:-$here/saved_models}" \
+    --log_path "${LOGS:-$here/runs}" \
     --task_name "fpn_deepglobe_global2local" \
     --mode 2 \
     --batch_size 6 \

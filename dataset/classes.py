@@ -106,6 +106,8 @@ DEEPGLOBE = ClassTable(
     ignore_in_metric=(0,),
 )
 LUNG = ClassTable(names=("background", "lung"), colours=((0, 0, 0), (255, 255, 255)))
+# Tables a command line can name instead of giving a JSON file.
+NAMED_TABLES = {"deep_globe": DEEPGLOBE, "lung": LUNG}
 
 
 def load_class_table(path: Union[str, Path]) -> ClassTable:

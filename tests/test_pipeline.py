@@ -128,9 +128,9 @@ def _script_args(script: Path) -> list[str]:
     """The arguments a .sh script passes to train_deep_globe.py, with the environment
     defaults it documents substituted."""
     text = script.read_text().replace("\\\n", " ")
-    line = next(l for l in text.splitlines() if l.startswith("python train_deep_globe.py"))
-    words = shlex.split(line.split("train_deep_globe.py", 1)[1])
-    words = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", w) for w in words if w != "$@"]
+    line = next(l for l in text.splitlines() if l.startswith("python "))
+    words = shlex.split(line.split('train_deep_globe.py"', 1)[1])
+    words = [re.sub(r"\$\{\w+:-\$here/([^}]*)\}", r"\1", w) for w in words if w != "$@"]
     return words
 
 
