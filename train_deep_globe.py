@@ -46,8 +46,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones (None, off) that the help text explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     a = p.add_argument
     # The authors' flags, same meaning and defaults.
     a("--n_class", type=int, default=None, help="number of classes (default: from the class table; 7 for DeepGlobe)")
