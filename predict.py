@@ -29,6 +29,8 @@ from models.stages import STAGES, Stage
 from train_deep_globe import USER_ERRORS, ConfigError, checkpoint_paths, load_table, parse_size, user_message
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The checkpoint flags (the trainer's names) and the stage whose training writes each file.
+CHECKPOINT_FLAGS = {"path_g": Stage.GLOBAL, "path_g2l": Stage.GLOBAL2LOCAL, "path_l2g": Stage.LOCAL2GLOBAL}
 
 
 def default_checkpoint(stage: Stage) -> str:
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mode", type=int, choices=[1, 2, 3], default=3, help="stage whose weights predict: 1 global, 2 global-to-local, "
       "3 local-to-global (GLNet) (default: 3)")
     a("--model_path", default="saved_models", help="folder of the checkpoints; --path_* names are taken inside it")
-    for stage, flag in ((Stage.GLOBAL, "path_g"), (Stage.GLOBAL2LOCAL, "path_g2l"), (Stage.LOCAL2GLOBAL, "path_l2g")):
+    for flag, stage in CHECKPOINT_FLAGS.items():
         a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size the model was trained with: N or H,W")
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size the model was trained with: N or H,W")

@@ -35,7 +35,7 @@ from dataset.make_demo import make_deep_globe_demo  # noqa: E402
 from dataset.transforms import global_image  # noqa: E402
 from models.glnet import GLNet, GlobalBranch  # noqa: E402
 from models.stages import STAGES, Batch, Stage, set_branch_modes  # noqa: E402
-from predict import AMP_DTYPES, default_checkpoint, make_session, predict_image  # noqa: E402
+from predict import AMP_DTYPES, CHECKPOINT_FLAGS, default_checkpoint, make_session, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
 from train_deep_globe import parse_size  # noqa: E402
@@ -240,14 +240,12 @@ def write_cli_inputs(folder: Path, size: int, backbone: str) -> tuple[Path, Path
 
 def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
     """The evaluation command line of eval_deep_globe.sh, on the case's settings."""
-    paths = {flag: default_checkpoint(stage) for flag, stage in
-             (("--path_g", Stage.GLOBAL), ("--path_g2l", Stage.GLOBAL2LOCAL), ("--path_l2g", Stage.LOCAL2GLOBAL))}
     cmd = [sys.executable, str(ROOT / "train_deep_globe.py"), "--evaluation", "--mode", str(case.mode),
            "--data_path", str(data), "--model_path", str(models), "--log_path", str(logs),
            "--sub_batch_size", str(case.sub_batch_size), "--size_g", "{},{}".format(*case.size_g),
            "--size_p", "{},{}".format(*case.size_p), "--device", case.device, "--backbone", case.backbone]
-    for flag, name in paths.items():
-        cmd += [flag, name]
+    for flag, stage in CHECKPOINT_FLAGS.items():
+        cmd += [f"--{flag}", default_checkpoint(stage)]
     return cmd
 
 
