@@ -204,7 +204,7 @@ def test_modules_hold_no_activations_after_forwards():
     model = _small()
     frozen = GlobalBranch(N_CLASS, backbone="resnet18")
     before = {name: set(vars(m)) for name, m in model.named_modules()}
-    image, label = torch.rand(3, 70, 90), torch.randint(0, N_CLASS, (70, 90))
+    image, label = torch.rand(3, 66, 70), torch.randint(0, N_CLASS, (66, 70))
     batch = Batch([image], torch.rand(1, 3, 64, 64), [label])
     for stage in Stage:
         model.train()
@@ -222,7 +222,7 @@ def test_modules_hold_no_activations_after_forwards():
 def test_repeated_calls_give_identical_outputs(device):
     model = _small().to(device).eval()
     frozen = GlobalBranch(N_CLASS, backbone="resnet18").to(device).eval()
-    batch = Batch([torch.rand(3, 70, 90, device=device)], torch.rand(1, 3, 64, 64, device=device))
+    batch = Batch([torch.rand(3, 66, 70, device=device)], torch.rand(1, 3, 64, 64, device=device))
     for stage in Stage:
         with torch.inference_mode():
             a, b = (run_stage(stage, model, batch, patch_size=(64, 64), sub_batch_size=4, frozen_global=frozen)
