@@ -179,20 +179,12 @@ def run_stage(
             glob = model.global_branch(batch.global_images)
         for i, (image, label, grid) in enumerate(zip(batch.images, labels, grids)):
             context = glob.image(i)
-            local_logits, ensemble_logits = [], []
-            for idx in grid.batches(sub_batch_size):
-                local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
-                ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, idx)
-                target = _patch_targets(label, grid, idx, local.logits.shape[-2:])
-                fmreg = fmreg_loss(local.ps3, crop)
-                result.fmreg.append(fmreg.item())
-                loss_local, loss_ens = losses.focal(local.logits, target), losses.focal(ensemble, target)
-                losses.step(None if target is None else loss_local + loss_ens + lamb_fmreg * fmreg)
-                local_logits.append(local.logits.detach())
-                ensemble_logits.append(ensemble.detach())
-            result.images.append(
-                ImageResult(glob.logits[i : i + 1], grid, torch.cat(local_logits), torch.cat(ensemble_logits))
-            )
+            outputs = [
+                _global2local_step(model, image, label, grid, idx, context, losses, lamb_fmreg)
+                for idx in grid.batches(sub_batch_size)
+            ]
+            local_logits, ensemble_logits = (torch.cat(o) for o in zip(*outputs))
+            result.images.append(ImageResult(glob.logits[i : i + 1], grid, local_logits, ensemble_logits))
         return result
 
     # Stage 3: local features (with the frozen stage-1 global context) feed the global branch.
@@ -202,14 +194,10 @@ def run_stage(
         for i, (image, grid) in enumerate(zip(batch.images, grids)):
             context = fixed.image(i)
             canvases = empty_context(context.context())
-            terms, logits = [], []
-            for idx in grid.batches(sub_batch_size):
-                local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
-                paste_context(canvases, local.context(), grid, idx)
-                # Training needs ps3 itself (ensemble_conv's local half learns); evaluation
-                # only ever needs its n_class-channel local term.
-                terms.append(local.ps3 if backward else model.ensemble_local_term(local.ps3))
-                logits.append(local.logits)
+            terms, logits = zip(
+                *(_local2global_pass(model, image, grid, idx, context, canvases, keep_ps3=backward)
+                  for idx in grid.batches(sub_batch_size))
+            )
             merged.append(normalise_context(canvases, grid))
             kept.append(terms)
             local_logits.append(torch.cat(logits))
@@ -228,6 +216,42 @@ def run_stage(
             ImageResult(glob.logits[i : i + 1].detach(), grid, local_logits[i], torch.cat(ensemble_logits))
         )
     return result
+
+
+# The per-sub-batch steps are functions so that a sub-batch's activations are freed when
+# it is done, not kept alive by loop variables while the next one runs.
+def _global2local_step(
+    model: GLNet,
+    image: Tensor,
+    label: Optional[Tensor],
+    grid: PatchGrid,
+    idx: range,
+    context: BranchOutput,
+    losses: _Losses,
+    lamb_fmreg: float,
+) -> tuple[Tensor, Tensor]:
+    """Stage 2 on one sub-batch: local and ensemble logits; the loss is backpropagated
+    (when training) before returning."""
+    local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
+    ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, idx)
+    target = _patch_targets(label, grid, idx, local.logits.shape[-2:])
+    fmreg = fmreg_loss(local.ps3, crop)
+    losses.result.fmreg.append(fmreg.item())
+    loss_local, loss_ens = losses.focal(local.logits, target), losses.focal(ensemble, target)
+    losses.step(None if target is None else loss_local + loss_ens + lamb_fmreg * fmreg)
+    return local.logits.detach(), ensemble.detach()
+
+
+def _local2global_pass(
+    model: GLNet, image: Tensor, grid: PatchGrid, idx: range, context: BranchOutput, canvases: Context, keep_ps3: bool
+) -> tuple[Tensor, Tensor]:
+    """Stage 3's local pass on one sub-batch: its features are pasted into the canvases;
+    returns what the ensemble needs later and the local logits. Training keeps ps3
+    itself (ensemble_conv's local half learns); evaluation only ever needs its
+    n_class-channel local term."""
+    local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
+    paste_context(canvases, local.context(), grid, idx)
+    return (local.ps3 if keep_ps3 else model.ensemble_local_term(local.ps3)), local.logits
 
 
 def _global_targets(labels: list[Optional[Tensor]], out: BranchOutput) -> Optional[Tensor]:
