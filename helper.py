@@ -183,24 +183,30 @@ class GlobalInput(torch.utils.data.Dataset):
 
 
 def predictions_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
-    """Class maps (H, W) of one image for each prediction kind."""
-    out = {"global": upsample_argmax(result.global_logits[0], size)}
-    if "local" in kinds:
-        out["local"] = merge_argmax(result.local_logits, result.grid)  # type: ignore[arg-type]
-        out["ensemble"] = merge_argmax(result.ensemble_logits, result.grid)  # type: ignore[arg-type]
-    return out
+    """Class maps (H, W) of one image for each of the given prediction kinds."""
+    return {kind: _class_map(result, kind, size) for kind in kinds}
+
+
+def _class_map(result: ImageResult, kind: str, size: Sequence[int]) -> Tensor:
+    if kind == "global":
+        return upsample_argmax(result.global_logits[0], size)
+    patch_logits = result.local_logits if kind == "local" else result.ensemble_logits
+    return merge_argmax(patch_logits, result.grid)  # type: ignore[arg-type]
 
 
 def _scores_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
     """Full-resolution summed logits (K, H, W) per kind; only test-time augmentation,
     which must map scores back before adding them, needs these."""
-    logits = result.global_logits[0]
-    rows = nearest_indices(int(size[0]), logits.shape[-2], logits.device)
-    cols = nearest_indices(int(size[1]), logits.shape[-1], logits.device)
-    out = {"global": logits.index_select(1, rows).index_select(2, cols)}
-    if "local" in kinds:
-        out["local"] = merge_logits(result.local_logits, result.grid)  # type: ignore[arg-type]
-        out["ensemble"] = merge_logits(result.ensemble_logits, result.grid)  # type: ignore[arg-type]
+    out = {}
+    for kind in kinds:
+        if kind == "global":
+            logits = result.global_logits[0]
+            rows = nearest_indices(int(size[0]), logits.shape[-2], logits.device)
+            cols = nearest_indices(int(size[1]), logits.shape[-1], logits.device)
+            out[kind] = logits.index_select(1, rows).index_select(2, cols)
+        else:
+            patch_logits = result.local_logits if kind == "local" else result.ensemble_logits
+            out[kind] = merge_logits(patch_logits, result.grid)  # type: ignore[arg-type]
     return out
 
 
@@ -217,14 +223,17 @@ def _untransform(x: Tensor, k: int, flip: bool) -> Tensor:
     return x.flip(-1) if flip else x
 
 
-def predict(session: Session, samples: dict[str, list[Any]], tta: bool = False) -> list[dict[str, Tensor]]:
-    """Class maps per image and prediction kind for a collated batch (no gradients).
+def predict(
+    session: Session, samples: dict[str, list[Any]], tta: bool = False, kinds: Optional[Sequence[str]] = None
+) -> list[dict[str, Tensor]]:
+    """Class maps per image and prediction kind (default: every kind the stage has) for a
+    collated batch (no gradients).
 
     With tta, the whole method runs on each of the eight flips/rotations of the full image
     (global image and patches both cut from the transformed image), and the logits, mapped
     back, are summed before the argmax.
     """
-    kinds = session.predictions
+    kinds = tuple(kinds or session.predictions)
     sizes = [tuple(img.shape[-2:]) for img in samples["image"]]
     if not tta:
         result = session.run(to_batch(samples, session.device, with_labels=False))

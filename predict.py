@@ -26,9 +26,8 @@ from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
 from models.stages import STAGES, Stage
-from train_deep_globe import USER_ERRORS, ConfigError, checkpoint_paths, load_table, parse_size, user_message
+from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size, user_message
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The checkpoint flags (the trainer's names) and the stage whose training writes each file.
 CHECKPOINT_FLAGS = {"path_g": Stage.GLOBAL, "path_g2l": Stage.GLOBAL2LOCAL, "path_l2g": Stage.LOCAL2GLOBAL}
 
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size the model was trained with: N or H,W")
     a("--sub_batch_size", type=int, default=6, help="patches per forward pass of the local branch (memory vs speed)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast to bf16 or fp16 (CUDA only)")
+    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast to bf16 or fp16 (CUDA only)")
     a("--channels_last", action="store_true", help="run the convolutions in channels-last memory format")
     a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower)")
     a("--classes", default=None, help="class table JSON (default: DeepGlobe's 7 classes)")
@@ -66,19 +65,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def as_trainer_args(args: argparse.Namespace) -> argparse.Namespace:
-    """predict's flags over the trainer's defaults. The flags both have mean the same, so
-    the trainer's own checks and class-table choice apply to predict unchanged."""
-    return argparse.Namespace(**{**vars(train_deep_globe.parse_args([])), **vars(args)})
+    """predict's flags over the trainer's evaluation defaults. The flags both have mean the
+    same, so the trainer's own checks and class-table choice apply to predict unchanged."""
+    return argparse.Namespace(**{**vars(train_deep_globe.parse_args(["--evaluation"])), **vars(args)})
 
 
 def check_args(args: argparse.Namespace, table: ClassTable) -> None:
     """Reject flag values that cannot work, with the fix."""
     train_deep_globe.check_args(as_trainer_args(args), table)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    if args.amp is not None and device.type != "cuda":
-        raise ConfigError(f"--amp {args.amp} needs a CUDA device, got --device {args.device}; drop --amp on the CPU")
 
 
 def find_images(path: Path) -> list[Path]:
@@ -98,14 +92,6 @@ def find_images(path: Path) -> list[Path]:
     return list(images.values())
 
 
-def use_channels_last(model: GLNet, frozen_global: Optional[GlobalBranch]) -> None:
-    """Convert the networks' weights to channels-last (NHWC), which cuDNN convolves faster
-    with tensor cores; activations follow the weights' format."""
-    for net in (model, frozen_global):
-        if net is not None:
-            net.to(memory_format=torch.channels_last)
-
-
 def make_session(
     stage: Stage,
     model: GLNet,
@@ -120,10 +106,10 @@ def make_session(
     if frozen_global is not None:
         frozen_global.to(device).eval()
     if args.channels_last:
-        use_channels_last(model, frozen_global)
+        helper.use_channels_last(model, frozen_global)
     # lamb_fmreg only weighs a training loss; prediction computes none.
     return helper.Session(stage, model, frozen_global, table, args.size_g, args.size_p, args.sub_batch_size,
-                          lamb_fmreg=0.0, device=device, amp=AMP_DTYPES.get(args.amp))
+                          lamb_fmreg=0.0, device=device, amp=helper.AMP_DTYPES.get(args.amp))
 
 
 def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session:
@@ -139,8 +125,8 @@ def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> 
     image (3, H, W), uint8 or float in [0, 1]: (H, W) int64 class ids on the session's device."""
     samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
     with torch.inference_mode():
-        predictions = helper.predict(session, samples, tta)[0]
-    return predictions[session.predictions[-1]]
+        final = session.predictions[-1]
+        return helper.predict(session, samples, tta, kinds=(final,))[0][final]
 
 
 def write_prediction(ids: Tensor, table: ClassTable, output: Path, stem: str) -> None:

@@ -35,7 +35,8 @@ from dataset.make_demo import make_deep_globe_demo  # noqa: E402
 from dataset.transforms import global_image  # noqa: E402
 from models.glnet import GLNet, GlobalBranch  # noqa: E402
 from models.stages import STAGES, Batch, Stage, set_branch_modes  # noqa: E402
-from predict import AMP_DTYPES, CHECKPOINT_FLAGS, default_checkpoint, make_session, predict_image  # noqa: E402
+from helper import AMP_DTYPES
+from predict import CHECKPOINT_FLAGS, default_checkpoint, make_session, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
 from train_deep_globe import parse_size  # noqa: E402
@@ -56,6 +57,7 @@ class Case:
     device: str = "cpu"
     amp: Optional[str] = None
     channels_last: bool = False
+    checkpointing: bool = False
     sub_batch_size: int = 6
     size_g: tuple[int, int] = (508, 508)
     size_p: tuple[int, int] = (508, 508)
@@ -126,14 +128,18 @@ def eval_step(session: helper.Session, image: torch.Tensor) -> Callable[[], None
     return lambda: predict_image(session, image)
 
 
-def train_step(session: helper.Session, image: torch.Tensor, generator: torch.Generator) -> Callable[[], None]:
-    """One optimizer step of the stage on the image with a random label map."""
+def train_step(
+    session: helper.Session, image: torch.Tensor, generator: torch.Generator, checkpointing: bool = False
+) -> Callable[[], None]:
+    """One optimizer step of the stage on the image with a random label map, optionally
+    with activation checkpointing of the FPN heads."""
     label = torch.randint(0, DEEPGLOBE.n_class, image.shape[-2:], generator=generator)
     batch = Batch(
         images=[image.to(session.device)],
         global_images=global_image(image, session.size_g)[None].to(session.device),
         labels=[label.to(session.device)],
     )
+    session.model.checkpoint_fpn = checkpointing
     optimizer = helper.build_optimizer(session.model, session.stage, STAGES[session.stage].lr)
     set_branch_modes(session.model, session.stage, training=True)
 
@@ -188,7 +194,7 @@ def run_case(case: Case) -> Record:
     generator = torch.Generator().manual_seed(0)
     session = rule_session(case)
     image = random_image(case.size, generator)
-    step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator)
+    step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator, case.checkpointing)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed(step, device)
@@ -244,6 +250,7 @@ def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
            "--data_path", str(data), "--model_path", str(models), "--log_path", str(logs),
            "--sub_batch_size", str(case.sub_batch_size), "--size_g", "{},{}".format(*case.size_g),
            "--size_p", "{},{}".format(*case.size_p), "--device", case.device, "--backbone", case.backbone]
+    cmd += (["--amp", case.amp] if case.amp else []) + (["--channels_last"] if case.channels_last else [])
     for flag, stage in CHECKPOINT_FLAGS.items():
         cmd += [f"--{flag}", default_checkpoint(stage)]
     return cmd
@@ -314,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype (CUDA only)")
     a("--channels_last", action="store_true", help="channels-last weights")
+    a("--checkpointing", action="store_true", help="activation checkpointing of the FPN heads in training steps")
     a("--sub_batch_size", type=int, default=6, help="patches per local forward pass (default: 6)")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size (default: 508)")
     a("--size_p", type=parse_size, default=(508, 508), help="patch size (default: 508)")
@@ -327,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cases_of(args: argparse.Namespace) -> list[Case]:
     kinds = ("eval", "train") if args.train and not args.via_cli else ("eval",)
-    common = dict(device=args.device, amp=args.amp, channels_last=args.channels_last,
+    common = dict(device=args.device, amp=args.amp, channels_last=args.channels_last, checkpointing=args.checkpointing,
                   sub_batch_size=args.sub_batch_size, size_g=args.size_g, size_p=args.size_p,
                   backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile)
     return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
@@ -336,8 +344,6 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
 def check_args(args: argparse.Namespace) -> None:
     if args.amp is not None and torch.device(args.device).type != "cuda":
         raise SystemExit(f"error: --amp {args.amp} needs a CUDA device, got --device {args.device}")
-    if args.via_cli and (args.amp or args.channels_last):
-        raise SystemExit("error: --via-cli runs train_deep_globe.py, which has no --amp or --channels_last")
     if args.repeat < 1:
         raise SystemExit("error: --repeat must be at least 1")
 

@@ -100,7 +100,7 @@ def _losses(log: Path) -> list[float]:
 
 
 def test_training_lowers_the_loss_and_resume_ends_with_the_same_weights(data, tmp_path, monkeypatch):
-    args = ["--mode", 1, "--num_epochs", 3, "--lr", "1e-3", "--pretrained", "none"]
+    args = ["--mode", 1, "--num_epochs", 3, "--lr", "1e-4", "--pretrained", "none"]
     assert _run(*args, *_common(data, tmp_path / "straight")) == 0
     losses = _losses(tmp_path / "straight" / "logs" / "fpn_deepglobe_global" / "log.txt")
     assert len(losses) == 3 and losses[-1] < losses[0]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import helper
 import predict
 from dataset.classes import DEEPGLOBE
 from models.glnet import GLNet, GlobalBranch
@@ -95,7 +96,7 @@ def test_tta_runs_on_a_non_square_image(models, images, tmp_path):
 
 def test_use_channels_last_converts_both_networks():
     model, frozen = GLNet(DEEPGLOBE.n_class, "resnet18"), GlobalBranch(DEEPGLOBE.n_class, "resnet18")
-    predict.use_channels_last(model, frozen)
+    helper.use_channels_last(model, frozen)
     for net in (model, frozen):
         for name, p in net.named_parameters():
             if p.dim() == 4:
