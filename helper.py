@@ -82,7 +82,7 @@ def build_models(
     paths: dict[str, Optional[Path]],
     pretrained: Optional[Path] = None,
     backbone: str = "resnet50",
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | str = "cpu",
 ) -> tuple[GLNet, Optional[GlobalBranch]]:
     """The network for a stage, initialised as that stage prescribes (STAGES), and the
     frozen stage-1 global branch where the stage has one.

@@ -12,7 +12,6 @@ import csv
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conftest import DEVICES, FIXTURES

@@ -8,7 +8,6 @@ run once per session and shared by all tests.
 from __future__ import annotations
 
 import contextlib
-import json
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import models.stages
 import train_deep_globe
 from dataset.make_demo import make_deep_globe_demo
 from models.glnet import GLNet
-from utils.checkpoint import atomic_save, read_file, read_state_dict, save_weights
+from utils.checkpoint import read_file, read_state_dict, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",

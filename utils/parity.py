@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dataset.transforms import global_image, to_unit_float
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import STAGES, Batch, Stage, StageResult, run_stage, set_branch_modes
+from models.stages import Batch, Stage, StageResult, run_stage, set_branch_modes
 from utils.patches import merge_argmax, upsample_argmax
 from utils.resample import resize_labels
 
