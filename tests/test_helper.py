@@ -1,0 +1,100 @@
+"""Optimizer groups, the poly schedule, test-time augmentation and the metrics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import helper
+from dataset.classes import DEEPGLOBE
+from dataset.transforms import global_image
+from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
+from models.stages import STAGES, Stage
+from utils.metrics import ConfusionMatrix
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_optimizer_has_the_five_groups_with_lr_zero_for_frozen_ones(stage):
+    model = GLNet(7, "resnet18")
+    opt = helper.build_optimizer(model, stage, 1e-3)
+    assert [g["name"] for g in opt.param_groups] == list(BRANCH_GROUPS)
+    for group in opt.param_groups:
+        assert group["lr"] == (1e-3 if group["name"] in STAGES[stage].trains else 0.0)
+        assert group["weight_decay"] == helper.WEIGHT_DECAY
+
+
+def test_poly_schedule_starts_at_the_base_lr_and_decays_per_iteration():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([{"params": [param], "lr": 0.1}, {"params": [], "lr": 0.0}])
+    sched = helper.poly_schedule(opt, total_iters=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.1
+    assert lrs == pytest.approx([0.1 * (1 - t / 10) ** 0.9 for t in range(10)])
+    assert opt.param_groups[1]["lr"] == 0.0
+
+
+@pytest.mark.parametrize("k, flip", helper.TTA_TRANSFORMS)
+def test_tta_transforms_invert(k, flip):
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)
+    assert torch.equal(helper._untransform(helper._transform(x, k, flip), k, flip), x)
+
+
+def _session(stage: Stage) -> helper.Session:
+    torch.manual_seed(0)
+    model = GLNet(7, "resnet18").eval()
+    frozen = GlobalBranch(7, "resnet18").eval() if stage is Stage.LOCAL2GLOBAL else None
+    return helper.Session(stage, model, frozen, DEEPGLOBE, (64, 64), (96, 96), 4, 0.15, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stage", [Stage.GLOBAL, Stage.LOCAL2GLOBAL])
+def test_tta_on_a_non_square_image_gives_maps_of_the_image_size(stage):
+    session = _session(stage)
+    image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8)
+    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
+    with torch.inference_mode():
+        plain = helper.predict(session, samples)[0]
+        tta = helper.predict(session, samples, tta=True)[0]
+        final = helper.predict(session, samples, kinds=("ensemble",))[0] if stage is Stage.LOCAL2GLOBAL else None
+    assert plain.keys() == tta.keys() == set(STAGES[stage].predictions)
+    for kind in plain:
+        assert tta[kind].shape == plain[kind].shape == (100, 150)
+    if final is not None:
+        assert final.keys() == {"ensemble"} and torch.equal(final["ensemble"], plain["ensemble"])
+
+
+def test_tta_of_a_flip_symmetric_image_on_mode_1_sums_mirrored_scores():
+    # With a left-right symmetric image, the flipped pass sees the same input, so
+    # (identity + flip) TTA equals the identity's scores plus their mirror image.
+    session = _session(Stage.GLOBAL)
+    half = torch.randint(0, 256, (3, 64, 32), dtype=torch.uint8)
+    image = torch.cat([half, half.flip(-1)], dim=-1)
+    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
+    with torch.inference_mode():
+        result = session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0]
+        scores = helper._scores_of(result, ("global",), (64, 64))["global"]
+    expected = scores + scores.flip(-1)
+    flipped = {**samples, "image": [image.flip(-1)], "global": [global_image(image.flip(-1), (64, 64))]}
+    with torch.inference_mode():
+        again = session.run(helper.to_batch(flipped, session.device, with_labels=False)).images[0]
+        back = helper._untransform(helper._scores_of(again, ("global",), (64, 64))["global"], 0, True)
+    assert torch.allclose(scores + back, expected, atol=1e-5)
+
+
+def test_confusion_matrix_iou_and_miou():
+    conf = ConfusionMatrix(4)
+    label = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0])
+    conf.update(pred, label)
+    assert conf.matrix.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    iou = conf.iou()
+    assert iou[:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2]) and math.isnan(iou[3])
+    # Class 3 is absent from truth and prediction: it counts as 0 in the mean.
+    assert conf.miou() == pytest.approx((1 / 3 + 2 / 3 + 1 / 2 + 0) / 4)
+    assert conf.miou(ignore=(0,)) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        conf.update(pred[:3], label)
