@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -190,8 +190,7 @@ def predictions_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int
 def _class_map(result: ImageResult, kind: str, size: Sequence[int]) -> Tensor:
     if kind == "global":
         return upsample_argmax(result.global_logits[0], size)
-    patch_logits = result.local_logits if kind == "local" else result.ensemble_logits
-    return merge_argmax(patch_logits, result.grid)  # type: ignore[arg-type]
+    return merge_argmax(result.patch_logits(kind), result.grid)  # type: ignore[arg-type]
 
 
 def _scores_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
@@ -205,8 +204,7 @@ def _scores_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -
             cols = nearest_indices(int(size[1]), logits.shape[-1], logits.device)
             out[kind] = logits.index_select(1, rows).index_select(2, cols)
         else:
-            patch_logits = result.local_logits if kind == "local" else result.ensemble_logits
-            out[kind] = merge_logits(patch_logits, result.grid)  # type: ignore[arg-type]
+            out[kind] = merge_logits(result.patch_logits(kind), result.grid)  # type: ignore[arg-type]
     return out
 
 
@@ -316,7 +314,7 @@ def evaluate(
     loader: torch.utils.data.DataLoader,
     *,
     tta: bool = False,
-    on_prediction: Optional[Any] = None,
+    on_prediction: Optional[Callable[[str, dict[str, Tensor]], None]] = None,
     desc: str = "eval",
 ) -> dict[str, dict[str, Any]]:
     """Scores of every prediction kind over the loader's labelled images (summed over

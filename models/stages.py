@@ -87,6 +87,13 @@ class ImageResult:
     local_logits: Optional[Tensor] = None
     ensemble_logits: Optional[Tensor] = None
 
+    def patch_logits(self, kind: str) -> Tensor:
+        """The per-patch logits of a patch-based prediction kind ("local" or "ensemble")."""
+        logits = {"local": self.local_logits, "ensemble": self.ensemble_logits}[kind]
+        if logits is None:
+            raise ValueError(f"this stage has no {kind} prediction")
+        return logits
+
 
 @dataclass
 class StageResult:
