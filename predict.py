@@ -20,13 +20,13 @@ from tqdm import tqdm
 import helper
 import train_deep_globe
 from dataset.classes import ClassTable
-from dataset.errors import USAGE_ERROR, DataError
+from dataset.errors import DataError, reports_errors
 from dataset.io import read_image, write_label
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
 from models.stages import STAGES, Stage
-from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size, user_message
+from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
 
 # The checkpoint flags (the trainer's names) and the stage whose training writes each file.
 CHECKPOINT_FLAGS = {"path_g": Stage.GLOBAL, "path_g2l": Stage.GLOBAL2LOCAL, "path_l2g": Stage.LOCAL2GLOBAL}
@@ -150,13 +150,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@reports_errors(*USER_ERRORS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return USAGE_ERROR
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from PIL import Image
 
 import helper
 from dataset.classes import NAMED_TABLES, ClassTable, load_class_table
-from dataset.errors import DataError
+from dataset.errors import DataError, reports_errors
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
 from models.stages import STAGES, Stage
@@ -421,22 +421,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def user_message(error: BaseException) -> str:
-    """The one-line message of a user mistake. Errors re-raised from DataLoader workers
-    carry the worker's traceback, whose last line is the original message."""
-    text = str(error).strip() or type(error).__name__
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
+@reports_errors(*USER_ERRORS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except USER_ERRORS as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is in the .last.pth file; continue with --resume", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
-"""The one exception type for mistakes in user data, and how command lines report it."""
+"""The one exception type for mistakes in user data, and how command lines report the
+user's mistakes: one line on stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import functools
@@ -7,22 +8,39 @@ from typing import Callable, Optional, Sequence
 
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses for bad flags
 
+Main = Callable[[Optional[Sequence[str]]], int]
+
 
 class DataError(ValueError):
     """A problem with the user's files. The message is one line that names the file and
     says how to fix it, so a command line can print it without a traceback."""
 
 
-def reports_data_errors(main: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Optional[Sequence[str]]], int]:
-    """Wrap a `main(argv) -> int` so that a DataError becomes one line on stderr and exit
-    status USAGE_ERROR instead of a traceback."""
+def user_message(error: BaseException) -> str:
+    """The one-line message of a user mistake. Errors re-raised from DataLoader workers
+    carry the worker's traceback, whose last line is the original message."""
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
-    @functools.wraps(main)
-    def wrapped(argv: Optional[Sequence[str]] = None) -> int:
-        try:
-            return main(argv)
-        except DataError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return USAGE_ERROR
 
-    return wrapped
+def reports_errors(*types: type[BaseException]) -> Callable[[Main], Main]:
+    """Wrap a `main(argv) -> int` so that the given user-mistake exceptions become one line
+    on stderr and exit status USAGE_ERROR."""
+
+    def decorate(main: Main) -> Main:
+        @functools.wraps(main)
+        def wrapped(argv: Optional[Sequence[str]] = None) -> int:
+            try:
+                return main(argv)
+            except types as error:
+                print(f"error: {user_message(error)}", file=sys.stderr)
+                return USAGE_ERROR
+
+        return wrapped
+
+    return decorate
+
+
+reports_data_errors = reports_errors(DataError)
