@@ -21,7 +21,7 @@ from dataset.errors import DataError, reports_errors
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
 from models.stages import STAGES, Stage
-from utils.checkpoint import CheckpointError, atomic_save, read_file, save_weights, strip_prefix
+from utils.checkpoint import CheckpointError, atomic_save, load_state, read_file, save_weights, state_dict_of
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from utils.patches import MIN_OVERLAP
 
@@ -176,7 +176,7 @@ def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices:
     )
 
 
-def epoch_order(n: int, seed: int, epoch: int, info: DistInfo, batch_size: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int, info: DistInfo) -> list[int]:
     """This rank's sample order for an epoch: a permutation fixed by (seed, epoch), so
     a resumed run sees the same order, cut into equal shares so every rank takes the same
     number of optimizer steps (the order wraps around to fill the last share)."""
@@ -303,7 +303,7 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
     start_epoch, best_score = 0, -1.0
     if args.resume:
         state = read_file(last_path)
-        session.model.load_state_dict(strip_prefix(state["model"]))
+        load_state(session.model, state_dict_of(state, last_path), last_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
@@ -313,7 +313,7 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
     val_loader = make_loader(val_set, args, shard(range(len(val_set)), session.dist))
     for epoch in range(start_epoch, args.num_epochs):
         train_set.set_epoch(epoch)
-        order = epoch_order(len(train_set), args.seed, epoch, session.dist, args.batch_size)
+        order = epoch_order(len(train_set), args.seed, epoch, session.dist)
         stats = helper.train_one_epoch(session, make_loader(train_set, args, order), optimizer, scheduler, epoch)
         val = helper.evaluate(session, val_loader, desc=f"val {epoch + 1}")
         score = val[main_kind]["miou"]

@@ -232,3 +232,10 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_weights(data, tmp_path)
     for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.last.pth"):
         a, b = read_state_dict(straight / "models" / name), read_state_dict(killed / "models" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resuming_a_run_of_another_architecture(data, tmp_path, capsys):
+    assert train_deep_globe.main(_args(data, tmp_path, "--num_epochs", 1)) == 0
+    argv = _args(data, tmp_path, "--num_epochs", 2, "--resume")
+    argv[argv.index("--backbone") + 1] = "resnet50"
+    _fails(capsys, argv, "fpn_deepglobe_global.last.pth", "does not match the model")

@@ -69,9 +69,13 @@ def read_file(path: str | Path) -> Any:
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The model weights in a file: a plain state dict, or the `model` entry of a training
-    state written by this project. Keys are returned without the `module.` prefix."""
-    obj = read_file(path)
+    """The model weights in a file (see state_dict_of)."""
+    return state_dict_of(read_file(path), path)
+
+
+def state_dict_of(obj: Any, path: str | Path) -> dict[str, Tensor]:
+    """The model weights in what a file held: a plain state dict, or the `model` entry of
+    a training state written by this project. Keys are returned without `module.`."""
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -118,18 +122,28 @@ def _n_class_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -
 def load_weights(
     model: nn.Module, path: str | Path, keys: str = "all", reference: nn.Module | None = None
 ) -> list[str]:
-    """Initialise `model` from a GLNet weights file and return the keys loaded.
+    """Initialise `model` from a GLNet weights file; see load_state."""
+    return load_state(model, read_state_dict(path), path, keys, reference)
 
-    The whole file is first checked strictly against `reference` (a complete GLNet of the
-    same configuration; by default `model` itself): any missing, unexpected or mis-shaped
-    key raises a CheckpointError listing them. Then only the model's keys selected by
-    `keys` ("all", "non_local", "global") are copied; the rest keep their values.
+
+def load_state(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    source: str | Path,
+    keys: str = "all",
+    reference: nn.Module | None = None,
+) -> list[str]:
+    """Initialise `model` from the state dict read from `source` and return the keys loaded.
+
+    The whole state is first checked strictly against `reference` (a complete GLNet of
+    the same configuration; by default `model` itself): any missing, unexpected or
+    mis-shaped key raises a CheckpointError listing them. Then only the model's keys
+    selected by `keys` ("all", "non_local", "global") are copied; the rest keep their values.
     """
-    state = read_state_dict(path)
     expected = (reference or model).state_dict()
     missing, unexpected, shapes = mismatches(state, expected)
     if missing or unexpected or shapes:
-        raise CheckpointError(_describe(path, missing, unexpected, shapes, _n_class_hint(state, expected)))
+        raise CheckpointError(_describe(source, missing, unexpected, shapes, _n_class_hint(state, expected)))
     wanted = KEY_FILTERS[keys]
     selected = {k: v for k, v in state.items() if k in model.state_dict() and wanted(k)}
     model.load_state_dict(selected, strict=False)
