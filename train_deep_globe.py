@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="autocast on CUDA: bf16 (training and evaluation) or fp16 (evaluation)")
     a("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
     a("--checkpointing", action="store_true",
-      help="activation checkpointing of the FPN heads in training: less memory, some recomputation")
+      help="activation checkpointing (ResNet stages, FPN heads) in training: less memory, some recomputation")
     return p
 
 
@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
             backbone=args.backbone,
             device=device,
         )
-        model.checkpoint_fpn = args.checkpointing
+        model.activation_checkpointing = args.checkpointing
         if args.channels_last:
             helper.use_channels_last(model, frozen)
         session = helper.Session(stage, model, frozen, table, args.size_g, args.size_p, args.sub_batch_size,

@@ -132,14 +132,14 @@ def train_step(
     session: helper.Session, image: torch.Tensor, generator: torch.Generator, checkpointing: bool = False
 ) -> Callable[[], None]:
     """One optimizer step of the stage on the image with a random label map, optionally
-    with activation checkpointing of the FPN heads."""
+    with activation checkpointing."""
     label = torch.randint(0, DEEPGLOBE.n_class, image.shape[-2:], generator=generator)
     batch = Batch(
         images=[image.to(session.device)],
         global_images=global_image(image, session.size_g)[None].to(session.device),
         labels=[label.to(session.device)],
     )
-    session.model.checkpoint_fpn = checkpointing
+    session.model.activation_checkpointing = checkpointing
     optimizer = helper.build_optimizer(session.model, session.stage, STAGES[session.stage].lr)
     set_branch_modes(session.model, session.stage, training=True)
 
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype (CUDA only)")
     a("--channels_last", action="store_true", help="channels-last weights")
-    a("--checkpointing", action="store_true", help="activation checkpointing of the FPN heads in training steps")
+    a("--checkpointing", action="store_true", help="activation checkpointing in training steps")
     a("--sub_batch_size", type=int, default=6, help="patches per local forward pass (default: 6)")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size (default: 508)")
     a("--size_p", type=parse_size, default=(508, 508), help="patch size (default: 508)")

@@ -97,13 +97,15 @@ def normalise_context(canvases: Context, grid: PatchGrid) -> Context:
 class _GlobalBranchMixin:
     resnet_global: ResNetBackbone
     fpn_global: FPN
-    # Recompute FPN activations during backward instead of storing them. Only the FPN
-    # heads (no BatchNorm, whose running statistics a recomputation would update twice)
-    # and they hold most of the training memory: 1024-channel maps at stride 4.
-    checkpoint_fpn: bool = False
+    # Activation checkpointing: store only stage boundaries during the forward and
+    # recompute the rest in backward (each ResNet stage and the FPN head as a whole).
+    activation_checkpointing: bool = False
+
+    def _checkpointing(self) -> bool:
+        return self.activation_checkpointing and torch.is_grad_enabled()
 
     def _fpn(self, fpn: FPN, c: Levels, context: Optional[Context]) -> FPNOutput:
-        if self.checkpoint_fpn and torch.is_grad_enabled():
+        if self._checkpointing():
             return checkpoint(fpn, c, context, use_reentrant=False)
         return fpn(c, context)
 
@@ -112,7 +114,7 @@ class _GlobalBranchMixin:
 
         context: merged local features (stage 3), which switch the head to its `_ext` layers.
         """
-        c = self.resnet_global(images)
+        c = self.resnet_global(images, self._checkpointing())
         return BranchOutput(c, self._fpn(self.fpn_global, c, context))
 
 
@@ -138,7 +140,7 @@ class GLNet(_GlobalBranchMixin, nn.Module):
     ) -> BranchOutput:
         """Patches (n, 3, ph, pw) of one image, with that image's global features
         (batch of one) as context, cropped at each patch."""
-        c = self.resnet_local(patches)
+        c = self.resnet_local(patches, self._checkpointing())
         return BranchOutput(c, self._fpn(self.fpn_local, c, crop_context(global_out, grid, indices, c)))
 
     # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its

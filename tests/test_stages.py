@@ -256,3 +256,27 @@ def test_batch_of_images_of_different_sizes(stage, backward):
     if backward:
         grads = [p.grad for n, p in model.named_parameters() if _learns(stage, n)]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_activation_checkpointing_changes_nothing_but_memory(stage):
+    """Same losses, gradients and BatchNorm statistics (recomputation must not update the
+    running statistics twice), in every stage, with stage 3's repeated backward passes."""
+    images = [torch.rand(3, 150, 170), torch.rand(3, 120, 100)]
+    batch = Batch(images, torch.rand(2, 3, 64, 64), [torch.randint(0, 7, img.shape[-2:]) for img in images])
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, frozen = GLNet(7, "resnet18"), GlobalBranch(7, "resnet18").eval()
+        model.activation_checkpointing = checkpointing
+        set_branch_modes(model, stage, training=True)
+        result = run_stage(stage, model, batch, patch_size=(96, 96), sub_batch_size=4, backward=True,
+                           frozen_global=frozen)
+        runs.append((result.totals, dict(model.named_parameters()), model.state_dict()))
+    (totals, params, state), (totals_ck, params_ck, state_ck) = runs
+    assert totals == totals_ck
+    for name, p in params.items():
+        assert (p.grad is None) == (params_ck[name].grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, params_ck[name].grad), name
+    assert all(torch.equal(state[k], state_ck[k]) for k in state)
