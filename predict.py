@@ -25,7 +25,7 @@ from dataset.io import read_image, write_label
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
-from models.stages import STAGES, Stage
+from models.stages import Stage
 from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
 
 # The checkpoint flags (the trainer's names) and the stage whose training writes each file.
@@ -34,7 +34,7 @@ CHECKPOINT_FLAGS = {"path_g": Stage.GLOBAL, "path_g2l": Stage.GLOBAL2LOCAL, "pat
 
 def default_checkpoint(stage: Stage) -> str:
     """The file training writes for a stage under its default task name."""
-    return f"fpn_deepglobe_{STAGES[stage].name}.pth"
+    return train_deep_globe.default_task_name(stage) + ".pth"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,10 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_task_name(stage: Stage) -> str:
+    """The authors' run names; a stage's checkpoint is <task name>.pth."""
+    return f"fpn_deepglobe_{STAGES[stage].name}"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     spec = STAGES[Stage(args.mode)]
-    args.task_name = args.task_name or f"fpn_deepglobe_{spec.name}"
+    args.task_name = args.task_name or default_task_name(Stage(args.mode))
     args.num_epochs = spec.epochs if args.num_epochs is None else args.num_epochs
     args.lr = spec.lr if args.lr is None else args.lr
     return args

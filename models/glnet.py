@@ -6,7 +6,7 @@ arguments and returns the ones its caller may pass on, so nothing is cached betw
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ class BranchOutput(NamedTuple):
         return Context(self.c, self.fpn.ps0, self.fpn.ps1, self.fpn.ps2)
 
 
-def _map_tensors(obj, fn):
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply fn to every tensor of a nest of tuples and NamedTuples, keeping its structure."""
     if isinstance(obj, Tensor):
         return fn(obj)
     return type(obj)(*(_map_tensors(o, fn) for o in obj)) if hasattr(obj, "_fields") else type(obj)(
