@@ -1,4 +1,11 @@
-"""ResNet backbones cut after layer4: image -> (c2, c3, c4, c5)."""
+"""ResNet backbones (v1.5, torchvision's layout) cut after layer4: image -> (c2, c3, c4, c5).
+
+Written here rather than imported from torchvision because importing torchvision costs
+about 170 MB of resident memory (its package import pulls in far more than ResNet), a
+twelfth of the CPU evaluation budget. Parameter names and registration order are
+torchvision's, so ImageNet weights and the authors' checkpoints load without renaming;
+tests/test_model.py checks equal outputs against torchvision's own ResNets.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,35 +13,91 @@ from typing import Optional
 
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 Features = tuple[Tensor, Tensor, Tensor, Tensor]
 
-_LAYOUTS: dict[str, tuple[type[nn.Module], list[int]]] = {
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int, downsample: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """v1.5: the stride sits on the 3x3 convolution."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int, downsample: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]]] = {
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
     # Small variant so tests can build whole networks in milliseconds.
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
 }
 
 
-class ResNetBackbone(ResNet):
-    """torchvision's ResNet (v1.5) without avgpool/fc.
-
-    Parameter names are torchvision's, so ImageNet weights and the authors' checkpoints
-    (which used the same layout) load without renaming.
-    """
+class ResNetBackbone(nn.Module):
+    """ResNet without avgpool/fc, initialised as torchvision initialises it."""
 
     def __init__(self, arch: str = "resnet50") -> None:
+        super().__init__()
         if arch not in _LAYOUTS:
             raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(_LAYOUTS)}")
-        block, layers = _LAYOUTS[arch]
-        super().__init__(block, layers)
-        del self.avgpool, self.fc
+        block, depths = _LAYOUTS[arch]
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_channels = 64
+        for i, depth in enumerate(depths):
+            planes, stride = 64 * 2**i, 1 if i == 0 else 2
+            out_channels = planes * block.expansion
+            downsample = None
+            if stride != 1 or in_channels != out_channels:
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+                )
+            blocks = [block(in_channels, planes, stride, downsample)]
+            blocks += [block(out_channels, planes, 1, None) for _ in range(depth - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            in_channels = out_channels
         self.channels: tuple[int, int, int, int] = tuple(  # type: ignore[assignment]
             64 * block.expansion * 2**i for i in range(4)
         )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: Tensor, checkpoint_layers: bool = False) -> Features:  # type: ignore[override]
+    def forward(self, x: Tensor, checkpoint_layers: bool = False) -> Features:
         """(B, 3, H, W) -> c2..c5 at strides 4, 8, 16, 32.
 
         checkpoint_layers: keep only each stage's output for backward and recompute the

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ast
 import csv
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import DEVICES, FIXTURES
+from conftest import DEVICES, FIXTURES, ROOT
+from models.backbone import ResNetBackbone
 from models.fpn import FPN
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import Batch, Stage, run_stage
@@ -89,6 +92,29 @@ def test_global_branch_keys_are_the_plain_global_half(glnet50):
 
     keys = list(GlobalBranch(7).state_dict())
     assert keys == [k for k in glnet50.state_dict() if plain_global(k)]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_backbone_equals_torchvisions_resnet(arch):
+    """Our ResNet has torchvision's keys in its order and, with its weights, its features."""
+    torchvision = pytest.importorskip("torchvision")
+    reference = getattr(torchvision.models, arch)().eval()
+    ours = ResNetBackbone(arch).eval()
+    weights = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert list(ours.state_dict()) == list(weights)
+    ours.load_state_dict(weights)
+    x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        c = ours(x)
+        r = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        for layer, mine in zip((reference.layer1, reference.layer2, reference.layer3, reference.layer4), c):
+            r = layer(r)
+            torch.testing.assert_close(mine, r, rtol=0, atol=0)
+
+
+def test_importing_the_models_does_not_import_torchvision():
+    code = "import sys, helper, predict; sys.exit('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def test_channels_follow_the_backbone():
