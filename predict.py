@@ -26,7 +26,7 @@ from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
 from models.stages import Stage
-from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
+from train_deep_globe import SUB_BATCH_SIZE, USER_ERRORS, checkpoint_paths, load_table, parse_size
 
 # The checkpoint flags (the trainer's names) and the stage whose training writes each file.
 CHECKPOINT_FLAGS = {"path_g": Stage.GLOBAL, "path_g2l": Stage.GLOBAL2LOCAL, "path_l2g": Stage.LOCAL2GLOBAL}
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size the model was trained with: N or H,W")
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size the model was trained with: N or H,W")
-    a("--sub_batch_size", type=int, default=6, help="patches per forward pass of the local branch (memory vs speed)")
+    a("--eval_sub_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
+      "speed; default: 1 on the CPU, 6 on a GPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast to bf16 or fp16 (CUDA only)")
     a("--channels_last", action="store_true", help="run the convolutions in channels-last memory format")
@@ -98,9 +99,11 @@ def make_session(
     frozen_global: Optional[GlobalBranch],
     table: ClassTable,
     args: argparse.Namespace,
+    sub_batch_size: int = SUB_BATCH_SIZE,
 ) -> helper.Session:
     """An evaluation session on args.device with the sizes, autocast and memory format of
-    args (size_g, size_p, sub_batch_size, amp, channels_last); the networks go to eval mode."""
+    args (size_g, size_p, eval_sub_batch_size, amp, channels_last); the networks go to eval mode.
+    sub_batch_size only matters to callers that also train with the session (the benchmark)."""
     device = torch.device(args.device)
     model.to(device).eval()
     if frozen_global is not None:
@@ -108,8 +111,9 @@ def make_session(
     if args.channels_last:
         helper.use_channels_last(model, frozen_global)
     # lamb_fmreg only weighs a training loss; prediction computes none.
-    return helper.Session(stage, model, frozen_global, table, args.size_g, args.size_p, args.sub_batch_size,
-                          lamb_fmreg=0.0, device=device, amp=helper.AMP_DTYPES.get(args.amp))
+    return helper.Session(stage, model, frozen_global, table, args.size_g, args.size_p, sub_batch_size,
+                          lamb_fmreg=0.0, device=device, amp=helper.AMP_DTYPES.get(args.amp),
+                          eval_sub_batch_size=args.eval_sub_batch_size)
 
 
 def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session:

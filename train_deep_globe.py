@@ -26,6 +26,7 @@ from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shar
 from utils.patches import MIN_OVERLAP
 
 LAST_SUFFIX = ".last.pth"
+SUB_BATCH_SIZE = 6  # the authors' default
 
 
 class ConfigError(ValueError):
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mode", type=int, choices=[1, 2, 3], default=1, help="1 global, 2 global-to-local, 3 local-to-global")
     a("--evaluation", action="store_true", help="evaluate instead of training")
     a("--batch_size", type=int, default=6, help="images per optimizer step (per process under torchrun)")
-    a("--sub_batch_size", type=int, default=6, help="patches per forward pass of the local branch")
+    a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help="patches per forward pass of the local branch")
+    a("--eval_sub_batch_size", type=int, default=None, help="patches per forward pass when evaluating; results do "
+      "not depend on it (default: 1 on the CPU, where it is fastest and leanest; --sub_batch_size on a GPU)")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size: N or H,W")
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size: N or H,W")
     a("--path_g", default=None, help="stage-1 checkpoint (needed by modes 2 and 3)")
@@ -124,8 +127,8 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         problems.append("--size_g must be at least 32 (ResNet's total stride)")
     if min(args.size_p) <= MIN_OVERLAP:
         problems.append(f"--size_p must be larger than {MIN_OVERLAP} (neighbouring patches overlap by {MIN_OVERLAP} px)")
-    for flag in ("batch_size", "sub_batch_size", "num_epochs"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "sub_batch_size", "num_epochs", "eval_sub_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         problems.append("--num_workers cannot be negative")
@@ -410,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
         if args.channels_last:
             helper.use_channels_last(model, frozen)
         session = helper.Session(stage, model, frozen, table, args.size_g, args.size_p, args.sub_batch_size,
-                                 args.lamb_fmreg, device, info, helper.AMP_DTYPES.get(args.amp))
+                                 args.lamb_fmreg, device, info, helper.AMP_DTYPES.get(args.amp),
+                                 args.eval_sub_batch_size)
         log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
         log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
                  f"with {helper.environment_summary(device)}")

@@ -51,6 +51,33 @@ def _session(stage: Stage) -> helper.Session:
     return helper.Session(stage, model, frozen, DEEPGLOBE, (64, 64), (96, 96), 4, 0.15, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("stage", [Stage.GLOBAL2LOCAL, Stage.LOCAL2GLOBAL])
+def test_evaluation_results_do_not_depend_on_patches_per_pass(stage):
+    image = torch.randint(0, 256, (3, 200, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
+    results = []
+    for n in (1, 3, 6):
+        session = _session(stage)
+        session.eval_sub_batch_size = n
+        assert session.patches_per_pass(backward=False) == n
+        with torch.inference_mode():
+            results.append(session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0])
+    for other in results[1:]:
+        for kind in ("local", "ensemble"):
+            torch.testing.assert_close(other.patch_logits(kind), results[0].patch_logits(kind), rtol=1e-5, atol=1e-6)
+            assert torch.equal(other.patch_logits(kind).argmax(1), results[0].patch_logits(kind).argmax(1))
+
+
+def test_patches_per_pass_defaults():
+    session = _session(Stage.LOCAL2GLOBAL)
+    assert session.patches_per_pass(backward=True) == session.sub_batch_size == 4  # training: BatchNorm batches
+    assert session.patches_per_pass(backward=False) == 1  # evaluation on the CPU
+    session.device = torch.device("cuda")
+    assert session.patches_per_pass(backward=False) == 4  # evaluation on a GPU
+    session.eval_sub_batch_size = 9
+    assert session.patches_per_pass(backward=False) == 9 and session.patches_per_pass(backward=True) == 4
+
+
 @pytest.mark.parametrize("stage", [Stage.GLOBAL, Stage.LOCAL2GLOBAL])
 def test_tta_on_a_non_square_image_gives_maps_of_the_image_size(stage):
     session = _session(stage)
