@@ -9,7 +9,8 @@ tests/test_model.py checks equal outputs against torchvision's own ResNets.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -100,23 +101,43 @@ class ResNetBackbone(nn.Module):
     def forward(self, x: Tensor, checkpoint_layers: bool = False) -> Features:
         """(B, 3, H, W) -> c2..c5 at strides 4, 8, 16, 32.
 
-        checkpoint_layers: keep only each stage's output for backward and recompute the
-        stage's inside then (activation checkpointing), which bounds training memory.
+        checkpoint_layers: activation checkpointing, which bounds training memory. Backward
+        keeps only the stem's and each stage's output and recomputes a stage when it gets
+        there; within that recomputation each block is checkpointed again, so only one
+        block's activations are ever materialised at a time.
         """
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if not checkpoint_layers:
+            x = self._stem(x)
+            features = []
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = layer(x)
+                features.append(x)
+            return tuple(features)  # type: ignore[return-value]
+        x = _checkpointed(self._stem, self.bn1, x)
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            if checkpoint_layers:
-                x = checkpoint(layer, x, use_reentrant=False, context_fn=lambda l=layer: (
-                    contextlib.nullcontext(), _BatchNormStatisticsFrozen(l)))
-            else:
-                x = layer(x)
+            x = _checkpointed(partial(_blocks_checkpointed, layer), layer, x)
             features.append(x)
         return tuple(features)  # type: ignore[return-value]
 
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+def _checkpointed(fn: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> Tensor:
+    """fn(x) under activation checkpointing; module holds the BatchNorms fn runs."""
+    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (
+        contextlib.nullcontext(), _BatchNormStatisticsFrozen(module)))
+
+
+def _blocks_checkpointed(layer: nn.Sequential, x: Tensor) -> Tensor:
+    for block in layer:
+        x = _checkpointed(block, block, x)
+    return x
+
 
 class _BatchNormStatisticsFrozen:
-    """While a checkpointed stage is recomputed for backward, its BatchNorm layers must
+    """While a checkpointed part is recomputed for backward, its BatchNorm layers must
     normalise exactly as in the forward (batch statistics in train mode) but must not
     update their running statistics a second time: momentum 0 keeps them as they are.
     Re-enterable, because stage 3 backpropagates through the global branch repeatedly."""
