@@ -21,7 +21,7 @@ from models.stages import STAGES, Batch, ImageResult, Stage, StageResult, run_st
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
 from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.metrics import ConfusionMatrix
-from utils.patches import merge_argmax, merge_logits, upsample_argmax
+from utils.patches import class_dtype, merge_argmax, merge_logits, upsample_argmax
 from utils.resample import nearest_indices
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,21 +48,21 @@ class Session:
     device: torch.device
     dist: DistInfo = DistInfo()
     amp: Optional[torch.dtype] = None  # autocast dtype (bf16/fp16) on CUDA, None for fp32
-    eval_sub_batch_size: Optional[int] = None  # None: default_eval_sub_batch_size
+    micro_batch_size: Optional[int] = None  # None: default_micro_batch_size
 
     @property
     def predictions(self) -> tuple[str, ...]:
         return STAGES[self.stage].predictions
 
-    def patches_per_pass(self, backward: bool) -> int:
-        """Training forwards sub_batch_size patches together (their BatchNorm statistics
-        are shared); evaluation may choose any number, the results are the same."""
-        if backward:
-            return self.sub_batch_size
-        return self.eval_sub_batch_size or default_eval_sub_batch_size(self.device, self.sub_batch_size)
+    @property
+    def micro_batch(self) -> int:
+        """Patches per pass wherever splitting a sub-batch does not change results."""
+        return self.micro_batch_size or default_micro_batch_size(self.device, self.sub_batch_size)
 
     def run(self, batch: Batch, backward: bool = False) -> StageResult:
-        """backward=False is evaluation: the caller has put every branch in eval mode."""
+        """backward=False is evaluation: the caller has put every branch in eval mode, where
+        BatchNorm uses running statistics and patches are independent, so whole passes go
+        micro-batch by micro-batch. Training keeps sub-batches for the backbone."""
         autocast = torch.autocast(self.device.type, self.amp) if self.amp is not None else contextlib.nullcontext()
         with autocast:
             return run_stage(
@@ -70,17 +70,17 @@ class Session:
                 self.model,
                 batch,
                 patch_size=self.size_p,
-                sub_batch_size=self.patches_per_pass(backward),
+                sub_batch_size=self.sub_batch_size if backward else self.micro_batch,
                 frozen_global=self.frozen_global,
                 lamb_fmreg=self.lamb_fmreg,
                 backward=backward,
+                micro_batch_size=self.micro_batch,
             )
 
 
-def default_eval_sub_batch_size(device: torch.device, sub_batch_size: int) -> int:
-    """Patches per forward pass in evaluation. In eval mode BatchNorm uses running
-    statistics, so this only trades speed against memory. On the CPU one patch at a time
-    was measured both faster and leaner than six (bench/README.md); a GPU wants batches."""
+def default_micro_batch_size(device: torch.device, sub_batch_size: int) -> int:
+    """Splitting only trades speed against memory. On the CPU one patch at a time was
+    measured both faster and leaner than six (bench/README.md); a GPU wants batches."""
     return 1 if device.type == "cpu" else sub_batch_size
 
 
@@ -262,7 +262,7 @@ def predict(
             for kind, scores in _scores_of(r, kinds, img.shape[-2:]).items():
                 back = _untransform(scores, k, flip)
                 total[kind] = total[kind] + back if kind in total else back
-    return [{kind: s.argmax(0) for kind, s in total.items()} for total in totals]
+    return [{kind: s.argmax(0).to(class_dtype(s.shape[0])) for kind, s in total.items()} for total in totals]
 
 
 @dataclass

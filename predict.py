@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size the model was trained with: N or H,W")
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size the model was trained with: N or H,W")
-    a("--eval_sub_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
-      "speed; default: 1 on the CPU, 6 on a GPU)")
+    a("--micro_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
+      "speed; results do not depend on it; default: 1 on the CPU, 6 on a GPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast to bf16 or fp16 (CUDA only)")
     a("--channels_last", action="store_true", help="run the convolutions in channels-last memory format")
@@ -102,7 +102,7 @@ def make_session(
     sub_batch_size: int = SUB_BATCH_SIZE,
 ) -> helper.Session:
     """An evaluation session on args.device with the sizes, autocast and memory format of
-    args (size_g, size_p, eval_sub_batch_size, amp, channels_last); the networks go to eval mode.
+    args (size_g, size_p, micro_batch_size, amp, channels_last); the networks go to eval mode.
     sub_batch_size only matters to callers that also train with the session (the benchmark)."""
     device = torch.device(args.device)
     model.to(device).eval()
@@ -113,7 +113,7 @@ def make_session(
     # lamb_fmreg only weighs a training loss; prediction computes none.
     return helper.Session(stage, model, frozen_global, table, args.size_g, args.size_p, sub_batch_size,
                           lamb_fmreg=0.0, device=device, amp=helper.AMP_DTYPES.get(args.amp),
-                          eval_sub_batch_size=args.eval_sub_batch_size)
+                          micro_batch_size=args.micro_batch_size)
 
 
 def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session:
@@ -126,7 +126,7 @@ def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session
 
 def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> Tensor:
     """The stage's final prediction (GLNet's ensemble; the global one in mode 1) for one
-    image (3, H, W), uint8 or float in [0, 1]: (H, W) int64 class ids on the session's device."""
+    image (3, H, W), uint8 or float in [0, 1]: (H, W) class ids (uint8 up to 256 classes) on the session's device."""
     samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
     with torch.inference_mode():
         final = session.predictions[-1]

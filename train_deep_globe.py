@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--evaluation", action="store_true", help="evaluate instead of training")
     a("--batch_size", type=int, default=6, help="images per optimizer step (per process under torchrun)")
     a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help="patches per forward pass of the local branch")
-    a("--eval_sub_batch_size", type=int, default=None, help="patches per forward pass when evaluating; results do "
-      "not depend on it (default: 1 on the CPU, where it is fastest and leanest; --sub_batch_size on a GPU)")
+    a("--micro_batch_size", type=int, default=None, help="patches per pass wherever splitting a sub-batch does not "
+      "change results: every pass in evaluation, the FPN head and losses in stage-2 training (only the backbone's "
+      "BatchNorm couples patches). Memory vs speed; default: 1 on the CPU (fastest and leanest there), "
+      "--sub_batch_size on a GPU")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size: N or H,W")
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size: N or H,W")
     a("--path_g", default=None, help="stage-1 checkpoint (needed by modes 2 and 3)")
@@ -127,7 +129,7 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         problems.append("--size_g must be at least 32 (ResNet's total stride)")
     if min(args.size_p) <= MIN_OVERLAP:
         problems.append(f"--size_p must be larger than {MIN_OVERLAP} (neighbouring patches overlap by {MIN_OVERLAP} px)")
-    for flag in ("batch_size", "sub_batch_size", "num_epochs", "eval_sub_batch_size"):
+    for flag in ("batch_size", "sub_batch_size", "num_epochs", "micro_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
@@ -414,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
             helper.use_channels_last(model, frozen)
         session = helper.Session(stage, model, frozen, table, args.size_g, args.size_p, args.sub_batch_size,
                                  args.lamb_fmreg, device, info, helper.AMP_DTYPES.get(args.amp),
-                                 args.eval_sub_batch_size)
+                                 args.micro_batch_size)
         log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
         log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
                  f"with {helper.environment_summary(device)}")

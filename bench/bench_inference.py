@@ -59,7 +59,7 @@ class Case:
     channels_last: bool = False
     checkpointing: bool = False
     sub_batch_size: int = 6
-    eval_sub_batch_size: Optional[int] = None  # None: the trainer's default for the device
+    micro_batch_size: Optional[int] = None  # None: the trainer's default for the device
     size_g: tuple[int, int] = (508, 508)
     size_p: tuple[int, int] = (508, 508)
     backbone: str = "resnet50"
@@ -252,8 +252,8 @@ def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
            "--sub_batch_size", str(case.sub_batch_size), "--size_g", "{},{}".format(*case.size_g),
            "--size_p", "{},{}".format(*case.size_p), "--device", case.device, "--backbone", case.backbone]
     cmd += (["--amp", case.amp] if case.amp else []) + (["--channels_last"] if case.channels_last else [])
-    if case.eval_sub_batch_size is not None:
-        cmd += ["--eval_sub_batch_size", str(case.eval_sub_batch_size)]
+    if case.micro_batch_size is not None:
+        cmd += ["--micro_batch_size", str(case.micro_batch_size)]
     for flag, stage in CHECKPOINT_FLAGS.items():
         cmd += [f"--{flag}", default_checkpoint(stage)]
     return cmd
@@ -325,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype (CUDA only)")
     a("--channels_last", action="store_true", help="channels-last weights")
     a("--checkpointing", action="store_true", help="activation checkpointing in training steps")
-    a("--sub_batch_size", type=int, default=6, help="patches per local forward pass in training (default: 6)")
-    a("--eval_sub_batch_size", type=int, default=None, help="patches per local forward pass in evaluation "
-      "(default: the trainer's, 1 on the CPU and --sub_batch_size on a GPU)")
+    a("--sub_batch_size", type=int, default=6, help="the trainer's --sub_batch_size (default: 6)")
+    a("--micro_batch_size", type=int, default=None, help="the trainer's --micro_batch_size (default: its default, "
+      "1 on the CPU and --sub_batch_size on a GPU)")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size (default: 508)")
     a("--size_p", type=parse_size, default=(508, 508), help="patch size (default: 508)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cases_of(args: argparse.Namespace) -> list[Case]:
     kinds = ("eval", "train") if args.train and not args.via_cli else ("eval",)
     common = dict(device=args.device, amp=args.amp, channels_last=args.channels_last, checkpointing=args.checkpointing,
-                  sub_batch_size=args.sub_batch_size, eval_sub_batch_size=args.eval_sub_batch_size, size_g=args.size_g, size_p=args.size_p,
+                  sub_batch_size=args.sub_batch_size, micro_batch_size=args.micro_batch_size,
+                  size_g=args.size_g, size_p=args.size_p,
                   backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile)
     return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
 

@@ -105,10 +105,10 @@ class _GlobalBranchMixin:
     def _checkpointing(self) -> bool:
         return self.activation_checkpointing and torch.is_grad_enabled()
 
-    def _fpn(self, fpn: FPN, c: Levels, context: Optional[Context]) -> FPNOutput:
+    def _head(self, head: Callable[[Levels], FPNOutput], c: Levels) -> FPNOutput:
         if self._checkpointing():
-            return checkpoint(fpn, c, context, use_reentrant=False)
-        return fpn(c, context)
+            return checkpoint(head, c, use_reentrant=False)
+        return head(c)
 
     def global_branch(self, images: Tensor, context: Optional[Context] = None) -> BranchOutput:
         """Global images (B, 3, Hg, Wg) -> logits at (Hg/4, Wg/4).
@@ -116,7 +116,7 @@ class _GlobalBranchMixin:
         context: merged local features (stage 3), which switch the head to its `_ext` layers.
         """
         c = self.resnet_global(images, self._checkpointing())
-        return BranchOutput(c, self._fpn(self.fpn_global, c, context))
+        return BranchOutput(c, self._head(lambda c: self.fpn_global(c, context), c))
 
 
 class GLNet(_GlobalBranchMixin, nn.Module):
@@ -141,8 +141,23 @@ class GLNet(_GlobalBranchMixin, nn.Module):
     ) -> BranchOutput:
         """Patches (n, 3, ph, pw) of one image, with that image's global features
         (batch of one) as context, cropped at each patch."""
-        c = self.resnet_local(patches, self._checkpointing())
-        return BranchOutput(c, self._fpn(self.fpn_local, c, crop_context(global_out, grid, indices, c)))
+        c = self.local_features(patches)
+        return BranchOutput(c, self.local_head(c, global_out, grid, indices))
+
+    def local_features(self, patches: Tensor) -> Levels:
+        """The local backbone: the only part of the local branch whose result depends on
+        which patches share a batch (BatchNorm statistics in training)."""
+        return self.resnet_local(patches, self._checkpointing())
+
+    def local_head(self, c: Levels, global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int]) -> FPNOutput:
+        """The local FPN on backbone maps c of the patches `indices`, with the global context."""
+
+        # The crops are cut inside the (checkpointed) head so that backward recomputes
+        # them from the small global maps instead of keeping them.
+        def head(c: Levels) -> FPNOutput:
+            return self.fpn_local(c, crop_context(global_out, grid, indices, c))
+
+        return self._head(head, c)
 
     # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its
     # input channels, so it splits into a local term and a global term. Stage 3 evaluation

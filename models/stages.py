@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from dataset.transforms import to_unit_float
-from models.fpn import Context
+from models.fpn import Context, Levels
 from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context, paste_context
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, extract_patches
@@ -159,12 +159,14 @@ def run_stage(
     frozen_global: Optional[GlobalBranch] = None,
     lamb_fmreg: float = 0.15,
     backward: bool = False,
+    micro_batch_size: Optional[int] = None,
 ) -> StageResult:
     """Run one stage on a batch: logits for every image, loss terms when labels are given,
     and, with backward=True, gradients accumulated in the model (no optimizer step).
 
     Branch train/eval modes are the caller's (see set_branch_modes); evaluation callers
-    wrap this in torch.inference_mode().
+    wrap this in torch.inference_mode(). micro_batch_size: patches per pass of the parts
+    that no BatchNorm couples (stage 2's head and losses); None for the whole sub-batch.
     """
     if backward and batch.labels is None:
         raise ValueError("training needs labels")
@@ -172,6 +174,7 @@ def run_stage(
         raise ValueError("stage 3 needs the frozen stage-1 global branch")
     result = StageResult(images=[])
     losses = _Losses(result, backward)
+    micro_batch_size = micro_batch_size or sub_batch_size
     labels = list(batch.labels) if batch.labels is not None else [None] * len(batch.images)
     grids = [PatchGrid.build(img.shape[-2:], patch_size) for img in batch.images]
 
@@ -187,7 +190,7 @@ def run_stage(
         for i, (image, label, grid) in enumerate(zip(batch.images, labels, grids)):
             context = glob.image(i)
             outputs = [
-                _global2local_step(model, image, label, grid, idx, context, losses, lamb_fmreg)
+                _global2local_step(model, image, label, grid, idx, context, losses, lamb_fmreg, micro_batch_size)
                 for idx in grid.batches(sub_batch_size)
             ]
             local_logits, ensemble_logits = (torch.cat(o) for o in zip(*outputs))
@@ -236,17 +239,63 @@ def _global2local_step(
     context: BranchOutput,
     losses: _Losses,
     lamb_fmreg: float,
+    micro_batch_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Stage 2 on one sub-batch: local and ensemble logits; the loss is backpropagated
-    (when training) before returning."""
-    local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
-    ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, idx)
-    target = _patch_targets(label, grid, idx, local.logits.shape[-2:])
-    fmreg = fmreg_loss(local.ps3, crop)
-    losses.result.fmreg.append(fmreg.item())
-    loss_local, loss_ens = losses.focal(local.logits, target), losses.focal(ensemble, target)
-    losses.step(None if target is None else loss_local + loss_ens + lamb_fmreg * fmreg)
-    return local.logits.detach(), ensemble.detach()
+    (when training) before returning.
+
+    Only the backbone couples the patches of a sub-batch (BatchNorm statistics). The head,
+    the crops and the losses (means over equally sized patches) do not, so they run
+    micro_batch_size patches at a time: each micro-batch's share of the loss is
+    backpropagated into the backbone maps at once, and the backbone's backward follows
+    with the summed map gradients. Values and gradients are those of the whole sub-batch
+    (up to float summation order), at a fraction of the head's activation memory.
+    """
+    c = model.local_features(_patches(image, grid, idx))
+    head_in = tuple(t.detach().requires_grad_() for t in c) if losses.backward else c
+    n = len(idx)
+    parts = [
+        _global2local_head(model, head_in, rows, label, grid, idx, context, losses, lamb_fmreg, len(rows) / n)
+        for rows in (range(i, min(i + micro_batch_size, n)) for i in range(0, n, micro_batch_size))
+    ]
+    local_logits, ensemble_logits, values = zip(*parts)
+    if losses.backward and label is not None:
+        torch.autograd.backward(c, [t.grad for t in head_in])
+    losses.result.fmreg.append(sum(v[0] for v in values))
+    if label is not None:
+        losses.result.criteria += [sum(v[1] for v in values), sum(v[2] for v in values)]
+        losses.result.totals.append(sum(v[3] for v in values))
+    return torch.cat(local_logits), torch.cat(ensemble_logits)
+
+
+def _global2local_head(
+    model: GLNet,
+    c: Levels,
+    rows: range,
+    label: Optional[Tensor],
+    grid: PatchGrid,
+    idx: range,
+    context: BranchOutput,
+    losses: _Losses,
+    lamb_fmreg: float,
+    share: float,
+) -> tuple[Tensor, Tensor, tuple[float, ...]]:
+    """The head and losses of the micro-batch `rows` of a sub-batch whose backbone maps are
+    c. Loss values are weighted by the micro-batch's share of the sub-batch, so that they
+    sum to the sub-batch's: (fmreg, focal local, focal ensemble, total)."""
+    part = idx[rows.start : rows.stop]
+    local = model.local_head(tuple(m[rows.start : rows.stop] for m in c), context, grid, part)  # type: ignore[arg-type]
+    ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, part)
+    fmreg = share * fmreg_loss(local.ps3, crop)
+    values: tuple[float, ...] = (fmreg.item(),)
+    target = _patch_targets(label, grid, part, local.logits.shape[-2:])
+    if target is not None:
+        loss_local, loss_ens = share * focal_loss(local.logits, target), share * focal_loss(ensemble, target)
+        total = loss_local + loss_ens + lamb_fmreg * fmreg
+        values += (loss_local.item(), loss_ens.item(), total.item())
+        if losses.backward:
+            total.backward()
+    return local.logits.detach(), ensemble.detach(), values
 
 
 def _local2global_pass(

@@ -11,6 +11,7 @@ from dataset.classes import DEEPGLOBE
 from dataset.transforms import global_image
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import STAGES, Stage
+from utils import metrics
 from utils.metrics import ConfusionMatrix
 
 
@@ -52,14 +53,14 @@ def _session(stage: Stage) -> helper.Session:
 
 
 @pytest.mark.parametrize("stage", [Stage.GLOBAL2LOCAL, Stage.LOCAL2GLOBAL])
-def test_evaluation_results_do_not_depend_on_patches_per_pass(stage):
+def test_evaluation_results_do_not_depend_on_the_micro_batch(stage):
     image = torch.randint(0, 256, (3, 200, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
     results = []
     for n in (1, 3, 6):
         session = _session(stage)
-        session.eval_sub_batch_size = n
-        assert session.patches_per_pass(backward=False) == n
+        session.micro_batch_size = n
+        assert session.micro_batch == n
         with torch.inference_mode():
             results.append(session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0])
     for other in results[1:]:
@@ -68,14 +69,13 @@ def test_evaluation_results_do_not_depend_on_patches_per_pass(stage):
             assert torch.equal(other.patch_logits(kind).argmax(1), results[0].patch_logits(kind).argmax(1))
 
 
-def test_patches_per_pass_defaults():
+def test_micro_batch_defaults_to_one_patch_on_the_cpu_and_the_sub_batch_on_a_gpu():
     session = _session(Stage.LOCAL2GLOBAL)
-    assert session.patches_per_pass(backward=True) == session.sub_batch_size == 4  # training: BatchNorm batches
-    assert session.patches_per_pass(backward=False) == 1  # evaluation on the CPU
+    assert session.sub_batch_size == 4 and session.micro_batch == 1
     session.device = torch.device("cuda")
-    assert session.patches_per_pass(backward=False) == 4  # evaluation on a GPU
-    session.eval_sub_batch_size = 9
-    assert session.patches_per_pass(backward=False) == 9 and session.patches_per_pass(backward=True) == 4
+    assert session.micro_batch == 4
+    session.micro_batch_size = 9
+    assert session.micro_batch == 9
 
 
 @pytest.mark.parametrize("stage", [Stage.GLOBAL, Stage.LOCAL2GLOBAL])
@@ -125,3 +125,15 @@ def test_confusion_matrix_iou_and_miou():
     assert conf.miou(ignore=(0,)) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
     with pytest.raises(ValueError, match="differ in shape"):
         conf.update(pred[:3], label)
+
+
+def test_confusion_matrix_counts_the_same_in_chunks(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 5, (37, 41), generator=generator)
+    pred = torch.randint(0, 5, (37, 41), generator=generator).to(torch.uint8)
+    whole = ConfusionMatrix(5)
+    whole.update(pred, label)
+    monkeypatch.setattr(metrics, "UPDATE_CHUNK", 100)  # 16 chunks, the last one short
+    chunked = ConfusionMatrix(5)
+    chunked.update(pred, label)
+    assert torch.equal(chunked.matrix, whole.matrix) and int(whole.matrix.sum()) == 37 * 41

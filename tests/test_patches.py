@@ -213,15 +213,24 @@ def test_merge_argmax_in_bands_equals_full_argmax(max_band_bytes):
     logits = torch.randn(len(grid), 7, 40, 40, generator=torch.Generator().manual_seed(1))
     expected = merge_logits(logits, grid).argmax(0)
     pred = merge_argmax(logits, grid, max_band_bytes=max_band_bytes)
-    assert pred.dtype == torch.long and pred.shape == (300, 420)
-    assert torch.equal(pred, expected)
+    assert pred.dtype == torch.uint8 and pred.shape == (300, 420)
+    assert torch.equal(pred.long(), expected)
+
+
+def test_class_maps_are_bytes_up_to_256_classes():
+    grid = PatchGrid.build((100, 120), (96, 96))
+    for k, dtype in ((2, torch.uint8), (256, torch.uint8), (257, torch.long)):
+        logits = torch.randn(len(grid), k, 24, 24)
+        logits[:, -1] += 100.0  # the last class wins everywhere
+        for pred in (merge_argmax(logits, grid), upsample_argmax(logits[0], (100, 120))):
+            assert pred.dtype == dtype and int(pred.min()) == int(pred.max()) == k - 1
 
 
 def test_upsample_argmax_equals_argmax_of_nearest_upsampling():
     logits = torch.randn(7, 64, 48)
     for size in ((600, 600), (257, 131), (64, 48), (2448, 1000)):
         expected = F.interpolate(logits[None], size=size, mode="nearest")[0].argmax(0)
-        assert torch.equal(upsample_argmax(logits, size), expected)
+        assert torch.equal(upsample_argmax(logits, size).long(), expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -243,7 +252,7 @@ def test_dtype_and_device_preserved(device, dtype):
     for name, out in outputs.items():
         assert out.dtype == dtype and out.device.type == device, name
     for name, out in {"merge_argmax": merge_argmax(logits, grid), "upsample_argmax": upsample_argmax(logits[0], (300, 420))}.items():
-        assert out.dtype == torch.long and out.device.type == device, name
+        assert out.dtype == torch.uint8 and out.device.type == device, name
     cov = coverage_on_map(grid, (10, 13), torch.device(device))
     assert cov.shape == (1, 1, 10, 13) and cov.device.type == device
     labels = torch.randint(0, 7, (2, 300, 420), device=device, dtype=torch.uint8)

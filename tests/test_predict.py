@@ -14,7 +14,7 @@ from models.stages import Stage
 from utils.checkpoint import save_weights
 
 # Small sizes keep a mode-3 run to a few seconds on two cores.
-SIZES = ["--size_g", "64", "--size_p", "96", "--eval_sub_batch_size", "4", "--backbone", "resnet18"]
+SIZES = ["--size_g", "64", "--size_p", "96", "--micro_batch_size", "4", "--backbone", "resnet18"]
 # (H, W) of the generated images, by name: non-square RGB, 16-bit grey, RGBA smaller than a patch.
 IMAGES = {"rgb": (100, 150), "grey16": (90, 70), "small_rgba": (40, 60)}
 

@@ -160,7 +160,7 @@ def test_stage_started_without_the_previous_stage(data, tmp_path, capsys):
     [
         (["--size_g", "510"], "--size_g 510 must be a multiple of 4"),
         (["--sub_batch_size", "0"], "--sub_batch_size must be at least 1"),
-        (["--eval_sub_batch_size", "0"], "--eval_sub_batch_size must be at least 1"),
+        (["--micro_batch_size", "0"], "--micro_batch_size must be at least 1"),
         (["--size_p", "48"], "--size_p must be larger than 50"),
         (["--test"], "--test selects the split to evaluate; add --evaluation"),
         (["--n_class", "3"], "--n_class 3 does not match the class table (7 classes)"),

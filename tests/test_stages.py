@@ -280,3 +280,29 @@ def test_activation_checkpointing_changes_nothing_but_memory(stage):
         if p.grad is not None:
             assert torch.equal(p.grad, params_ck[name].grad), name
     assert all(torch.equal(state[k], state_ck[k]) for k in state)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stage2_micro_batches_give_the_sub_batch_losses_gradients_and_statistics(checkpointing):
+    """The head and losses of a sub-batch run micro-batch by micro-batch; only the summation
+    order of their gradients may differ from one pass over the sub-batch."""
+    batch = _batch(sizes=((80, 100),))
+    runs = []
+    for micro in (None, 1, 3):
+        model = _model()
+        model.activation_checkpointing = checkpointing
+        set_branch_modes(model, Stage.GLOBAL2LOCAL, training=True)
+        result = _run(Stage.GLOBAL2LOCAL, model, batch, sub_batch_size=4, backward=True, micro_batch_size=micro)
+        runs.append((result, dict(model.named_parameters()), model.state_dict()))
+    whole, params, state = runs[0]
+    assert len(whole.totals) == len(PatchGrid.build((80, 100), SIZE_P).batches(4)) > 1
+    for result, params_mb, state_mb in runs[1:]:
+        for values in ("criteria", "fmreg", "totals"):
+            assert getattr(result, values) == pytest.approx(getattr(whole, values), rel=1e-6), values
+        torch.testing.assert_close(result.images[0].ensemble_logits, whole.images[0].ensemble_logits)
+        for name, p in params.items():
+            assert (p.grad is None) == (params_mb[name].grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(params_mb[name].grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+        for key, value in state.items():
+            torch.testing.assert_close(state_mb[key], value, rtol=1e-5, atol=1e-7, msg=key)

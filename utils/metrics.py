@@ -7,6 +7,9 @@ import torch
 from torch import Tensor
 
 
+UPDATE_CHUNK = 1 << 22  # pixels
+
+
 class ConfusionMatrix:
     """Accumulates an (n_class, n_class) count matrix, rows = truth, columns = prediction,
     on the device of the predictions."""
@@ -21,8 +24,12 @@ class ConfusionMatrix:
             raise ValueError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in shape")
         if self.matrix.device != prediction.device:
             self.matrix = self.matrix.to(prediction.device)
-        index = label.reshape(-1).long() * self.n_class + prediction.reshape(-1).long()
-        self.matrix += torch.bincount(index, minlength=self.n_class**2).view(self.n_class, self.n_class)
+        label, prediction = label.reshape(-1), prediction.reshape(-1)
+        # In chunks, so that the int64 temporaries stay small on huge images.
+        for start in range(0, label.numel(), UPDATE_CHUNK):
+            chunk = slice(start, start + UPDATE_CHUNK)
+            index = label[chunk].long() * self.n_class + prediction[chunk].long()
+            self.matrix += torch.bincount(index, minlength=self.n_class**2).view(self.n_class, self.n_class)
 
     def iou(self) -> list[float]:
         """Per-class TP / (TP + FP + FN); NaN for a class absent from truth and prediction."""

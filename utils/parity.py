@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,8 +61,11 @@ def run_parity(
     mode: int,
     device: str | torch.device = "cpu",
     n_class: int = 7,
+    micro_batch_size: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
     """Evaluation and one training step of `mode` on one image with rule weights.
+    micro_batch_size: as helper.Session uses it (patches per evaluation pass, and per pass
+    of stage 2's head in training); None for whole sub-batches everywhere.
 
     image: (H, W, 3) uint8; label: (H, W) class ids. Returns arrays named as in
     parity_seed0.npz (eval_mX_*, train_mX_*).
@@ -80,22 +83,24 @@ def run_parity(
         frozen = GlobalBranch(n_class).to(device)
         apply_rule_weights(frozen, seed)
         frozen.eval()
-    kwargs = dict(patch_size=size_p, sub_batch_size=sub_batch_size, frozen_global=frozen)
+    kwargs = dict(patch_size=size_p, frozen_global=frozen, micro_batch_size=micro_batch_size)
     out: dict[str, np.ndarray] = {}
 
     model = GLNet(n_class).to(device)
     apply_rule_weights(model, seed)
     set_branch_modes(model, stage, training=False)
     with torch.inference_mode():
-        res = run_stage(stage, model, batch, **kwargs)
+        res = run_stage(stage, model, batch, sub_batch_size=micro_batch_size or sub_batch_size, **kwargs)
     _record(out, f"eval_m{mode}", res, image.shape[:2])
     if stage is Stage.GLOBAL2LOCAL:
-        out["eval_m2_fmreg"] = np.array(res.fmreg)
+        out["eval_m2_fmreg"] = _per_sub_batch(
+            res.fmreg, len(res.images[0].grid), micro_batch_size or sub_batch_size, sub_batch_size  # type: ignore[arg-type]
+        )
 
     model = GLNet(n_class).to(device)
     apply_rule_weights(model, seed)
     set_branch_modes(model, stage, training=True)
-    res = run_stage(stage, model, batch, backward=True, **kwargs)
+    res = run_stage(stage, model, batch, sub_batch_size=sub_batch_size, backward=True, **kwargs)
     _record(out, f"train_m{mode}", res, None)
     out[f"train_m{mode}_criterion"] = np.array(res.criteria)
     out[f"train_m{mode}_backward_loss"] = np.array(res.totals)
@@ -114,6 +119,18 @@ def run_parity(
     out["input_global"] = _numpy(batch.global_images)
     out["train_target_global"] = _numpy(resize_labels(batch.labels[0], [s // 4 for s in size_g])[None]).astype(np.uint8)
     return out
+
+
+def _per_sub_batch(means: list[float], n_patches: int, pass_size: int, sub_batch_size: int) -> np.ndarray:
+    """Per-pass means of equally sized patches regrouped into per-sub-batch means, as the
+    reference records them (a pass size must divide the sub-batch size)."""
+    if sub_batch_size % pass_size:
+        raise ValueError(f"micro_batch_size {pass_size} must divide sub_batch_size {sub_batch_size}")
+    counts = [min(pass_size, n_patches - i * pass_size) for i in range(len(means))]
+    per = sub_batch_size // pass_size
+    return np.array([
+        np.dot(means[i : i + per], counts[i : i + per]) / sum(counts[i : i + per]) for i in range(0, len(means), per)
+    ])
 
 
 def group_grad_norm(module: torch.nn.Module) -> float:

@@ -179,12 +179,18 @@ def merge_logits(patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | 
     return canvas
 
 
+def class_dtype(n_class: int) -> torch.dtype:
+    """The dtype of class maps: one byte per pixel wherever the ids fit, which keeps the
+    maps of huge images (three per image in evaluation) small."""
+    return torch.uint8 if n_class <= 256 else torch.long
+
+
 def merge_argmax(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64 << 20) -> Tensor:
-    """Argmax over classes of the merged patch logits, (H, W) int64, built band by band."""
+    """Argmax over classes of the merged patch logits, (H, W) of class_dtype, built band by band."""
     k = patch_logits.shape[1]
     h_img, w_img = grid.image_size
     band = max(1, max_band_bytes // (k * w_img * patch_logits.element_size()))
-    out = torch.empty(h_img, w_img, dtype=torch.long, device=patch_logits.device)
+    out = torch.empty(h_img, w_img, dtype=class_dtype(k), device=patch_logits.device)
     for r0 in range(0, h_img, band):
         r1 = min(h_img, r0 + band)
         out[r0:r1] = merge_logits(patch_logits, grid, (r0, r1)).argmax(0)
@@ -192,7 +198,7 @@ def merge_argmax(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64
 
 
 def upsample_argmax(logits: Tensor, size: Sequence[int]) -> Tensor:
-    """Argmax of (K, h, w) logits nearest-upsampled to `size`: (H, W) int64."""
+    """Argmax of (K, h, w) logits nearest-upsampled to `size`: (H, W) of class_dtype."""
     rows = nearest_indices(int(size[0]), logits.shape[-2], logits.device)
     cols = nearest_indices(int(size[1]), logits.shape[-1], logits.device)
-    return logits.argmax(0).index_select(0, rows).index_select(1, cols)
+    return logits.argmax(0).to(class_dtype(logits.shape[0])).index_select(0, rows).index_select(1, cols)
