@@ -259,20 +259,32 @@ def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
     return cmd
 
 
-def run_measured(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run a command; its wall time (s) and the peak RSS (MB) of its largest process.
+# Runs the command given as arguments and writes its wall time and rusage peak RSS (KiB)
+# to the file named first. Linux carries a process's high-water RSS over exec: a child
+# started straight from this benchmark process would report at least this process's own
+# peak (gigabytes after generating a large test image). From this fresh launcher it reports
+# its own.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+result = {"seconds": time.perf_counter() - start, "status": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}
+open(sys.argv[1], "w").write(json.dumps(result))
+"""
 
-    os.wait4 reports the rusage of exactly this child, whatever else this process ran.
-    """
-    with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+
+def run_measured(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run a command; its wall time (s) and the peak RSS (MB) of its largest process."""
+    with tempfile.TemporaryFile() as log, tempfile.TemporaryDirectory() as folder:
+        result_file = Path(folder) / "result.json"
+        subprocess.run([sys.executable, "-c", _LAUNCHER, str(result_file), *cmd], stdout=log,
+                       stderr=subprocess.STDOUT, cwd=ROOT, env=env, check=False)
+        result = json.loads(result_file.read_text()) if result_file.exists() else {"status": "no result"}
+        if result["status"] != 0:
             log.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read().decode(errors='replace')[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return result["seconds"], result["maxrss_kib"] / 1024
 
 
 def run_cli_case(case: Case, folder: Path) -> Record:

@@ -65,3 +65,35 @@ def test_via_cli_times_the_real_entry_point(tmp_path):
 def test_amp_on_cpu_is_refused():
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         main([*TINY_FLAGS, "--amp", "bf16"])
+
+
+def test_the_gpu_check_script_passes_only_flags_the_benchmark_knows():
+    """bench/gpu_checks.sh runs only where a GPU is lent; its benchmark lines must parse."""
+    import shlex
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_checks.sh").read_text()
+    joined = script.replace("\\\n", " ")
+    lines = [line for line in joined.splitlines() if '"${bench[@]}"' in line and not line.lstrip().startswith("#")]
+    assert len(lines) == 7
+    for line in lines:
+        words = shlex.split(line.split('"${bench[@]}"', 1)[1].split(">")[0].replace('"$out', '"out'))
+        args = build_parser().parse_args(["--device", "cuda", *words])
+        assert args.device == "cuda" and args.sizes and args.modes
+
+
+def test_via_cli_peak_is_the_commands_own():
+    """A child inherits its parent's high-water RSS over exec on Linux; the launcher keeps
+    this (large) test process's peak out of the measured one."""
+    import sys
+
+    import numpy as np
+
+    from bench.bench_inference import run_measured
+
+    ballast = np.ones(300 << 20, dtype=np.uint8)  # this process now peaks above 300 MB
+    seconds, peak = run_measured([sys.executable, "-c", "pass"], {})
+    assert seconds > 0 and 0 < peak < 100
+    with pytest.raises(RuntimeError, match="failed"):
+        run_measured([sys.executable, "-c", "raise SystemExit(3)"], {})
+    del ballast

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU check of this project in one run, for a session that is lent a GPU for a few
+# minutes: the CUDA variants of the tests, then the benchmark's GPU cases. Each step writes
+# its own files under OUT as it finishes, so a run cut short keeps what it measured.
+#
+#   bash bench/gpu_checks.sh OUT          (about 8 minutes on an H100 or H200)
+set -u
+out=${1:?usage: bash bench/gpu_checks.sh OUT}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+bench=(bench/bench_inference.py --device cuda)
+
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+"$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$out/torch.txt" 2>&1
+
+# 1. CUDA parity and device tests (TF32 off inside the parity tests).
+"$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_parity.py tests/test_stages.py tests/test_patches.py \
+    tests/test_model.py tests/test_predict.py > "$out/pytest_cuda.txt" 2>&1
+
+# 2. Evaluation: fp32, then bf16 + channels-last, then bf16 with all 36 patches per pass.
+"$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000 --repeat 3 --json "$out/eval_fp32.json" > "$out/eval_fp32.txt" 2>&1
+"$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 --amp bf16 --channels_last \
+    --json "$out/eval_bf16.json" > "$out/eval_bf16.txt" 2>&1
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --micro_batch_size 36 --profile \
+    --json "$out/eval_bf16_mb36.json" > "$out/eval_bf16_mb36.txt" 2>&1
+
+# 3. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.
+"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --json "$out/train_fp32.json" > "$out/train_fp32.txt" 2>&1
+"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --json "$out/train_bf16.json" \
+    > "$out/train_bf16.txt" 2>&1
+"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --checkpointing --json "$out/train_fp32_ckpt.json" \
+    > "$out/train_fp32_ckpt.txt" 2>&1
+"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --checkpointing \
+    --json "$out/train_bf16_ckpt.json" > "$out/train_bf16_ckpt.txt" 2>&1
+echo "done: $out"
