@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import multiprocessing.context
 import random
 import sys
 import time
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=6, help="images per optimizer step (per process under torchrun)")
     a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help="patches per forward pass of the local branch")
     a("--micro_batch_size", type=int, default=None, help="patches per pass wherever splitting a sub-batch does not "
-      "change results: every pass in evaluation, the FPN head and losses in stage-2 training (only the backbone's "
-      "BatchNorm couples patches). Memory vs speed; default: 1 on the CPU (fastest and leanest there), "
+      "change results: every pass in evaluation; in training, stage 2's FPN head and losses and stage 3's frozen "
+      "local branch (only a training backbone's BatchNorm couples patches). Memory vs speed; default: 1 on the CPU (fastest and leanest there), "
       "--sub_batch_size on a GPU")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size: N or H,W")
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size: N or H,W")
@@ -183,7 +185,19 @@ def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices:
         num_workers=args.num_workers,
         collate_fn=collate,
         persistent_workers=False,
+        multiprocessing_context=worker_context() if args.num_workers > 0 else None,
     )
+
+
+def worker_context() -> Optional[multiprocessing.context.BaseContext]:
+    """Where available, loader workers start from a fork server that has imported the data
+    code only. Forked from this process instead, each would start as large as it is by
+    then (networks and optimizer state included: gigabytes of resident pages)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["helper", "dataset.segmentation"])
+    return context
 
 
 def epoch_order(n: int, seed: int, epoch: int, info: DistInfo) -> list[int]:

@@ -98,17 +98,18 @@ def normalise_context(canvases: Context, grid: PatchGrid) -> Context:
 class _GlobalBranchMixin:
     resnet_global: ResNetBackbone
     fpn_global: FPN
-    # Activation checkpointing: store only stage boundaries during the forward and
-    # recompute the rest in backward (each ResNet stage and the FPN head as a whole).
+    # Activation checkpointing: store only boundaries during the forward and recompute the
+    # rest in backward (the backbones block by block, and the global FPN head, whose graph
+    # stage 3 keeps across the backward passes of all its sub-batches).
     activation_checkpointing: bool = False
 
     def _checkpointing(self) -> bool:
         return self.activation_checkpointing and torch.is_grad_enabled()
 
-    def _head(self, head: Callable[[Levels], FPNOutput], c: Levels) -> FPNOutput:
+    def _fpn(self, fpn: FPN, c: Levels, context: Optional[Context]) -> FPNOutput:
         if self._checkpointing():
-            return checkpoint(head, c, use_reentrant=False)
-        return head(c)
+            return checkpoint(fpn, c, context, use_reentrant=False)
+        return fpn(c, context)
 
     def global_branch(self, images: Tensor, context: Optional[Context] = None) -> BranchOutput:
         """Global images (B, 3, Hg, Wg) -> logits at (Hg/4, Wg/4).
@@ -116,7 +117,7 @@ class _GlobalBranchMixin:
         context: merged local features (stage 3), which switch the head to its `_ext` layers.
         """
         c = self.resnet_global(images, self._checkpointing())
-        return BranchOutput(c, self._head(lambda c: self.fpn_global(c, context), c))
+        return BranchOutput(c, self._fpn(self.fpn_global, c, context))
 
 
 class GLNet(_GlobalBranchMixin, nn.Module):
@@ -150,14 +151,12 @@ class GLNet(_GlobalBranchMixin, nn.Module):
         return self.resnet_local(patches, self._checkpointing())
 
     def local_head(self, c: Levels, global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int]) -> FPNOutput:
-        """The local FPN on backbone maps c of the patches `indices`, with the global context."""
+        """The local FPN on backbone maps c of the patches `indices`, with the global context.
 
-        # The crops are cut inside the (checkpointed) head so that backward recomputes
-        # them from the small global maps instead of keeping them.
-        def head(c: Levels) -> FPNOutput:
-            return self.fpn_local(c, crop_context(global_out, grid, indices, c))
-
-        return self._head(head, c)
+        Never checkpointed: it is trained only in stage 2, whose loss is backpropagated right
+        after each (micro-)batch's head, so recomputation could not lower the peak.
+        """
+        return self.fpn_local(c, crop_context(global_out, grid, indices, c))
 
     # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its
     # input channels, so it splits into a local term and a global term. Stage 3 evaluation

@@ -166,7 +166,8 @@ def run_stage(
 
     Branch train/eval modes are the caller's (see set_branch_modes); evaluation callers
     wrap this in torch.inference_mode(). micro_batch_size: patches per pass of the parts
-    that no BatchNorm couples (stage 2's head and losses); None for the whole sub-batch.
+    that no BatchNorm statistics couple (stage 2's head and losses, stage 3's frozen local
+    branch); None for the whole sub-batch.
     """
     if backward and batch.labels is None:
         raise ValueError("training needs labels")
@@ -198,26 +199,30 @@ def run_stage(
         return result
 
     # Stage 3: local features (with the frozen stage-1 global context) feed the global branch.
+    # The local branch is frozen here (eval mode, no gradients), so its passes are
+    # micro-batches whatever the sub-batch size.
     with torch.no_grad():
         fixed = frozen_global.global_branch(batch.global_images)  # type: ignore[union-attr]
         merged, kept, local_logits = [], [], []
         for i, (image, grid) in enumerate(zip(batch.images, grids)):
             context = fixed.image(i)
             canvases = empty_context(context.context())
-            terms, logits = zip(
-                *(_local2global_pass(model, image, grid, idx, context, canvases, keep_ps3=backward)
-                  for idx in grid.batches(sub_batch_size))
-            )
+            terms, logits = _PerPatch(len(grid)), _PerPatch(len(grid))
+            for idx in grid.batches(micro_batch_size):
+                term, logit = _local2global_pass(model, image, grid, idx, context, canvases, keep_ps3=backward)
+                terms.write(idx, term)
+                logits.write(idx, logit)
             merged.append(normalise_context(canvases, grid))
-            kept.append(terms)
-            local_logits.append(torch.cat(logits))
+            kept.append(terms.tensor)
+            local_logits.append(logits.tensor)
     glob = model.global_branch(batch.global_images, _cat_contexts(merged))
     losses.step(losses.focal(glob.logits, _global_targets(labels, glob)), retain_graph=True)
-    last = (len(batch.images) - 1, len(kept[-1]) - 1)
+    last = (len(batch.images) - 1, len(grids[-1].batches(sub_batch_size)) - 1)
     for i, (label, grid) in enumerate(zip(labels, grids)):
         ensemble_logits = []
         for j, idx in enumerate(grid.batches(sub_batch_size)):
-            term = model.ensemble_local_term(kept[i][j]) if backward else kept[i][j]
+            rows = kept[i][idx.start : idx.stop]
+            term = model.ensemble_local_term(rows) if backward else rows
             ensemble, _ = model.ensemble(term, glob.ps3[i : i + 1], grid, idx)
             target = _patch_targets(label, grid, idx, ensemble.shape[-2:])
             losses.step(losses.focal(ensemble, target), retain_graph=(i, j) != last)
@@ -226,6 +231,27 @@ def run_stage(
             ImageResult(glob.logits[i : i + 1].detach(), grid, local_logits[i], torch.cat(ensemble_logits))
         )
     return result
+
+
+class _PerPatch:
+    """One (n_patches, ...) tensor filled pass by pass: unlike torch.cat of the passes'
+    results, it never holds them twice (stage 3 training keeps every patch's 512-channel
+    ps3, over a gigabyte at 2448 x 2448)."""
+
+    def __init__(self, n_patches: int) -> None:
+        self.n_patches = n_patches
+        self._tensor: Optional[Tensor] = None
+
+    def write(self, idx: range, values: Tensor) -> None:
+        if self._tensor is None:
+            self._tensor = values.new_empty((self.n_patches, *values.shape[1:]))
+        self._tensor[idx.start : idx.stop] = values
+
+    @property
+    def tensor(self) -> Tensor:
+        if self._tensor is None:
+            raise ValueError("no pass was written")
+        return self._tensor
 
 
 # The per-sub-batch steps are functions so that a sub-batch's activations are freed when

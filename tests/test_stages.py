@@ -282,20 +282,22 @@ def test_activation_checkpointing_changes_nothing_but_memory(stage):
     assert all(torch.equal(state[k], state_ck[k]) for k in state)
 
 
+@pytest.mark.parametrize("stage", [Stage.GLOBAL2LOCAL, Stage.LOCAL2GLOBAL])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_stage2_micro_batches_give_the_sub_batch_losses_gradients_and_statistics(checkpointing):
-    """The head and losses of a sub-batch run micro-batch by micro-batch; only the summation
-    order of their gradients may differ from one pass over the sub-batch."""
+def test_micro_batches_give_the_sub_batch_losses_gradients_and_statistics(stage, checkpointing):
+    """Stage 2's head and losses and stage 3's frozen local passes run micro-batch by
+    micro-batch; only the summation order of gradients may differ from whole sub-batches."""
     batch = _batch(sizes=((80, 100),))
     runs = []
     for micro in (None, 1, 3):
         model = _model()
         model.activation_checkpointing = checkpointing
-        set_branch_modes(model, Stage.GLOBAL2LOCAL, training=True)
-        result = _run(Stage.GLOBAL2LOCAL, model, batch, sub_batch_size=4, backward=True, micro_batch_size=micro)
+        set_branch_modes(model, stage, training=True)
+        result = _run(stage, model, batch, sub_batch_size=4, backward=True, micro_batch_size=micro)
         runs.append((result, dict(model.named_parameters()), model.state_dict()))
     whole, params, state = runs[0]
-    assert len(whole.totals) == len(PatchGrid.build((80, 100), SIZE_P).batches(4)) > 1
+    n_sub = len(PatchGrid.build((80, 100), SIZE_P).batches(4))
+    assert n_sub > 1 and len(whole.totals) == (n_sub if stage is Stage.GLOBAL2LOCAL else n_sub + 1)
     for result, params_mb, state_mb in runs[1:]:
         for values in ("criteria", "fmreg", "totals"):
             assert getattr(result, values) == pytest.approx(getattr(whole, values), rel=1e-6), values
