@@ -217,10 +217,12 @@ def run_case(case: Case) -> Record:
 def run_case_isolated(case: Case) -> Record:
     """run_case in a fresh Python process, so the peak memory is the case's alone."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one-case", json.dumps(asdict(case))]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"case {asdict(case)} failed with exit status {done.returncode} (its error is above)")
-    return record_from_json(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out:
+        status = launch(cmd, dict(os.environ), stdout=out)["status"]
+        if status != 0:
+            raise RuntimeError(f"case {asdict(case)} failed with exit status {status} (its error is above)")
+        out.seek(0)
+        return record_from_json(out.read().strip().splitlines()[-1])
 
 
 def record_from_json(text: str) -> Record:
@@ -262,8 +264,8 @@ def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
 # Runs the command given as arguments and writes its wall time and rusage peak RSS (KiB)
 # to the file named first. Linux carries a process's high-water RSS over exec: a child
 # started straight from this benchmark process would report at least this process's own
-# peak (gigabytes after generating a large test image). From this fresh launcher it reports
-# its own.
+# peak (torch's import, or gigabytes after generating a large test image), and so would a
+# --one-case child's own getrusage. Started from this small launcher, each reports its own.
 _LAUNCHER = """
 import json, os, subprocess, sys, time
 start = time.perf_counter()
@@ -274,13 +276,19 @@ open(sys.argv[1], "w").write(json.dumps(result))
 """
 
 
+def launch(cmd: Sequence[str], env: dict[str, str], stdout: Any = None, stderr: Any = None) -> dict[str, Any]:
+    """Run a command through _LAUNCHER: {"seconds", "status", "maxrss_kib"}."""
+    with tempfile.TemporaryDirectory() as folder:
+        result_file = Path(folder) / "result.json"
+        subprocess.run([sys.executable, "-c", _LAUNCHER, str(result_file), *cmd], stdout=stdout, stderr=stderr,
+                       cwd=ROOT, env=env, check=False)
+        return json.loads(result_file.read_text()) if result_file.exists() else {"status": "no result"}
+
+
 def run_measured(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
     """Run a command; its wall time (s) and the peak RSS (MB) of its largest process."""
-    with tempfile.TemporaryFile() as log, tempfile.TemporaryDirectory() as folder:
-        result_file = Path(folder) / "result.json"
-        subprocess.run([sys.executable, "-c", _LAUNCHER, str(result_file), *cmd], stdout=log,
-                       stderr=subprocess.STDOUT, cwd=ROOT, env=env, check=False)
-        result = json.loads(result_file.read_text()) if result_file.exists() else {"status": "no result"}
+    with tempfile.TemporaryFile() as log:
+        result = launch(cmd, env, stdout=log, stderr=subprocess.STDOUT)
         if result["status"] != 0:
             log.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read().decode(errors='replace')[-3000:]}")
