@@ -25,6 +25,7 @@ from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, co
 from models.stages import STAGES, Stage
 from utils.checkpoint import CheckpointError, atomic_save, load_state, read_file, save_weights, state_dict_of
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
+from utils.memory import return_large_blocks_to_the_system
 from utils.patches import MIN_OVERLAP
 
 LAST_SUFFIX = ".last.pth"
@@ -457,4 +458,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    return_large_blocks_to_the_system()
     sys.exit(main())

@@ -38,6 +38,7 @@ from models.stages import STAGES, Batch, Stage, set_branch_modes  # noqa: E402
 from helper import AMP_DTYPES
 from predict import CHECKPOINT_FLAGS, default_checkpoint, make_session, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
+from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
 from train_deep_globe import parse_size  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
@@ -377,6 +378,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.one_case is not None:
+        return_large_blocks_to_the_system()  # as the entry points do
         print(json.dumps(record_to_json(run_case(case_from_dict(json.loads(args.one_case))))))
         return 0
     check_args(args)

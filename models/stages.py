@@ -16,7 +16,7 @@ from dataset.transforms import to_unit_float
 from models.fpn import Context, Levels
 from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context, paste_context
 from utils.losses import focal_loss, fmreg_loss
-from utils.patches import PatchGrid, extract_patches
+from utils.patches import PatchGrid, chunks, extract_patches
 from utils.resample import resize_labels
 
 
@@ -282,7 +282,7 @@ def _global2local_step(
     n = len(idx)
     parts = [
         _global2local_head(model, head_in, rows, label, grid, idx, context, losses, lamb_fmreg, len(rows) / n)
-        for rows in (range(i, min(i + micro_batch_size, n)) for i in range(0, n, micro_batch_size))
+        for rows in chunks(n, micro_batch_size)
     ]
     local_logits, ensemble_logits, values = zip(*parts)
     if losses.backward and label is not None:

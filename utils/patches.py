@@ -46,6 +46,13 @@ def axis_origins(length: int, patch: int) -> tuple[tuple[int, ...], int]:
     return tuple(round(i * step) for i in range(n - 1)) + (length - patch,), patch
 
 
+def chunks(n: int, size: int) -> list[range]:
+    """range(n) cut into consecutive ranges of at most `size` items."""
+    if size < 1:
+        raise ValueError(f"sub-batch size must be at least 1, got {size}")
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 @dataclass(frozen=True)
 class PatchGrid:
     """Row-major grid of patches over one image: patch index = row * n_cols + col."""
@@ -79,9 +86,7 @@ class PatchGrid:
 
     def batches(self, size: int) -> list[range]:
         """Consecutive patch-index ranges of at most `size` patches (the sub-batches)."""
-        if size < 1:
-            raise ValueError(f"sub-batch size must be at least 1, got {size}")
-        return [range(i, min(i + size, len(self))) for i in range(0, len(self), size)]
+        return chunks(len(self), size)
 
     def cell_box(self, index: int, map_size: Sequence[int]) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the patch on a feature map of the whole image."""
