@@ -27,7 +27,6 @@ from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
 from models.stages import Stage
 from train_deep_globe import SUB_BATCH_SIZE, USER_ERRORS, checkpoint_paths, load_table, parse_size
-from utils.memory import return_large_blocks_to_the_system
 
 # The checkpoint flags (the trainer's names) and the stage whose training writes each file.
 CHECKPOINT_FLAGS = {"path_g": Stage.GLOBAL, "path_g2l": Stage.GLOBAL2LOCAL, "path_l2g": Stage.LOCAL2GLOBAL}
@@ -161,5 +160,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    return_large_blocks_to_the_system()
     sys.exit(main())

@@ -450,6 +450,8 @@ def run(args: argparse.Namespace) -> int:
 @reports_errors(*USER_ERRORS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if not args.evaluation:
+        return_large_blocks_to_the_system()
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -458,5 +460,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    return_large_blocks_to_the_system()
     sys.exit(main())

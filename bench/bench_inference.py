@@ -378,8 +378,10 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.one_case is not None:
-        return_large_blocks_to_the_system()  # as the entry points do
-        print(json.dumps(record_to_json(run_case(case_from_dict(json.loads(args.one_case))))))
+        case = case_from_dict(json.loads(args.one_case))
+        if case.kind == "train":
+            return_large_blocks_to_the_system()  # as train_deep_globe.py does when training
+        print(json.dumps(record_to_json(run_case(case))))
         return 0
     check_args(args)
     records: list[Record] = []
