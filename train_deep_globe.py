@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help="patches per forward pass of the local branch")
     a("--micro_batch_size", type=int, default=None, help="patches per pass wherever splitting a sub-batch does not "
       "change results: every pass in evaluation; in training, stage 2's FPN head and losses and stage 3's frozen "
-      "local branch (only a training backbone's BatchNorm couples patches). Memory vs speed; default: 1 on the CPU (fastest and leanest there), "
-      "--sub_batch_size on a GPU")
+      "local branch (only a training backbone's BatchNorm couples patches). Memory vs speed; default: 1 on the "
+      "CPU (fastest and leanest there), --sub_batch_size on a GPU")
     a("--size_g", type=parse_size, default=(508, 508), help="global image size: N or H,W")
     a("--size_p", type=parse_size, default=(508, 508), help="local patch size: N or H,W")
     a("--path_g", default=None, help="stage-1 checkpoint (needed by modes 2 and 3)")
@@ -191,9 +191,10 @@ def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices:
 
 
 def worker_context() -> Optional[multiprocessing.context.BaseContext]:
-    """Where available, loader workers start from a fork server that has imported the data
-    code only. Forked from this process instead, each would start as large as it is by
-    then (networks and optimizer state included: gigabytes of resident pages)."""
+    """Where available, loader workers start from a fork server that has imported only what
+    loading needs. Forked from this process instead, each would inherit its pages (networks
+    and optimizer state): shared copy-on-write, yet counted in the worker's resident set
+    and copied wherever Python touches the objects on them."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     context = multiprocessing.get_context("forkserver")
