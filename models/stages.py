@@ -99,7 +99,7 @@ class ImageResult:
 class StageResult:
     images: list[ImageResult]
     criteria: list[float] = field(default_factory=list)  # every focal-loss value, in call order
-    fmreg: list[float] = field(default_factory=list)  # per sub-batch (stage 2)
+    fmreg: list[float] = field(default_factory=list)  # per sub-batch (stage 2, with labels)
     totals: list[float] = field(default_factory=list)  # every loss that is (or would be) backpropagated
 
     @property
@@ -285,10 +285,10 @@ def _global2local_step(
         for rows in chunks(n, micro_batch_size)
     ]
     local_logits, ensemble_logits, values = zip(*parts)
-    if losses.backward and label is not None:
-        torch.autograd.backward(c, [t.grad for t in head_in])
-    losses.result.fmreg.append(sum(v[0] for v in values))
     if label is not None:
+        if losses.backward:
+            torch.autograd.backward(c, [t.grad for t in head_in])
+        losses.result.fmreg.append(sum(v[0] for v in values))
         losses.result.criteria += [sum(v[1] for v in values), sum(v[2] for v in values)]
         losses.result.totals.append(sum(v[3] for v in values))
     return torch.cat(local_logits), torch.cat(ensemble_logits)
@@ -308,17 +308,18 @@ def _global2local_head(
 ) -> tuple[Tensor, Tensor, tuple[float, ...]]:
     """The head and losses of the micro-batch `rows` of a sub-batch whose backbone maps are
     c. Loss values are weighted by the micro-batch's share of the sub-batch, so that they
-    sum to the sub-batch's: (fmreg, focal local, focal ensemble, total)."""
+    sum to the sub-batch's: (fmreg, focal local, focal ensemble, total); none without a
+    label (plain prediction then never waits for the device to report a loss)."""
     part = idx[rows.start : rows.stop]
     local = model.local_head(tuple(m[rows.start : rows.stop] for m in c), context, grid, part)  # type: ignore[arg-type]
     ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, part)
-    fmreg = share * fmreg_loss(local.ps3, crop)
-    values: tuple[float, ...] = (fmreg.item(),)
     target = _patch_targets(label, grid, part, local.logits.shape[-2:])
+    values: tuple[float, ...] = ()
     if target is not None:
+        fmreg = share * fmreg_loss(local.ps3, crop)
         loss_local, loss_ens = share * focal_loss(local.logits, target), share * focal_loss(ensemble, target)
         total = loss_local + loss_ens + lamb_fmreg * fmreg
-        values += (loss_local.item(), loss_ens.item(), total.item())
+        values = (fmreg.item(), loss_local.item(), loss_ens.item(), total.item())
         if losses.backward:
             total.backward()
     return local.logits.detach(), ensemble.detach(), values

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
@@ -207,6 +208,35 @@ def test_fmreg_weight_is_an_argument():
     for j, total in enumerate(res.totals):
         assert res.fmreg[j] > 0
         assert total == pytest.approx(res.criteria[2 * j] + res.criteria[2 * j + 1] + 2.0 * res.fmreg[j], rel=1e-5)
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts tensor-to-Python reads (`.item()`, `float(t)`, ...): on a GPU each one waits
+    for every queued kernel, so the host stops feeding the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.item, torch.ops.aten._local_scalar_dense)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_evaluation_without_labels_reads_nothing_back(stage):
+    model = _model()
+    set_branch_modes(model, stage, training=False)
+    with torch.inference_mode():
+        unlabelled = _ScalarReads()
+        with unlabelled:
+            res = _run(stage, model, _batch(labels=False))
+        labelled = _ScalarReads()
+        with labelled:
+            _run(stage, model, _batch())
+    assert unlabelled.count == 0
+    assert res.criteria == res.fmreg == res.totals == []
+    assert labelled.count > 0  # the counter does see the loss values read with labels
 
 
 def test_stage_result_loss_is_the_mean_of_totals():
