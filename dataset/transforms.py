@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
+
+from utils.resample import pil_bilinear
 
 
 def to_unit_float(image: Tensor) -> Tensor:
@@ -25,17 +25,16 @@ def to_unit_float(image: Tensor) -> Tensor:
 def global_image(image: Tensor, size: Sequence[int]) -> Tensor:
     """The global branch's input: the whole image resized to `size` (H, W), float in [0, 1].
 
-    Pillow's BILINEAR (antialiased when shrinking) as in the authors' code; for uint8 images
-    its rounding to 8 bits is reproduced exactly, which torch's own resize does not.
+    Pillow's BILINEAR (antialiased when shrinking) as in the authors' code, reproduced bit
+    for bit by utils.resample.pil_bilinear on the image's own device: uint8 images go
+    through Pillow's 8-bit path and are then scaled by 1 / 255 (torch's own resize does
+    not round like Pillow), float images through its mode "F" path and are then clamped
+    to [0, 1]. Returns float32 (C, H, W) on the input's device.
     """
-    h, w = int(size[0]), int(size[1])
-    array = image.detach().cpu().numpy()
+    out = pil_bilinear(image, size)
     if image.dtype == torch.uint8:
-        pil = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))
-        out = np.asarray(pil.resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
-        return torch.from_numpy(out.copy()).float().div_(255.0)
-    channels = [np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)) for c in array]
-    return torch.from_numpy(np.stack(channels)).clamp_(0.0, 1.0)
+        return out.float().div_(255.0)
+    return out.clamp_(0.0, 1.0)
 
 
 def augment(image: Tensor, label: Optional[Tensor], generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
