@@ -7,7 +7,7 @@ There are no activations or normalisations in these heads: every layer is a bias
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,13 +25,15 @@ class Context(NamedTuple):
     """Features of the other branch, each resized to the map it is concatenated with.
 
     c: (c2, c3, c4, c5) backbone maps; ps0, ps1, ps2: top-down levels (p5..p2) before
-    smoothing, after `smoothK_1` and after `smoothK_2`.
+    smoothing, after `smoothK_1` and after `smoothK_2`. Each field is a sequence the head
+    reads map by map, so a lazy one (the local head's crops of the global maps) makes each
+    map only when its layer needs it.
     """
 
-    c: Levels
-    ps0: Levels
-    ps1: Levels
-    ps2: Levels
+    c: Sequence[Tensor]
+    ps0: Sequence[Tensor]
+    ps1: Sequence[Tensor]
+    ps2: Sequence[Tensor]
 
 
 class FPNOutput(NamedTuple):
@@ -54,6 +56,30 @@ class _LayerSet(NamedTuple):
 
 def _join(x: Tensor, context: Optional[Tensor]) -> Tensor:
     return x if context is None else torch.cat((x, context), dim=1)
+
+
+def _concat_resized(maps: Iterable[Tensor], channels: int, size: Sequence[int]) -> Tensor:
+    """torch.cat of the maps, each resized to `size`, along channels (`channels` in all).
+
+    Written map by map into the result, so besides it only one resized map exists at a
+    time (a cat would hold every piece and the result together: at the local head's widest
+    point, 2 x 1024 channels at 1/4 of the patch size). Every map of one head shares the
+    first one's dtype and memory format, which the result takes.
+    """
+    out: Optional[Tensor] = None
+    start = 0
+    for m in maps:
+        piece = resize(m, size)
+        if out is None:
+            channels_last = piece.is_contiguous(memory_format=torch.channels_last) and not piece.is_contiguous()
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            out = torch.empty((piece.shape[0], channels, *piece.shape[-2:]), dtype=piece.dtype, device=piece.device,
+                              memory_format=layout)
+        out[:, start : start + piece.shape[1]] = piece
+        start += piece.shape[1]
+    if out is None or start != channels:
+        raise ValueError(f"expected maps with {channels} channels in all, got {start}")
+    return out
 
 
 class FPN(nn.Module):
@@ -115,19 +141,24 @@ class FPN(nn.Module):
         layers = self._sets.get(context is not None)
         if layers is None:
             raise ValueError(f"this FPN {'needs' if context is None else 'takes no'} context features")
-        ctx_c = context.c if context is not None else (None,) * N_LEVELS
-        ctx_ps = context[1:] if context is not None else ((None,) * N_LEVELS,) * 3
 
-        p = layers.top(_join(c[3], ctx_c[3]))
+        def ctx(field: int, level: int) -> Optional[Tensor]:
+            # Read at the moment of use: a lazy context map then lives only as long as
+            # the layer that consumes it.
+            return None if context is None else context[field][level]
+
+        p = layers.top(_join(c[3], ctx(0, 3)))
         ps0 = [p]
-        for lateral, own, ctx in zip(layers.lateral, c[2::-1], ctx_c[2::-1]):
-            lat = lateral(_join(own, ctx))
+        for lateral, level in zip(layers.lateral, (2, 1, 0)):
+            lat = lateral(_join(c[level], ctx(0, level)))
             p = resize(p, lat.shape[-2:]) + lat
             ps0.append(p)
-        ps1 = [conv(_join(p, ctx)) for conv, p, ctx in zip(layers.smooth1, ps0, ctx_ps[0])]
-        ps2 = [conv(_join(p, ctx)) for conv, p, ctx in zip(layers.smooth2, ps1, ctx_ps[1])]
-        size = ps2[-1].shape[-2:]
-        ps3 = torch.cat([resize(_join(p, ctx), size) for p, ctx in zip(ps2, ctx_ps[2])], dim=1)
+        ps1 = [conv(_join(p, ctx(1, i))) for i, (conv, p) in enumerate(zip(layers.smooth1, ps0))]
+        ps2 = [conv(_join(p, ctx(2, i))) for i, (conv, p) in enumerate(zip(layers.smooth2, ps1))]
+        # Context maps have the channels of the own maps they join.
+        folds = 1 if context is None else 2
+        pieces = (m for i, p in enumerate(ps2) for m in (p, ctx(3, i)) if m is not None)
+        ps3 = _concat_resized(pieces, folds * sum(p.shape[1] for p in ps2), ps2[-1].shape[-2:])
         if layers.fuse is not None:
             ps3 = layers.fuse(ps3)
         return FPNOutput(self.classify(ps3), tuple(ps0), tuple(ps1), tuple(ps2), ps3)  # type: ignore[arg-type]

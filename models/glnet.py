@@ -6,6 +6,7 @@ arguments and returns the ones its caller may pass on, so nothing is cached betw
 """
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -57,14 +58,34 @@ def _level_sizes(c: Levels) -> list[torch.Size]:
     return [m.shape[-2:] for m in c[::-1]]
 
 
+class _Crops(SequenceABC):
+    """Whole-image maps (batch of one) cropped at patches and resized, each made when read.
+
+    The local head reads each map once, so a crop lives only as long as the layer that
+    consumes it, instead of all sixteen for the whole head (a third of its peak memory).
+    """
+
+    def __init__(self, maps: Sequence[Tensor], grid: PatchGrid, indices: Sequence[int], sizes: Sequence[Sequence[int]]):
+        self.maps, self.grid, self.indices, self.sizes = maps, grid, indices, sizes
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, level: int) -> Tensor:  # type: ignore[override]
+        if not isinstance(level, int):
+            raise TypeError("crops are read one level at a time")
+        return crop_to_patches(self.maps[level], self.grid, self.indices, self.sizes[level])
+
+
 def crop_context(global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int], local_c: Levels) -> Context:
-    """Crop the global maps (batch of one image) at each patch, resized to the local maps."""
+    """The global maps (batch of one image) cropped at each patch and resized to the local
+    maps, lazily (see _Crops)."""
     g = global_out.context()
     levels = _level_sizes(local_c)
     return Context(
-        tuple(crop_to_patches(m, grid, indices, own.shape[-2:]) for m, own in zip(g.c, local_c)),
-        *(tuple(crop_to_patches(m, grid, indices, s) for m, s in zip(maps, levels)) for maps in g[1:]),
-    )  # type: ignore[arg-type]
+        _Crops(g.c, grid, indices, [own.shape[-2:] for own in local_c]),
+        *(_Crops(maps, grid, indices, levels) for maps in g[1:]),
+    )
 
 
 def empty_context(like: Context) -> Context:

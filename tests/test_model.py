@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from conftest import DEVICES, FIXTURES, ROOT
 from models.backbone import ResNetBackbone
-from models.fpn import FPN
-from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
+from models.fpn import FPN, _concat_resized
+from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch, crop_context
 from models.stages import Batch, Stage, run_stage
 from utils.parity import apply_rule_weights, rule_tensor
-from utils.patches import PatchGrid, extract_patches
+from utils.patches import PatchGrid, crop_to_patches, extract_patches
+from utils.resample import resize
 
 N_CLASS = 5
 
@@ -277,6 +278,35 @@ def test_fpn_context_rules():
         model.fpn_global(c, context)
     with pytest.raises(ValueError):
         FPN(N_CLASS, (64, 128, 256, 512), plain=False, context_suffix=None)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_concat_resized_is_the_cat_of_the_resized_maps(layout):
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, ch, side, side, generator=g).to(memory_format=layout) for ch, side in
+            ((3, 4), (5, 8), (2, 16), (4, 16))]
+    out = _concat_resized(iter(maps), 14, (16, 16))
+    assert torch.equal(out, torch.cat([resize(m, (16, 16)) for m in maps], dim=1))
+    assert out.is_contiguous(memory_format=layout)
+    with pytest.raises(ValueError, match="15 channels in all, got 14"):
+        _concat_resized(iter(maps), 15, (16, 16))
+
+
+def test_the_local_heads_context_is_cropped_level_by_level_when_read():
+    model = _small().eval()
+    grid = PatchGrid.build((100, 90), (64, 64))
+    with torch.no_grad():
+        glob = model.global_branch(torch.rand(1, 3, 64, 64))
+        local_c = model.resnet_local(torch.rand(2, 3, 64, 64))
+    context = crop_context(glob, grid, [1, 3], local_c)
+    full = glob.context()
+    for field, (lazy, maps) in enumerate(zip(context, full)):
+        assert len(lazy) == len(maps) == 4
+        for level, crop in enumerate(lazy):
+            size = local_c[level].shape[-2:] if field == 0 else local_c[3 - level].shape[-2:]
+            assert torch.equal(crop, crop_to_patches(maps[level], grid, [1, 3], size)), (field, level)
+    with pytest.raises(TypeError, match="one level at a time"):
+        context.c[1:]
 
 
 # --------------------------------------------------------------------------- weight rule
