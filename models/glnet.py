@@ -62,7 +62,7 @@ class _Crops(SequenceABC):
     """Whole-image maps (batch of one) cropped at patches and resized, each made when read.
 
     The local head reads each map once, so a crop lives only as long as the layer that
-    consumes it, instead of all sixteen for the whole head (a third of its peak memory).
+    consumes it, instead of all sixteen for the whole head.
     """
 
     def __init__(self, maps: Sequence[Tensor], grid: PatchGrid, indices: Sequence[int], sizes: Sequence[Sequence[int]]):

@@ -200,29 +200,35 @@ def run_stage(
 
     # Stage 3: local features (with the frozen stage-1 global context) feed the global branch.
     # The local branch is frozen here (eval mode, no gradients), so its passes are
-    # micro-batches whatever the sub-batch size.
+    # micro-batches whatever the sub-batch size. What the ensemble needs of each patch
+    # later: in evaluation the n_class-channel local term; in training the 512-channel ps3
+    # (ensemble_conv's local half learns from it), or, with activation checkpointing,
+    # nothing: the sub-batch's ps3 is recomputed when the ensemble needs it.
+    recompute = backward and model.activation_checkpointing
     with torch.no_grad():
         fixed = frozen_global.global_branch(batch.global_images)  # type: ignore[union-attr]
         merged, kept, local_logits = [], [], []
         for i, (image, grid) in enumerate(zip(batch.images, grids)):
             context = fixed.image(i)
             canvases = empty_context(context.context())
-            terms, logits = _PerPatch(len(grid)), _PerPatch(len(grid))
+            terms = None if recompute else _PerPatch(len(grid))
+            logits = _PerPatch(len(grid))
             for idx in grid.batches(micro_batch_size):
-                term, logit = _local2global_pass(model, image, grid, idx, context, canvases, keep_ps3=backward)
-                terms.write(idx, term)
-                logits.write(idx, logit)
+                _local2global_pass(model, image, grid, idx, context, canvases, logits, terms, keep_ps3=backward)
             merged.append(normalise_context(canvases, grid))
-            kept.append(terms.tensor)
+            kept.append(terms)
             local_logits.append(logits.tensor)
     glob = model.global_branch(batch.global_images, _cat_contexts(merged))
     losses.step(losses.focal(glob.logits, _global_targets(labels, glob)), retain_graph=True)
     last = (len(batch.images) - 1, len(grids[-1].batches(sub_batch_size)) - 1)
-    for i, (label, grid) in enumerate(zip(labels, grids)):
+    for i, (image, label, grid) in enumerate(zip(batch.images, labels, grids)):
         ensemble_logits = []
         for j, idx in enumerate(grid.batches(sub_batch_size)):
-            rows = kept[i][idx.start : idx.stop]
-            term = model.ensemble_local_term(rows) if backward else rows
+            if kept[i] is None:
+                term = model.ensemble_local_term(_local_ps3(model, image, grid, idx, fixed.image(i), micro_batch_size))
+            else:
+                rows = kept[i].tensor[idx.start : idx.stop]  # type: ignore[union-attr]
+                term = model.ensemble_local_term(rows) if backward else rows
             ensemble, _ = model.ensemble(term, glob.ps3[i : i + 1], grid, idx)
             target = _patch_targets(label, grid, idx, ensemble.shape[-2:])
             losses.step(losses.focal(ensemble, target), retain_graph=(i, j) != last)
@@ -326,15 +332,37 @@ def _global2local_head(
 
 
 def _local2global_pass(
-    model: GLNet, image: Tensor, grid: PatchGrid, idx: range, context: BranchOutput, canvases: Context, keep_ps3: bool
-) -> tuple[Tensor, Tensor]:
-    """Stage 3's local pass on one sub-batch: its features are pasted into the canvases;
-    returns what the ensemble needs later and the local logits. Training keeps ps3
-    itself (ensemble_conv's local half learns); evaluation only ever needs its
-    n_class-channel local term."""
+    model: GLNet,
+    image: Tensor,
+    grid: PatchGrid,
+    idx: range,
+    context: BranchOutput,
+    canvases: Context,
+    logits: _PerPatch,
+    terms: Optional[_PerPatch],
+    keep_ps3: bool,
+) -> None:
+    """Stage 3's local pass on one micro-batch: its features are pasted into the canvases,
+    its logits written to `logits`, and, unless `terms` is None, what the ensemble needs
+    later: ps3 itself (keep_ps3, training) or its n_class-channel local term."""
     local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
     paste_context(canvases, local.context(), grid, idx)
-    return (local.ps3 if keep_ps3 else model.ensemble_local_term(local.ps3)), local.logits
+    logits.write(idx, local.logits)
+    if terms is not None:
+        terms.write(idx, local.ps3 if keep_ps3 else model.ensemble_local_term(local.ps3))
+
+
+def _local_ps3(
+    model: GLNet, image: Tensor, grid: PatchGrid, idx: range, context: BranchOutput, micro_batch_size: int
+) -> Tensor:
+    """Stage 3's frozen local ps3 of the patches idx, recomputed micro-batch by micro-batch
+    (eval mode and no gradient, as in the first pass, so the values are the same)."""
+    ps3 = _PerPatch(len(idx))
+    with torch.no_grad():
+        for rows in chunks(len(idx), micro_batch_size):
+            part = idx[rows.start : rows.stop]
+            ps3.write(rows, model.local_branch(_patches(image, grid, part), context, grid, part).ps3)
+    return ps3.tensor
 
 
 def _global_targets(labels: list[Optional[Tensor]], out: BranchOutput) -> Optional[Tensor]:
