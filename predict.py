@@ -100,16 +100,21 @@ def make_session(
     table: ClassTable,
     args: argparse.Namespace,
     sub_batch_size: int = SUB_BATCH_SIZE,
+    trains: bool = False,
 ) -> helper.Session:
     """An evaluation session on args.device with the sizes, autocast and memory format of
-    args (size_g, size_p, micro_batch_size, amp, channels_last); the networks go to eval mode.
-    sub_batch_size only matters to callers that also train with the session (the benchmark)."""
+    args (size_g, size_p, micro_batch_size, amp, channels_last); the networks go to eval mode
+    and, under autocast, keep their convolution weights in its dtype. sub_batch_size and
+    trains=True (weights stay fp32) are for callers that also train with the session (the
+    benchmark)."""
     device = torch.device(args.device)
     model.to(device).eval()
     if frozen_global is not None:
         frozen_global.to(device).eval()
     if args.channels_last:
         helper.use_channels_last(model, frozen_global)
+    if not trains:
+        helper.store_for_inference(helper.AMP_DTYPES.get(args.amp), model, frozen_global)
     # lamb_fmreg only weighs a training loss; prediction computes none.
     return helper.Session(stage, model, frozen_global, table, args.size_g, args.size_p, sub_batch_size,
                           lamb_fmreg=0.0, device=device, amp=helper.AMP_DTYPES.get(args.amp),
@@ -126,7 +131,9 @@ def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session
 
 def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> Tensor:
     """The stage's final prediction (GLNet's ensemble; the global one in mode 1) for one
-    image (3, H, W), uint8 or float in [0, 1]: (H, W) class ids (uint8 up to 256 classes) on the session's device."""
+    image (3, H, W), uint8 or float in [0, 1]: (H, W) class ids (uint8 up to 256 classes) on the session's device.
+    The image moves to the device first, so the global image is resized there."""
+    image = image.to(session.device)
     samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
     with torch.inference_mode():
         final = session.predictions[-1]

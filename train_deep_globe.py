@@ -430,6 +430,8 @@ def run(args: argparse.Namespace) -> int:
         model.activation_checkpointing = args.checkpointing
         if args.channels_last:
             helper.use_channels_last(model, frozen)
+        if args.evaluation:
+            helper.store_for_inference(helper.AMP_DTYPES.get(args.amp), model, frozen)
         session = helper.Session(stage, model, frozen, table, args.size_g, args.size_p, args.sub_batch_size,
                                  args.lamb_fmreg, device, info, helper.AMP_DTYPES.get(args.amp),
                                  args.micro_batch_size)

@@ -42,6 +42,7 @@ from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
 from train_deep_globe import parse_size  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
+from bench.tensor_peak import TensorPeak, module_tensors  # noqa: E402
 
 KINDS = ("eval", "train")
 WEIGHT_SEED = 0
@@ -67,13 +68,15 @@ class Case:
     threads: Optional[int] = None
     repeat: int = 3
     profile: bool = False
+    tensor_peak: bool = False
 
 
 @dataclass
 class Record:
     """What a case measured. seconds: median over the timed runs of one image (eval) or
     one step (train); peak_mb: the process's peak RSS on the CPU, peak allocated CUDA
-    memory on a GPU."""
+    memory on a GPU; tensor_peak_mb (eval with --tensor_peak): peak bytes of live tensors,
+    weights included, on any device (bench/tensor_peak.py)."""
 
     case: dict[str, Any]
     seconds: float
@@ -82,6 +85,7 @@ class Record:
     peak_of: str
     patches: int
     environment: dict[str, Any] = field(default_factory=dict)
+    tensor_peak_mb: Optional[float] = None
 
     @property
     def images_per_s(self) -> float:
@@ -117,7 +121,8 @@ def rule_session(case: Case) -> helper.Session:
         frozen = GlobalBranch(DEEPGLOBE.n_class, case.backbone)
         apply_rule_weights(frozen, WEIGHT_SEED)
         frozen.requires_grad_(False)
-    return make_session(stage, model, frozen, DEEPGLOBE, argparse.Namespace(**asdict(case)), case.sub_batch_size)
+    return make_session(stage, model, frozen, DEEPGLOBE, argparse.Namespace(**asdict(case)), case.sub_batch_size,
+                        trains=case.kind == "train")
 
 
 def random_image(size: int, generator: torch.Generator) -> torch.Tensor:
@@ -136,9 +141,10 @@ def train_step(
     """One optimizer step of the stage on the image with a random label map, optionally
     with activation checkpointing."""
     label = torch.randint(0, DEEPGLOBE.n_class, image.shape[-2:], generator=generator)
+    image = image.to(session.device)
     batch = Batch(
-        images=[image.to(session.device)],
-        global_images=global_image(image, session.size_g)[None].to(session.device),
+        images=[image],
+        global_images=global_image(image, session.size_g)[None],
         labels=[label.to(session.device)],
     )
     session.model.activation_checkpointing = checkpointing
@@ -203,6 +209,12 @@ def run_case(case: Case) -> Record:
     runs = [timed(step, device) for _ in range(case.repeat)]
     if case.profile:
         print_profile(step, device)
+    tensor_peak_mb = None
+    if case.tensor_peak and case.kind == "eval":
+        with TensorPeak() as tensors:
+            tensors.track([*module_tensors(session.model, session.frozen_global), image])
+            step()
+        tensor_peak_mb = tensors.peak / MB
     on_cuda = device.type == "cuda"
     return Record(
         case=asdict(case),
@@ -212,6 +224,7 @@ def run_case(case: Case) -> Record:
         peak_of="cuda allocated" if on_cuda else "process rss",
         patches=patch_count(case),
         environment=environment(device, case.threads),
+        tensor_peak_mb=tensor_peak_mb,
     )
 
 
@@ -315,14 +328,16 @@ def run_cli_case(case: Case, folder: Path) -> Record:
     )
 
 
-TABLE_HEADER = f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} {'peak MB':>9}"
+TABLE_HEADER = (f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} "
+                f"{'peak MB':>9} {'tensor MB':>9}")
 
 
 def format_row(r: Record) -> str:
     c = r.case
+    tensors = "-" if r.tensor_peak_mb is None else f"{r.tensor_peak_mb:.0f}"
     return (
         f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
-        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f}"
+        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f} {tensors:>9}"
     )
 
 
@@ -343,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
       "on a generated one-image dataset")
     a("--repeat", type=int, default=3, help="timed runs per case after one warm-up; the median is reported (default: 3)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype (CUDA only)")
+    a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype; bf16 also on the CPU, where "
+      "with --tensor_peak it shows what a GPU would hold")
     a("--channels_last", action="store_true", help="channels-last weights")
     a("--checkpointing", action="store_true", help="activation checkpointing in training steps")
     a("--sub_batch_size", type=int, default=6, help="the trainer's --sub_batch_size (default: 6)")
@@ -354,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="(default: resnet50)")
     a("--profile", action="store_true", help="print the top operators of one more run of each case")
+    a("--tensor_peak", action="store_true", help="one more evaluation run recording the peak bytes of live "
+      "tensors, weights included (any device; slower)")
     a("--json", default=None, metavar="OUT", help="write every record to this JSON file")
     a("--one-case", default=None, help=argparse.SUPPRESS)
     return p
@@ -364,13 +382,15 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
     common = dict(device=args.device, amp=args.amp, channels_last=args.channels_last, checkpointing=args.checkpointing,
                   sub_batch_size=args.sub_batch_size, micro_batch_size=args.micro_batch_size,
                   size_g=args.size_g, size_p=args.size_p,
-                  backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile)
+                  backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile,
+                  tensor_peak=args.tensor_peak)
     return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.amp is not None and torch.device(args.device).type != "cuda":
-        raise SystemExit(f"error: --amp {args.amp} needs a CUDA device, got --device {args.device}")
+    if args.amp is not None and torch.device(args.device).type != "cuda" and (args.amp != "bf16" or args.via_cli):
+        raise SystemExit(f"error: --amp {args.amp} needs a CUDA device, got --device {args.device} "
+                         "(on the CPU the benchmark's in-process cases take --amp bf16)")
     if args.repeat < 1:
         raise SystemExit("error: --repeat must be at least 1")
 

@@ -16,12 +16,15 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 
 # 1. CUDA parity and device tests (TF32 off inside the parity tests).
 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_parity.py tests/test_stages.py tests/test_patches.py \
-    tests/test_model.py tests/test_predict.py > "$out/pytest_cuda.txt" 2>&1
+    tests/test_model.py tests/test_predict.py tests/test_resample_pil.py > "$out/pytest_cuda.txt" 2>&1
 
-# 2. Evaluation: fp32, then bf16 + channels-last, then bf16 with all 36 patches per pass.
+# 2. Evaluation: fp32, then bf16 + channels-last (with the live-tensor peak next to the
+#    allocator's, to check the CPU estimate), then micro-batches of 2 and of all 36 patches.
 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000 --repeat 3 --json "$out/eval_fp32.json" > "$out/eval_fp32.txt" 2>&1
-"$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 --amp bf16 --channels_last \
+"$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 --amp bf16 --channels_last --tensor_peak \
     --json "$out/eval_bf16.json" > "$out/eval_bf16.txt" 2>&1
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --micro_batch_size 2 --tensor_peak \
+    --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --micro_batch_size 36 --profile \
     --json "$out/eval_bf16_mb36.json" > "$out/eval_bf16_mb36.txt" 2>&1
 

@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from bench.bench_inference import Case, build_parser, cases_of, main, record_to_json, run_case
+import torch
+
+from bench.bench_inference import Case, build_parser, cases_of, format_row, main, record_to_json, rule_session, run_case
+from bench.tensor_peak import TensorPeak, module_tensors
 
 # One thread: these tests check what the benchmark reports, not speed, and a single
 # thread stays fast on a busy shared machine where two threads contend.
@@ -62,9 +65,39 @@ def test_via_cli_times_the_real_entry_point(tmp_path):
     assert record["peak_mb"] > 200
 
 
-def test_amp_on_cpu_is_refused():
+@pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--amp", "bf16", "--via-cli"]], ids=["fp16", "bf16-cli"])
+def test_cpu_autocast_is_refused_where_the_cpu_cannot_run_it(flags):
     with pytest.raises(SystemExit, match="needs a CUDA device"):
-        main([*TINY_FLAGS, "--amp", "bf16"])
+        main([*TINY_FLAGS, *flags])
+
+
+def test_tensor_peak_counts_each_storage_once_while_it_lives():
+    mb = 1 << 20
+    kept = torch.empty(mb, dtype=torch.uint8)
+    with TensorPeak() as tensors:
+        tensors.track([kept, kept[:10]])
+        a = torch.empty(2 * mb, dtype=torch.uint8)
+        view = a[:10]
+        del a
+        assert tensors.current == 3 * mb  # a view keeps its storage alive
+        del view
+        assert tensors.current == mb
+        b = torch.empty(3 * mb, dtype=torch.uint8)
+    assert tensors.peak == 4 * mb and tensors.current == 4 * mb
+    del b
+    assert tensors.current == mb
+
+
+def test_bf16_evaluation_on_the_cpu_reports_the_tensor_peak(capsys):
+    """CPU autocast stands in for a GPU's: convolution weights stored in bf16 hold less
+    than fp32 ones, and the table shows the tensor peak of each case."""
+    fp32 = run_case(Case(3, tensor_peak=True, **{**TINY, "repeat": 1}))
+    bf16 = run_case(Case(3, amp="bf16", tensor_peak=True, **{**TINY, "repeat": 1}))
+    weights = sum(t.numel() * 4 for t in module_tensors(rule_session(Case(3, **TINY)).model))
+    assert weights < fp32.tensor_peak_mb * (1 << 20)
+    assert bf16.tensor_peak_mb < fp32.tensor_peak_mb - 0.4 * weights / (1 << 20)
+    assert format_row(bf16).split()[-1] == f"{bf16.tensor_peak_mb:.0f}"
+    assert run_case(Case(3, **{**TINY, "repeat": 1})).tensor_peak_mb is None
 
 
 def test_the_gpu_check_script_passes_only_flags_the_benchmark_knows():
@@ -75,7 +108,7 @@ def test_the_gpu_check_script_passes_only_flags_the_benchmark_knows():
     script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_checks.sh").read_text()
     joined = script.replace("\\\n", " ")
     lines = [line for line in joined.splitlines() if '"${bench[@]}"' in line and not line.lstrip().startswith("#")]
-    assert len(lines) == 7
+    assert len(lines) == 8
     for line in lines:
         words = shlex.split(line.split('"${bench[@]}"', 1)[1].split(">")[0].replace('"$out', '"out'))
         args = build_parser().parse_args(["--device", "cuda", *words])

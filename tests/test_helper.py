@@ -69,6 +69,36 @@ def test_evaluation_results_do_not_depend_on_the_micro_batch(stage):
             assert torch.equal(other.patch_logits(kind).argmax(1), results[0].patch_logits(kind).argmax(1))
 
 
+@pytest.mark.parametrize("stage", list(Stage))
+def test_convolution_weights_stored_in_the_autocast_dtype_change_no_result(stage):
+    """Autocast casts convolution weights to bf16 anyway (CPU autocast here, CUDA's alike)."""
+    image = torch.randint(0, 256, (3, 120, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
+    results = []
+    for stored in (None, torch.bfloat16):
+        session = _session(stage)
+        session.amp = torch.bfloat16
+        helper.store_for_inference(stored, session.model, session.frozen_global)
+        with torch.inference_mode():
+            results.append(session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0])
+    nets = [session.model] + ([session.frozen_global] if session.frozen_global is not None else [])
+    convs = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert convs and all(m.weight.dtype == m.bias.dtype == torch.bfloat16 for m in convs if m.bias is not None)
+    assert all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert norms and all(m.weight.dtype == m.running_var.dtype == torch.float32 for m in norms)
+    fp32_weights, stored = results
+    assert torch.equal(stored.global_logits, fp32_weights.global_logits)
+    for kind in STAGES[stage].predictions[1:]:
+        assert torch.equal(stored.patch_logits(kind), fp32_weights.patch_logits(kind)), kind
+
+
+def test_store_for_inference_without_autocast_keeps_fp32():
+    model = GLNet(7, "resnet18")
+    helper.store_for_inference(None, model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_micro_batch_defaults_to_one_patch_on_the_cpu_and_the_sub_batch_on_a_gpu():
     session = _session(Stage.LOCAL2GLOBAL)
     assert session.sub_batch_size == 4 and session.micro_batch == 1
