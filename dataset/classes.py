@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dataset.errors import DataError
+from utils.patches import class_dtype
 
 Colour = tuple[int, int, int]
 BINARY_THRESHOLD = 128  # DeepGlobe's official rule: a mask channel is "on" when >= 128
@@ -66,7 +67,7 @@ class ClassTable:
         Args:
             rgb: (H, W, 3) uint8.
         Returns:
-            (H, W) int64 class ids.
+            (H, W) class ids, of utils.patches.class_dtype.
         Raises:
             DataError: a binarised colour that is not in the table (the message does not
                 name a file; callers that read one prefix it).
@@ -91,7 +92,7 @@ class ClassTable:
                 f"{int(unknown.sum())} pixels (first at y={y}, x={x}, value {tuple(int(c) for c in rgb[y, x])}) "
                 f"binarise to colour {colour}, which is not in the class table; fix the mask or add the colour to the table"
             )
-        return torch.from_numpy(ids)
+        return torch.from_numpy(ids).to(class_dtype(self.n_class))
 
 
 def _binary_codes(rgb: np.ndarray) -> np.ndarray:

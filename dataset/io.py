@@ -15,6 +15,7 @@ from torch import Tensor
 
 from dataset.classes import ClassTable
 from dataset.errors import DataError
+from utils.patches import class_dtype
 
 PathLike = Union[str, Path]
 MaskKind = Literal["ids", "colours"]
@@ -99,7 +100,7 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
         kind: "ids" for single-channel masks holding class ids (palette masks: the index is
             the id), "colours" for RGB masks drawn in the table's colours.
     Returns:
-        (H, W) int64 class ids.
+        (H, W) class ids, of utils.patches.class_dtype (one byte up to 256 classes).
     """
     image = open_image(path)
     if kind == "colours":
@@ -115,13 +116,14 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
             f"convert it to a single-channel id PNG (python -m dataset.prepare_deep_globe does this for DeepGlobe) "
             f"or pass --mask_kind colours to read it as a colour mask"
         )
-    ids = torch.from_numpy(np.asarray(image).astype(np.int64))
-    if ids.numel() and int(ids.max()) >= table.n_class:
+    ids = np.asarray(image)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.n_class):
         raise DataError(
-            f"{path}: mask holds class id {int(ids.max())} but the class table has {table.n_class} classes "
-            f"(ids 0..{table.n_class - 1}); fix the mask or use a table with more classes"
+            f"{path}: mask holds class ids {int(ids.min())}..{int(ids.max())} but the class table has "
+            f"{table.n_class} classes (ids 0..{table.n_class - 1}); fix the mask or use a table with more classes"
         )
-    return ids
+    # A copy: arrays of Pillow's buffer are read-only.
+    return torch.from_numpy(ids.copy()).to(class_dtype(table.n_class))
 
 
 def write_label(path: PathLike, label: Union[Tensor, np.ndarray]) -> None:

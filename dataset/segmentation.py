@@ -23,7 +23,7 @@ from dataset.transforms import augment as paired_augment
 class Item(TypedDict):
     id: str
     image: Tensor  # (3, H, W) uint8, or float32 in [0, 1] for 16-bit sources
-    label: Optional[Tensor]  # (H, W) int64 class ids; None for unlabelled samples
+    label: Optional[Tensor]  # (H, W) class ids (uint8 up to 256 classes); None for unlabelled samples
 
 
 class SegmentationDataset(Dataset):
@@ -40,7 +40,7 @@ class SegmentationDataset(Dataset):
         mask_kind: "ids" (single-channel class ids) or "colours" (RGB in the table's colours).
         augment: apply GLNet's training augmentation.
         seed: non-negative augmentation seed.
-    Items are dicts {"id": str, "image": (3, H, W) uint8 or float32, "label": (H, W) int64 or None}.
+    Items are dicts {"id": str, "image": (3, H, W) uint8 or float32, "label": (H, W) class ids or None}.
     """
 
     def __init__(

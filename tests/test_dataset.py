@@ -42,7 +42,8 @@ def test_colorize_then_colours_to_ids_round_trips():
     rgb = DEEPGLOBE.colorize(label)
     assert rgb.dtype == np.uint8 and rgb.shape == (5, 9, 3)
     assert tuple(rgb[0, 0]) == DEEPGLOBE.colours[int(label[0, 0])]
-    assert torch.equal(DEEPGLOBE.colours_to_ids(rgb), label)
+    ids = DEEPGLOBE.colours_to_ids(rgb)
+    assert ids.dtype == torch.uint8 and torch.equal(ids, label)
     assert np.array_equal(DEEPGLOBE.colorize(label.numpy()), rgb)
 
 
@@ -144,12 +145,24 @@ def test_read_image_names_missing_files(tmp_path):
 
 def test_read_mask_ids_and_palette(tmp_path):
     ids = RNG.integers(0, 7, (5, 8)).astype(np.uint8)
-    assert torch.equal(read_mask(save(tmp_path / "l.png", ids), DEEPGLOBE, "ids"), torch.from_numpy(ids.astype(np.int64)))
+    assert torch.equal(read_mask(save(tmp_path / "l.png", ids), DEEPGLOBE, "ids"), torch.from_numpy(ids))
     palette = Image.fromarray(ids, mode="L").convert("P")
     palette.putpalette(list(np.asarray(DEEPGLOBE.colours, np.uint8).ravel()))
     palette.save(tmp_path / "p.png")
     label = read_mask(tmp_path / "p.png", DEEPGLOBE, "ids")
-    assert label.dtype == torch.int64 and torch.equal(label, torch.from_numpy(ids.astype(np.int64)))
+    assert label.dtype == torch.uint8 and torch.equal(label, torch.from_numpy(ids))
+
+
+def test_sixteen_bit_id_masks_are_checked_before_taking_one_byte(tmp_path):
+    """Labels are one byte per pixel up to 256 classes; a 16-bit id must not wrap into range."""
+    ids = np.array([[0, 3], [6, 2]], dtype=np.uint16)
+    Image.frombytes("I;16", (2, 2), ids.astype("<u2").tobytes()).save(tmp_path / "ok.png")
+    label = read_mask(tmp_path / "ok.png", DEEPGLOBE, "ids")
+    assert label.dtype == torch.uint8 and label.tolist() == [[0, 3], [6, 2]]
+    ids[0, 0] = 256 + 3  # would read as 3 once cast to a byte
+    Image.frombytes("I;16", (2, 2), ids.astype("<u2").tobytes()).save(tmp_path / "bad.png")
+    with pytest.raises(DataError, match=r"bad\.png: mask holds class ids 2\.\.259 but the class table has 7 classes"):
+        read_mask(tmp_path / "bad.png", DEEPGLOBE, "ids")
 
 
 def test_read_mask_rejects_colour_mask_where_ids_expected(tmp_path):
@@ -161,7 +174,7 @@ def test_read_mask_rejects_colour_mask_where_ids_expected(tmp_path):
 
 def test_read_mask_rejects_ids_beyond_the_table(tmp_path):
     path = save(tmp_path / "m.png", np.full((4, 4), 7, np.uint8))
-    with pytest.raises(DataError, match="class id 7 but the class table has 7 classes") as error:
+    with pytest.raises(DataError, match=r"class ids 7\.\.7 but the class table has 7 classes") as error:
         read_mask(path, DEEPGLOBE, "ids")
     assert str(path) in str(error.value)
 
@@ -236,7 +249,7 @@ def test_deep_globe_preset(tmp_path):
     assert train.table == DEEPGLOBE and [s.id for s in train.samples] == ["10", "20"]
     item = train[0]
     assert item["id"] == "10" and item["image"].dtype == torch.uint8 and item["image"].shape == (3, 12, 16)
-    assert item["label"].dtype == torch.int64 and item["label"].shape == (12, 16)
+    assert item["label"].dtype == torch.uint8 and item["label"].shape == (12, 16)
     assert torch.equal(item["label"], read_mask(tmp_path / "train/Label/10_mask.png", DEEPGLOBE, "ids"))
     test = build_dataset("deep_globe", tmp_path, "test")
     assert test[0]["label"] is None and test.samples[0].mask is None

@@ -127,7 +127,7 @@ def test_prepare_lung_montgomery(tmp_path, capsys):
         assert sample.image.read_bytes() == (src / "CXR_png" / f"{name}.png").read_bytes()
         left, right = (np.asarray(Image.open(src / "ManualMask" / side / f"{name}.png")) > 0 for side in ("leftMask", "rightMask"))
         label = read_mask(sample.mask, LUNG, "ids")
-        assert torch.equal(label, torch.from_numpy((left | right).astype(np.int64))) and label.sum() > 0
+        assert torch.equal(label, torch.from_numpy((left | right).astype(np.uint8))) and label.sum() > 0
     item = build_dataset("folder", dst, "train", table=LUNG)[0]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 40, 32)
 
@@ -145,7 +145,7 @@ def test_prepare_lung_folder_layout_and_force(tmp_path, capsys):
     assert prepare_lung(args) == 0
     prepared = {s.id: s for split in SPLITS for s in folder_samples(dst, split)}
     assert set(prepared) == set(masks) and prepared["x1"].image.name == "x1.jpg"
-    assert all(torch.equal(read_mask(s.mask, LUNG, "ids"), torch.from_numpy(masks[n].astype(np.int64))) for n, s in prepared.items())
+    assert all(torch.equal(read_mask(s.mask, LUNG, "ids"), torch.from_numpy(masks[n])) for n, s in prepared.items())
     capsys.readouterr()
     assert prepare_lung(args) == 2 and "--force" in capsys.readouterr().err
     assert prepare_lung(args + ["--force"]) == 0
