@@ -69,6 +69,7 @@ class Case:
     repeat: int = 3
     profile: bool = False
     tensor_peak: bool = False
+    cudnn_benchmark: bool = False
 
 
 @dataclass
@@ -198,6 +199,7 @@ def run_case(case: Case) -> Record:
         raise ValueError(f"kind must be one of {KINDS}, got {case.kind!r}")
     if case.threads:
         torch.set_num_threads(case.threads)
+    torch.backends.cudnn.benchmark = case.cudnn_benchmark
     device = torch.device(case.device)
     generator = torch.Generator().manual_seed(0)
     session = rule_session(case)
@@ -370,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="(default: resnet50)")
     a("--profile", action="store_true", help="print the top operators of one more run of each case")
+    a("--cudnn_benchmark", action="store_true", help="let cuDNN time its algorithms for each new shape "
+      "(torch.backends.cudnn.benchmark; the warm-up run pays for it)")
     a("--tensor_peak", action="store_true", help="one more evaluation run recording the peak bytes of live "
       "tensors, weights included (any device; slower)")
     a("--json", default=None, metavar="OUT", help="write every record to this JSON file")
@@ -383,7 +387,7 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
                   sub_batch_size=args.sub_batch_size, micro_batch_size=args.micro_batch_size,
                   size_g=args.size_g, size_p=args.size_p,
                   backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile,
-                  tensor_peak=args.tensor_peak)
+                  tensor_peak=args.tensor_peak, cudnn_benchmark=args.cudnn_benchmark)
     return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
 
 

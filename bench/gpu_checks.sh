@@ -27,6 +27,8 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
     --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --micro_batch_size 36 --profile \
     --json "$out/eval_bf16_mb36.json" > "$out/eval_bf16_mb36.txt" 2>&1
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --cudnn_benchmark --profile \
+    --json "$out/eval_bf16_cudnn.json" > "$out/eval_bf16_cudnn.txt" 2>&1
 
 # 3. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.
 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --json "$out/train_fp32.json" > "$out/train_fp32.txt" 2>&1

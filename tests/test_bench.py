@@ -108,7 +108,7 @@ def test_the_gpu_check_script_passes_only_flags_the_benchmark_knows():
     script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_checks.sh").read_text()
     joined = script.replace("\\\n", " ")
     lines = [line for line in joined.splitlines() if '"${bench[@]}"' in line and not line.lstrip().startswith("#")]
-    assert len(lines) == 8
+    assert len(lines) == 9
     for line in lines:
         words = shlex.split(line.split('"${bench[@]}"', 1)[1].split(">")[0].replace('"$out', '"out'))
         args = build_parser().parse_args(["--device", "cuda", *words])
