@@ -126,6 +126,37 @@ def test_corrupt_image_is_one_line(models, tmp_path, capsys):
     assert "broken.png" in one_error_line(capsys)
 
 
+def test_read_ahead_keeps_order_with_one_read_in_flight():
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = []
+
+    def read(path: Path) -> torch.Tensor:
+        started.append(path.name)
+        return torch.tensor([len(started)])
+
+    paths = [Path(f"{i}.png") for i in range(4)]
+    with ThreadPoolExecutor(1) as pool:
+        for k, (path, image) in enumerate(predict.read_ahead(pool, paths, read)):
+            assert path == paths[k] and image.item() == k + 1
+            # The next read may have started, never the one after it.
+            assert len(started) <= k + 2
+    assert started == [p.name for p in paths]
+    with ThreadPoolExecutor(1) as pool:
+        assert list(predict.read_ahead(pool, [], read)) == []
+
+
+def test_a_corrupt_image_in_a_folder_stops_after_the_images_before_it(models, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(folder / "c.png")
+    assert run(models, "--mode", "1", "--input", str(folder), "--output", str(tmp_path / "o")) == 2
+    assert "b.png" in one_error_line(capsys)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_ids.png", "a_mask.png"]
+
+
 def test_amp_needs_cuda(models, images, tmp_path, capsys):
     assert run(models, "--amp", "bf16", "--input", str(images), "--output", str(tmp_path)) == 2
     assert "--amp bf16 needs a CUDA device" in one_error_line(capsys)
