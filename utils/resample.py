@@ -76,10 +76,12 @@ class _PilTaps(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _pil_bilinear_taps(in_len: int, out_len: int) -> _PilTaps:
-    """Pillow's precompute_coeffs for BILINEAR (support 1) over a whole axis, on the CPU.
+def _pil_bilinear_taps(in_len: int, out_len: int, device: torch.device = torch.device("cpu")) -> _PilTaps:
+    """Pillow's precompute_coeffs for BILINEAR (support 1) over a whole axis, as tables on
+    `device` (cached, so a GPU receives them once, not a copy per image that would wait
+    for the work already queued).
 
-    Float64 NumPy, operation by operation as Resample.c does it: the filter argument is
+    Computed in float64 NumPy, operation by operation as Resample.c does it: the filter argument is
     multiplied by 1 / filterscale (not divided by filterscale), the weights are summed in
     tap order (not NumPy's pairwise sum) and each is divided by that sum.
     """
@@ -102,10 +104,10 @@ def _pil_bilinear_taps(in_len: int, out_len: int) -> _PilTaps:
     scaled = w * float(1 << PIL_PRECISION_BITS)
     w8 = np.where(w < 0.0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int32)
     return _PilTaps(
-        index=torch.from_numpy(np.ascontiguousarray(np.minimum(positions, in_len - 1).T)),
-        weight=torch.from_numpy(np.ascontiguousarray(w.T)),
-        weight8=torch.from_numpy(np.ascontiguousarray(w8.T)),
-        valid=torch.from_numpy(np.ascontiguousarray(valid.T)),
+        index=torch.from_numpy(np.ascontiguousarray(np.minimum(positions, in_len - 1).T)).to(device),
+        weight=torch.from_numpy(np.ascontiguousarray(w.T)).to(device),
+        weight8=torch.from_numpy(np.ascontiguousarray(w8.T)).to(device),
+        valid=torch.from_numpy(np.ascontiguousarray(valid.T)).to(device),
         full_taps=int(count.min()),
         first=int(xmin[0]),
         last=int(xmin[-1] + count[-1]),
@@ -127,17 +129,17 @@ def _pil_rows(x: Tensor, in_len: int, out_len: int, offset: int = 0) -> Tensor:
     widens it to the accumulator's type (int32 for uint8, float64 for float32) and adds
     it weighted.
     """
-    taps = _pil_bilinear_taps(in_len, out_len)
     device = x.device
-    index = (taps.index - offset).to(device)
+    taps = _pil_bilinear_taps(in_len, out_len, device)
+    index = taps.index - offset
     eight_bit = x.dtype == torch.uint8
     if eight_bit:
         # Pillow: int ss = 1 << 21; ss += pixel * k; at most 255 * 2**22 + 2**21 < 2**31.
-        work, weight = torch.int32, taps.weight8.to(device)[:, :, None]
+        work, weight = torch.int32, taps.weight8[:, :, None]
     else:
         # Mode "F": double ss = 0.0; ss += (double)pixel * k, tap by tap; stored as float.
-        work, weight = torch.float64, taps.weight.to(device)[:, :, None]
-        invalid = (~taps.valid).to(device)[:, :, None]
+        work, weight = torch.float64, taps.weight[:, :, None]
+        invalid = (~taps.valid)[:, :, None]
     lead, cols = x.shape[:-1], x.shape[-1]
     out = torch.empty((*x.shape[:-2], out_len, cols), dtype=x.dtype, device=device)
     budget = _PIL_BAND if device.type == "cpu" else 16 * _PIL_BAND
