@@ -42,6 +42,7 @@ from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
 from train_deep_globe import parse_size  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
+from bench.op_count import OpCount  # noqa: E402
 from bench.tensor_peak import TensorPeak, module_tensors  # noqa: E402
 
 KINDS = ("eval", "train")
@@ -69,6 +70,7 @@ class Case:
     repeat: int = 3
     profile: bool = False
     tensor_peak: bool = False
+    count_ops: bool = False
     cudnn_benchmark: bool = False
 
 
@@ -77,7 +79,8 @@ class Record:
     """What a case measured. seconds: median over the timed runs of one image (eval) or
     one step (train); peak_mb: the process's peak RSS on the CPU, peak allocated CUDA
     memory on a GPU; tensor_peak_mb (eval with --tensor_peak): peak bytes of live tensors,
-    weights included, on any device (bench/tensor_peak.py)."""
+    weights included, on any device (bench/tensor_peak.py); ops, view_ops (eval with --count_ops):
+    operator calls per image, and how many of them only made views (bench/op_count.py)."""
 
     case: dict[str, Any]
     seconds: float
@@ -87,6 +90,8 @@ class Record:
     patches: int
     environment: dict[str, Any] = field(default_factory=dict)
     tensor_peak_mb: Optional[float] = None
+    ops: Optional[int] = None
+    view_ops: Optional[int] = None
 
     @property
     def images_per_s(self) -> float:
@@ -217,6 +222,11 @@ def run_case(case: Case) -> Record:
             tensors.track([*module_tensors(session.model, session.frozen_global), image])
             step()
         tensor_peak_mb = tensors.peak / MB
+    ops = None
+    if case.count_ops and case.kind == "eval":
+        with OpCount() as count:
+            step()
+        ops = count
     on_cuda = device.type == "cuda"
     return Record(
         case=asdict(case),
@@ -227,6 +237,8 @@ def run_case(case: Case) -> Record:
         patches=patch_count(case),
         environment=environment(device, case.threads),
         tensor_peak_mb=tensor_peak_mb,
+        ops=None if ops is None else ops.calls,
+        view_ops=None if ops is None else ops.views,
     )
 
 
@@ -331,7 +343,7 @@ def run_cli_case(case: Case, folder: Path) -> Record:
 
 
 TABLE_HEADER = (f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} "
-                f"{'peak MB':>9} {'tensor MB':>9}")
+                f"{'peak MB':>9} {'tensor MB':>9} {'ops':>7}")
 
 
 def format_row(r: Record) -> str:
@@ -339,7 +351,7 @@ def format_row(r: Record) -> str:
     tensors = "-" if r.tensor_peak_mb is None else f"{r.tensor_peak_mb:.0f}"
     return (
         f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
-        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f} {tensors:>9}"
+        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f} {tensors:>9} {r.ops if r.ops is not None else '-':>7}"
     )
 
 
@@ -376,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
       "(torch.backends.cudnn.benchmark; the warm-up run pays for it)")
     a("--tensor_peak", action="store_true", help="one more evaluation run recording the peak bytes of live "
       "tensors, weights included (any device; slower)")
+    a("--count_ops", action="store_true", help="one more evaluation run counting the operator calls per image "
+      "(each costs host time on a GPU; any device)")
     a("--json", default=None, metavar="OUT", help="write every record to this JSON file")
     a("--one-case", default=None, help=argparse.SUPPRESS)
     return p
@@ -387,7 +401,7 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
                   sub_batch_size=args.sub_batch_size, micro_batch_size=args.micro_batch_size,
                   size_g=args.size_g, size_p=args.size_p,
                   backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile,
-                  tensor_peak=args.tensor_peak, cudnn_benchmark=args.cudnn_benchmark)
+                  tensor_peak=args.tensor_peak, count_ops=args.count_ops, cudnn_benchmark=args.cudnn_benchmark)
     return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
 
 

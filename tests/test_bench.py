@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.bench_inference import Case, build_parser, cases_of, format_row, main, record_to_json, rule_session, run_case
+from bench.op_count import OpCount
 from bench.tensor_peak import TensorPeak, module_tensors
 
 # One thread: these tests check what the benchmark reports, not speed, and a single
@@ -96,8 +97,25 @@ def test_bf16_evaluation_on_the_cpu_reports_the_tensor_peak(capsys):
     weights = sum(t.numel() * 4 for t in module_tensors(rule_session(Case(3, **TINY)).model))
     assert weights < fp32.tensor_peak_mb * (1 << 20)
     assert bf16.tensor_peak_mb < fp32.tensor_peak_mb - 0.4 * weights / (1 << 20)
-    assert format_row(bf16).split()[-1] == f"{bf16.tensor_peak_mb:.0f}"
+    assert format_row(bf16).split()[-2] == f"{bf16.tensor_peak_mb:.0f}"
     assert run_case(Case(3, **{**TINY, "repeat": 1})).tensor_peak_mb is None
+
+
+def test_op_count_tells_views_from_kernels():
+    x = torch.ones(3)
+    with OpCount() as count:
+        y = x[1:]  # a view
+        z = y + 1
+        torch.zeros(2)
+        z.view(2, 1)  # a view
+    assert (count.calls, count.views) == (4, 2)
+
+
+def test_count_ops_reports_operators_per_image(capsys):
+    record = run_case(Case(3, count_ops=True, **{**TINY, "repeat": 1}))
+    assert record.ops > record.view_ops > 0
+    assert format_row(record).split()[-1] == str(record.ops)
+    assert run_case(Case(1, **{**TINY, "repeat": 1})).ops is None
 
 
 def test_the_gpu_check_script_passes_only_flags_the_benchmark_knows():

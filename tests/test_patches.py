@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.op_count import OpCount
 from conftest import DEVICES, FIXTURES
 from utils.patches import (
     MIN_OVERLAP,
@@ -27,8 +28,9 @@ from utils.patches import (
     merge_logits,
     paste_patches,
     upsample_argmax,
+    _box_units,
 )
-from utils.resample import nearest_indices, pil_nearest_indices, resize_labels
+from utils.resample import nearest_indices, pil_nearest_indices, resize, resize_labels
 
 
 def _read_tsv(name: str) -> list[dict[str, str]]:
@@ -309,6 +311,138 @@ def test_paste_adds_each_patch_at_its_box():
     for i, (r, c) in enumerate(itertools.product((0, 2, 5), repeat=2)):
         expected[0, :, r : r + 3, c : c + 3] += maps[i]
     torch.testing.assert_close(canvas, expected, rtol=0, atol=1e-7)
+
+
+# Grids, map sizes and patch sets for crops and pastes: boxes cut short at a map's edge (two
+# box sizes), patches overlapping beyond their neighbours (160 px in 100 px patches: three
+# per axis, 30 px apart), micro-batches across rows, and every patch at once.
+BOX_CASES = [
+    ((2448, 2448), 508, (127, 127), range(6)),
+    ((2448, 2448), 508, (16, 16), range(36)),
+    ((600, 600), 256, (8, 8), range(9)),
+    ((300, 420), 160, (10, 13), [1, 3, 4]),
+    ((257, 509), 128, (33, 65), range(2, 9)),
+    ((160, 160), 100, (20, 20), range(9)),
+    ((160, 160), 100, (5, 5), [0, 2, 6, 8, 4]),
+    ((5000, 3001), 508, (32, 19), range(10, 30)),
+    ((768, 768), 96, (4, 4), range(64)),
+]
+
+
+def _boxes(grid, indices, map_size):
+    return [grid.cell_box(i, map_size) for i in indices]
+
+
+@pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES)
+@pytest.mark.parametrize("disjoint", [False, True])
+def test_box_units_partition_the_patches(image, p, map_size, indices, disjoint):
+    grid = PatchGrid.build(image, (p, p))
+    units = _box_units(grid, tuple(indices), map_size, torch.device("cpu"), disjoint)
+    boxes = _boxes(grid, indices, map_size)
+    seen = []
+    for unit in units:
+        members = list(range(len(indices))) if unit.positions is None else unit.positions.tolist()
+        seen += members
+        for k, (t, l, h, w) in zip(members, (boxes[k] for k in members)):
+            assert unit.size == (h, w)
+            assert unit.rows[members.index(k), :, 0].tolist() == list(range(t, t + h))
+            assert unit.cols[members.index(k), 0, :].tolist() == list(range(l, l + w))
+        if disjoint:
+            cells = [(y, x) for k in members for y in range(boxes[k][0], boxes[k][0] + boxes[k][2])
+                     for x in range(boxes[k][1], boxes[k][1] + boxes[k][3])]
+            assert len(cells) == len(set(cells)), "boxes of a disjoint unit share a cell"
+    assert sorted(seen) == list(range(len(indices)))
+    if not disjoint:
+        assert len(units) == len({b[2:] for b in boxes})
+
+
+@pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_crop_equals_slicing_each_box(image, p, map_size, indices, channels_last):
+    grid = PatchGrid.build(image, (p, p))
+    fmap = torch.randn(1, 5, *map_size)
+    if channels_last:
+        fmap = fmap.contiguous(memory_format=torch.channels_last)
+    for size in ((7, 9), grid.cell_box(indices[0], map_size)[2:]):
+        expected = torch.cat([F.interpolate(fmap[:, :, t : t + h, l : l + w], size=size, mode="bilinear",
+                                            align_corners=False) if (h, w) != tuple(size)
+                              else fmap[:, :, t : t + h, l : l + w] for t, l, h, w in _boxes(grid, indices, map_size)])
+        crops = crop_to_patches(fmap, grid, indices, size)
+        assert crops.is_contiguous() and torch.equal(crops, expected), size
+
+
+@pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES[2:7])
+def test_crop_gradients_are_those_of_slicing_and_repeatable(image, p, map_size, indices):
+    grid = PatchGrid.build(image, (p, p))
+    weights = torch.randn(len(indices), 3, 6, 6)
+
+    def grad(crop):
+        fmap = torch.randn(1, 3, *map_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        (crop(fmap) * weights).sum().backward()
+        return fmap.grad
+
+    def by_slicing(fmap):
+        return torch.cat([resize(fmap[:, :, t : t + h, l : l + w], (6, 6)) for t, l, h, w in _boxes(grid, indices, map_size)])
+
+    mine = grad(lambda f: crop_to_patches(f, grid, indices, (6, 6)))
+    torch.testing.assert_close(mine, grad(by_slicing), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():  # index tensors cached under inference mode still serve autograd
+        crop_to_patches(torch.randn(1, 3, *map_size), grid, indices, (6, 6))
+    for _ in range(3):
+        assert torch.equal(grad(lambda f: crop_to_patches(f, grid, indices, (6, 6))), mine)
+
+
+def _paste_patch_by_patch(canvas, maps, grid, indices):
+    for k, (t, l, h, w) in enumerate(_boxes(grid, indices, canvas.shape[-2:])):
+        canvas[:, :, t : t + h, l : l + w] += resize(maps[k : k + 1], (h, w))
+    return canvas
+
+
+@pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES)
+def test_paste_equals_adding_patch_by_patch(image, p, map_size, indices):
+    grid = PatchGrid.build(image, (p, p))
+    maps = torch.randn(len(indices), 4, 11, 12)
+    start = torch.randn(1, 4, *map_size)
+    pasted = paste_patches(start.clone(), maps, grid, indices)
+    torch.testing.assert_close(pasted, _paste_patch_by_patch(start.clone(), maps, grid, indices), rtol=1e-6, atol=1e-6)
+    # Whole numbers sum exactly in any order: then the two agree to the bit.
+    whole = torch.randint(-50, 50, (len(indices), 4, 11, 12)).float()
+    (h, w) = grid.cell_box(indices[0], map_size)[2:]
+    if all(b[2:] == (h, w) for b in _boxes(grid, indices, map_size)):
+        whole = torch.randint(-50, 50, (len(indices), 4, h, w)).float()
+        assert torch.equal(paste_patches(torch.zeros(1, 4, *map_size), whole, grid, indices),
+                           _paste_patch_by_patch(torch.zeros(1, 4, *map_size), whole, grid, indices))
+
+
+def test_crop_and_paste_cost_few_operators_however_many_patches():
+    """Each operator costs the host time on a GPU: once their index tensors exist, a
+    sub-batch's crops and pastes take a handful of them, not a few per patch."""
+    grid = PatchGrid.build((2448, 2448), (508, 508))
+    fmap, canvas = torch.randn(1, 4, 127, 127), torch.zeros(1, 4, 127, 127)
+
+    def calls(n):
+        maps = torch.randn(n, 4, 127, 127)
+        crop_to_patches(fmap, grid, range(n), (127, 127))  # the first call makes the index tensors
+        paste_patches(canvas, maps, grid, range(n))
+        with OpCount() as crop:
+            crop_to_patches(fmap, grid, range(n), (127, 127))
+        with OpCount() as paste:
+            paste_patches(canvas, maps, grid, range(n))
+        return crop.calls, paste.calls
+
+    (crop6, paste6), (crop36, paste36) = calls(6), calls(36)
+    assert crop36 == crop6 <= 6
+    # One indexed add per group of disjoint boxes: 2 groups in a row of patches, 4 in the grid.
+    assert paste6 <= 16 and paste36 <= 2 * paste6
+
+
+def test_paste_into_a_channels_last_canvas():
+    grid = PatchGrid.build((600, 600), (256, 256))
+    maps = torch.randn(len(grid), 4, 5, 5)
+    canvas = torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    pasted = paste_patches(canvas, maps, grid, range(len(grid)))
+    assert pasted is canvas and pasted.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(pasted, paste_patches(torch.zeros(1, 4, 8, 8), maps, grid, range(len(grid))), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- coverage template

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import helper
 import predict
@@ -92,6 +94,39 @@ def test_mode1_single_image_and_channels_last_agree(models, images, tmp_path):
 def test_tta_runs_on_a_non_square_image(models, images, tmp_path):
     assert run(models, "--mode", "1", "--tta", "--input", str(images / "rgb.jpg"), "--output", str(tmp_path)) == 0
     check_outputs(tmp_path, {"rgb": IMAGES["rgb"]})
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Records the operators that take a CPU tensor and return one on another device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type != "cpu" for t in outputs):
+            self.copies.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_only_the_image_crosses_to_the_device_once_tables_are_made(mode):
+    """On a GPU, copying a tensor made on the host (an index table, say) waits for all the
+    queued work. From the second image of a size on, only the image itself may cross. The
+    meta device stands in for a GPU: it runs no arithmetic but sees every transfer."""
+    stage = Stage(mode)
+    model, frozen = GLNet(DEEPGLOBE.n_class, "resnet18"), GlobalBranch(DEEPGLOBE.n_class, "resnet18")
+    args = predict.as_trainer_args(predict.parse_args(["--input", "-", "--output", "-", "--device", "meta", *SIZES]))
+    session = predict.make_session(stage, model, frozen if mode == 3 else None, DEEPGLOBE, args)
+    image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
+    predict.predict_image(session, image)
+    with _HostToDevice() as transfers:
+        ids = predict.predict_image(session, image)
+    assert ids.device.type == "meta" and ids.shape == (150, 200)
+    assert transfers.copies == ["aten._to_copy.default"]
 
 
 def test_use_channels_last_converts_both_networks():

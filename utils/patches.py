@@ -6,9 +6,10 @@ to even exactly as the authors did, so crops land on the same cells as theirs.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +110,15 @@ class PatchGrid:
         )
 
 
-def _axis_coverage(origins: Sequence[int], patch: int, length: int, device: torch.device | None = None) -> Tensor:
-    counts = torch.zeros(length, device=device)
-    for o in origins:
-        counts[o : o + patch] += 1
-    return counts
+@functools.lru_cache(maxsize=256)
+def _axis_coverage(origins: tuple[int, ...], patch: int, length: int, device: torch.device | None = None) -> Tensor:
+    """(length,) number of patches covering each position of one axis. Cached per device
+    (every image of a size has the same) and shared, so read only."""
+    with torch.inference_mode(False):
+        counts = torch.zeros(length)
+        for o in origins:
+            counts[o : o + patch] += 1
+        return counts.to(device)
 
 
 def coverage_on_map(grid: PatchGrid, map_size: Sequence[int], device: torch.device | None = None) -> Tensor:
@@ -140,25 +145,97 @@ def extract_patches(image: Tensor, grid: PatchGrid, indices: Sequence[int]) -> T
 
 
 def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size: Sequence[int]) -> Tensor:
-    """Crop a whole-image map (1, C, Hf, Wf) at each patch and resize to `size`: (n, C, *size)."""
-    crops = []
-    for i in indices:
-        t, l, h, w = grid.cell_box(i, fmap.shape[-2:])
-        crops.append(fmap[0, :, t : t + h, l : l + w])
-    if all(c.shape == crops[0].shape for c in crops):
-        return resize(torch.stack(crops), size)
-    return torch.cat([resize(c[None], size) for c in crops])
+    """Crop a whole-image map (1, C, Hf, Wf) at each patch and resize to `size`: (n, C, *size).
+
+    Boxes of one size are gathered in one indexing call. A map that needs gradients is
+    gathered in groups of disjoint boxes: the gather's backward then adds into each cell at
+    most once per call, where a scatter-add of overlapping boxes would sum in an order that
+    varies from run to run (parallel atomics).
+    """
+    units = _box_units(grid, tuple(indices), tuple(fmap.shape[-2:]), fmap.device, fmap.requires_grad)
+    pixels = fmap[0].permute(1, 2, 0)  # (Hf, Wf, C): a gather of boxes yields (m, h, w, C)
+    # Standard strides even where h or w is 1, so the resize keeps the usual layout.
+    pieces = [resize(pixels[u.rows, u.cols].permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format), size)
+              for u in units]
+    if len(pieces) == 1 and units[0].positions is None:
+        return pieces[0]
+    out = pieces[0].new_empty((len(indices), *pieces[0].shape[1:]))
+    for unit, piece in zip(units, pieces):
+        out.index_copy_(0, unit.positions, piece)
+    return out
 
 
 def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: Sequence[int]) -> Tensor:
-    """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place."""
-    boxes = [grid.cell_box(i, canvas.shape[-2:]) for i in indices]
-    sizes = {(h, w) for _, _, h, w in boxes}
+    """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place.
+
+    Patches go in groups whose boxes are disjoint, one indexed add per group and box size,
+    so every cell receives its terms in a fixed order on every device: group by group, which
+    where three or more boxes overlap is not always patch order (the sum can then differ from
+    a patch-by-patch loop in its last bits).
+    """
+    units = _box_units(grid, tuple(indices), tuple(canvas.shape[-2:]), canvas.device, True)
     # Boxes share one size except where the map's edge cut one short: resize together.
-    resized = {size: resize(patch_maps, size) for size in sizes}
-    for k, (t, l, h, w) in enumerate(boxes):
-        canvas[0, :, t : t + h, l : l + w] += resized[(h, w)][k]
+    resized = {size: resize(patch_maps, size) for size in dict.fromkeys(u.size for u in units)}
+    pixels = canvas[0].permute(1, 2, 0)
+    for unit in units:
+        maps = resized[unit.size]
+        if unit.positions is not None:
+            maps = maps.index_select(0, unit.positions)
+        pixels[unit.rows, unit.cols] += maps.permute(0, 2, 3, 1)
     return canvas
+
+
+class _BoxUnit(NamedTuple):
+    """Patches whose cell boxes on one map share a size (and, in a disjoint unit, no cell)."""
+
+    positions: Optional[Tensor]  # (m,) their positions among the requested indices; None: all, in order
+    size: tuple[int, int]
+    rows: Tensor  # (m, h, 1) map rows of each box
+    cols: Tensor  # (m, 1, w) map columns of each box
+
+
+@functools.lru_cache(maxsize=1024)
+def _box_units(
+    grid: PatchGrid, indices: tuple[int, ...], map_size: tuple[int, int], device: torch.device, disjoint: bool
+) -> tuple[_BoxUnit, ...]:
+    """The patches `indices` split into units of one box size on a map of map_size, and,
+    with disjoint, of pairwise disjoint boxes (first fit in index order: four units on a
+    grid whose neighbours overlap). Index tensors are made once per device; on a GPU,
+    building them per call would mean host-to-device copies for every crop and paste."""
+    with torch.inference_mode(False):  # cached: autograd may save them in a later call
+        return _make_box_units(grid, indices, map_size, device, disjoint)
+
+
+def _make_box_units(
+    grid: PatchGrid, indices: tuple[int, ...], map_size: tuple[int, int], device: torch.device, disjoint: bool
+) -> tuple[_BoxUnit, ...]:
+    boxes = [grid.cell_box(i, map_size) for i in indices]
+    groups: list[list[int]] = []
+    for k, box in enumerate(boxes):
+        for group in groups:
+            if not disjoint or not any(_overlap(box, boxes[j]) for j in group):
+                group.append(k)
+                break
+        else:
+            groups.append([k])
+    units = []
+    for group in groups:
+        for size in dict.fromkeys(boxes[k][2:] for k in group):
+            members = [k for k in group if boxes[k][2:] == size]
+            tops = torch.tensor([boxes[k][0] for k in members])
+            lefts = torch.tensor([boxes[k][1] for k in members])
+            every = members == list(range(len(indices)))
+            units.append(_BoxUnit(
+                positions=None if every else torch.tensor(members, device=device),
+                size=size,
+                rows=(tops[:, None] + torch.arange(size[0]))[:, :, None].to(device),
+                cols=(lefts[:, None] + torch.arange(size[1]))[:, None, :].to(device),
+            ))
+    return tuple(units)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 def merge_logits(patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | None = None) -> Tensor:
