@@ -19,15 +19,16 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
     tests/test_model.py tests/test_predict.py tests/test_resample_pil.py > "$out/pytest_cuda.txt" 2>&1
 
 # 2. Evaluation: fp32, then bf16 + channels-last (with the live-tensor peak next to the
-#    allocator's, to check the CPU estimate), then micro-batches of 2 and of all 36 patches.
+#    allocator's, to check the CPU estimate), then micro-batches of 2 and of all 36 patches
+#    (with the operator count, to set against the profile's host time).
 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000 --repeat 3 --json "$out/eval_fp32.json" > "$out/eval_fp32.txt" 2>&1
 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 --amp bf16 --channels_last --tensor_peak \
     --json "$out/eval_bf16.json" > "$out/eval_bf16.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --micro_batch_size 2 --tensor_peak \
     --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --micro_batch_size 36 --profile \
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --micro_batch_size 36 --profile --count_ops \
     --json "$out/eval_bf16_mb36.json" > "$out/eval_bf16_mb36.txt" 2>&1
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --cudnn_benchmark --profile \
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --channels_last --cudnn_benchmark --profile --count_ops \
     --json "$out/eval_bf16_cudnn.json" > "$out/eval_bf16_cudnn.txt" 2>&1
 
 # 3. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.

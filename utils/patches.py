@@ -257,7 +257,7 @@ def merge_logits(patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | 
         if a >= b:
             continue
         band = patch_logits[i].index_select(1, row_idx[a - top : b - top]).index_select(2, col_idx)
-        canvas[:, a - r0 : b - r0, left : left + pw] += band
+        canvas[:, a - r0 : b - r0, left : left + pw].add_(band)  # in place: `+=` on a slice copies back too
     return canvas
 
 
