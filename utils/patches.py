@@ -194,7 +194,11 @@ class _BoxUnit(NamedTuple):
     cols: Tensor  # (m, 1, w) map columns of each box
 
 
-@functools.lru_cache(maxsize=1024)
+# Entries are small (index tensors of a few boxes). An image needs about eight per pass
+# (crops and pastes on four map sizes): room for 8000 x 8000 at one patch per pass, so a
+# folder of such images does not rebuild them (on a GPU each rebuild is a host-to-device
+# copy that waits for the queued work).
+@functools.lru_cache(maxsize=4096)
 def _box_units(
     grid: PatchGrid, indices: tuple[int, ...], map_size: tuple[int, int], device: torch.device, disjoint: bool
 ) -> tuple[_BoxUnit, ...]:
