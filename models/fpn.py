@@ -12,6 +12,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from utils.layout import memory_format_of
 from utils.resample import resize
 
 # Pyramid levels are always ordered top-down, (p5, p4, p3, p2), as in the authors' lists.
@@ -71,10 +72,8 @@ def _concat_resized(maps: Iterable[Tensor], channels: int, size: Sequence[int]) 
     for m in maps:
         piece = resize(m, size)
         if out is None:
-            channels_last = piece.is_contiguous(memory_format=torch.channels_last) and not piece.is_contiguous()
-            layout = torch.channels_last if channels_last else torch.contiguous_format
             out = torch.empty((piece.shape[0], channels, *piece.shape[-2:]), dtype=piece.dtype, device=piece.device,
-                              memory_format=layout)
+                              memory_format=memory_format_of(piece))
         out[:, start : start + piece.shape[1]] = piece
         start += piece.shape[1]
     if out is None or start != channels:

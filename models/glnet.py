@@ -89,8 +89,9 @@ def crop_context(global_out: BranchOutput, grid: PatchGrid, indices: Sequence[in
 
 
 def empty_context(like: Context) -> Context:
-    """Zero canvases shaped like one image's global maps, for merging local features."""
-    return Context(*(tuple(m.new_zeros((1, *m.shape[1:])) for m in maps) for maps in like))  # type: ignore[arg-type]
+    """Zero canvases shaped and laid out like one image's global maps, for merging local
+    features (the global head later joins them with its own maps)."""
+    return Context(*(tuple(torch.zeros_like(m[:1]) for m in maps) for maps in like))  # type: ignore[arg-type]
 
 
 def paste_context(canvases: Context, local: Context, grid: PatchGrid, indices: Sequence[int]) -> None:

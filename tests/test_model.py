@@ -20,7 +20,8 @@ from conftest import DEVICES, FIXTURES, ROOT
 from models.backbone import ResNetBackbone
 from models.fpn import FPN, _concat_resized
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch, crop_context
-from models.stages import Batch, Stage, run_stage
+from models.stages import Batch, Stage, run_stage, set_branch_modes
+from utils.layout import memory_format_of
 from utils.parity import apply_rule_weights, rule_tensor
 from utils.patches import PatchGrid, crop_to_patches, extract_patches
 from utils.resample import resize
@@ -257,6 +258,38 @@ def test_repeated_calls_give_identical_outputs(device):
         if stage is not Stage.GLOBAL:
             assert torch.equal(a.images[0].local_logits, b.images[0].local_logits), stage
             assert torch.equal(a.images[0].ensemble_logits, b.images[0].ensemble_logits), stage
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["eval", "train"])
+def test_channels_last_convolutions_get_channels_last_inputs(backward):
+    """A convolution given another layout than its channels-last weights converts its
+    input first: a hidden copy of every joined map, global and local. Crops, canvases
+    and joins keep the maps' layout, so only the stems (3-channel images) see another."""
+    model = _small().to(memory_format=torch.channels_last)
+    frozen = GlobalBranch(N_CLASS, backbone="resnet18").to(memory_format=torch.channels_last).eval()
+    seen: dict[str, int] = {}
+
+    def check(name):
+        def hook(module, args):
+            x = args[0]
+            if x.shape[1] > 3:  # the stems' 3-channel inputs convert at no real cost
+                seen[name] = seen.get(name, 0) + 1
+                assert memory_format_of(x) == torch.channels_last, name
+        return hook
+
+    for root, net in (("model", model), ("frozen", frozen)):
+        for name, module in net.named_modules():
+            if isinstance(module, nn.Conv2d):
+                module.register_forward_pre_hook(check(f"{root}.{name}"))
+    image = torch.rand(3, 100, 130)
+    batch = Batch([image], torch.rand(1, 3, 64, 64), [torch.randint(0, N_CLASS, (100, 130))])
+    for stage in Stage:
+        set_branch_modes(model, stage, training=backward)
+        with torch.set_grad_enabled(backward):
+            run_stage(stage, model, batch, patch_size=(64, 64), sub_batch_size=4, frozen_global=frozen,
+                      backward=backward)
+    # Every head saw context: the check ran on the joined maps of both FPNs.
+    assert {"model.fpn_local.smooth", "model.fpn_global.smooth", "model.fpn_global.smooth4_1_ext"} <= set(seen)
 
 
 # --------------------------------------------------------------------------- FPN context rules

@@ -313,8 +313,8 @@ def test_paste_adds_each_patch_at_its_box():
     torch.testing.assert_close(canvas, expected, rtol=0, atol=1e-7)
 
 
-# Grids, map sizes and patch sets for crops and pastes: boxes cut short at a map's edge (two
-# box sizes), patches overlapping beyond their neighbours (160 px in 100 px patches: three
+# Grids, map sizes and patch sets for crops and pastes: boxes cut short at a map's edge (up
+# to four box sizes), patches overlapping beyond their neighbours (160 px in 100 px patches: three
 # per axis, 30 px apart), micro-batches across rows, and every patch at once.
 BOX_CASES = [
     ((2448, 2448), 508, (127, 127), range(6)),
@@ -326,6 +326,8 @@ BOX_CASES = [
     ((160, 160), 100, (5, 5), [0, 2, 6, 8, 4]),
     ((5000, 3001), 508, (32, 19), range(10, 30)),
     ((768, 768), 96, (4, 4), range(64)),
+    ((512, 512), 256, (7, 7), range(9)),  # boxes of 4 x 4, 4 x 3, 3 x 4 and 3 x 3
+    ((512, 512), 256, (7, 7), [8, 0, 4, 5]),
 ]
 
 
@@ -368,7 +370,11 @@ def test_crop_equals_slicing_each_box(image, p, map_size, indices, channels_last
                                             align_corners=False) if (h, w) != tuple(size)
                               else fmap[:, :, t : t + h, l : l + w] for t, l, h, w in _boxes(grid, indices, map_size)])
         crops = crop_to_patches(fmap, grid, indices, size)
-        assert crops.is_contiguous() and torch.equal(crops, expected), size
+        assert torch.equal(crops, expected), size
+        # In the map's layout, so a channels-last head joins crops and own maps as they are.
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert crops.is_contiguous(memory_format=layout), size
+        assert channels_last or crops.stride() == torch.empty(crops.shape).stride(), size
 
 
 @pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES[2:7])

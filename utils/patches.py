@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.layout import memory_format_of
 from utils.resample import nearest_indices, resize
 
 MIN_OVERLAP = 50  # pixels shared by neighbouring patches, the authors' constant
@@ -145,7 +146,8 @@ def extract_patches(image: Tensor, grid: PatchGrid, indices: Sequence[int]) -> T
 
 
 def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size: Sequence[int]) -> Tensor:
-    """Crop a whole-image map (1, C, Hf, Wf) at each patch and resize to `size`: (n, C, *size).
+    """Crop a whole-image map (1, C, Hf, Wf) at each patch and resize to `size`: (n, C, *size),
+    in the map's memory format.
 
     Boxes of one size are gathered in one indexing call. A map that needs gradients is
     gathered in groups of disjoint boxes: the gather's backward then adds into each cell at
@@ -154,12 +156,14 @@ def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size:
     """
     units = _box_units(grid, tuple(indices), tuple(fmap.shape[-2:]), fmap.device, fmap.requires_grad)
     pixels = fmap[0].permute(1, 2, 0)  # (Hf, Wf, C): a gather of boxes yields (m, h, w, C)
-    # Standard strides even where h or w is 1, so the resize keeps the usual layout.
-    pieces = [resize(pixels[u.rows, u.cols].permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format), size)
-              for u in units]
+    # In the map's own layout (with standard strides even where h or w is 1), which the
+    # resize keeps: the head then joins crops and its own maps without converting either.
+    layout = memory_format_of(fmap)
+    pieces = [resize(pixels[u.rows, u.cols].permute(0, 3, 1, 2).clone(memory_format=layout), size) for u in units]
     if len(pieces) == 1 and units[0].positions is None:
         return pieces[0]
-    out = pieces[0].new_empty((len(indices), *pieces[0].shape[1:]))
+    first = pieces[0]
+    out = torch.empty((len(indices), *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=layout)
     for unit, piece in zip(units, pieces):
         out.index_copy_(0, unit.positions, piece)
     return out
