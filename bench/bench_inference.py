@@ -222,11 +222,10 @@ def run_case(case: Case) -> Record:
             tensors.track([*module_tensors(session.model, session.frozen_global), image])
             step()
         tensor_peak_mb = tensors.peak / MB
-    ops = None
+    counted: Optional[OpCount] = None
     if case.count_ops and case.kind == "eval":
-        with OpCount() as count:
+        with OpCount() as counted:
             step()
-        ops = count
     on_cuda = device.type == "cuda"
     return Record(
         case=asdict(case),
@@ -237,8 +236,8 @@ def run_case(case: Case) -> Record:
         patches=patch_count(case),
         environment=environment(device, case.threads),
         tensor_peak_mb=tensor_peak_mb,
-        ops=None if ops is None else ops.calls,
-        view_ops=None if ops is None else ops.views,
+        ops=None if counted is None else counted.calls,
+        view_ops=None if counted is None else counted.views,
     )
 
 
