@@ -345,6 +345,7 @@ def test_box_units_partition_the_patches(image, p, map_size, indices, disjoint):
     for unit in units:
         members = list(range(len(indices))) if unit.positions is None else unit.positions.tolist()
         seen += members
+        assert unit.single == ((members[0], *boxes[members[0]][:2]) if len(members) == 1 else None)
         for k, (t, l, h, w) in zip(members, (boxes[k] for k in members)):
             assert unit.size == (h, w)
             assert unit.rows[members.index(k), :, 0].tolist() == list(range(t, t + h))
@@ -426,7 +427,7 @@ def test_crop_and_paste_cost_few_operators_however_many_patches():
     grid = PatchGrid.build((2448, 2448), (508, 508))
     fmap, canvas = torch.randn(1, 4, 127, 127), torch.zeros(1, 4, 127, 127)
 
-    def calls(n):
+    def counts(n):
         maps = torch.randn(n, 4, 127, 127)
         crop_to_patches(fmap, grid, range(n), (127, 127))  # the first call makes the index tensors
         paste_patches(canvas, maps, grid, range(n))
@@ -434,12 +435,14 @@ def test_crop_and_paste_cost_few_operators_however_many_patches():
             crop_to_patches(fmap, grid, range(n), (127, 127))
         with OpCount() as paste:
             paste_patches(canvas, maps, grid, range(n))
-        return crop.calls, paste.calls
+        return crop, paste
 
-    (crop6, paste6), (crop36, paste36) = calls(6), calls(36)
-    assert crop36 == crop6 <= 6
+    (crop1, paste1), (crop6, paste6), (crop36, paste36) = counts(1), counts(6), counts(36)
+    assert crop36.calls == crop6.calls <= 6
     # One indexed add per group of disjoint boxes: 2 groups in a row of patches, 4 in the grid.
-    assert paste6 <= 16 and paste36 <= 2 * paste6
+    assert paste6.calls <= 16 and paste36.calls <= 2 * paste6.calls
+    # One patch is sliced: its kernels are the crop's copy and resize, the paste's resize and add.
+    assert crop1.calls - crop1.views == 2 and paste1.calls - paste1.views == 2
 
 
 def test_paste_into_a_channels_last_canvas():

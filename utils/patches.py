@@ -159,7 +159,7 @@ def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size:
     # In the map's own layout (with standard strides even where h or w is 1), which the
     # resize keeps: the head then joins crops and its own maps without converting either.
     layout = memory_format_of(fmap)
-    pieces = [resize(pixels[u.rows, u.cols].permute(0, 3, 1, 2).clone(memory_format=layout), size) for u in units]
+    pieces = [resize(_unit_crops(fmap, pixels, u).clone(memory_format=layout), size) for u in units]
     if len(pieces) == 1 and units[0].positions is None:
         return pieces[0]
     first = pieces[0]
@@ -183,6 +183,10 @@ def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: 
     pixels = canvas[0].permute(1, 2, 0)
     for unit in units:
         maps = resized[unit.size]
+        if unit.single is not None:  # one box: a slice, no gather
+            k, t, l = unit.single
+            canvas[0, :, t : t + unit.size[0], l : l + unit.size[1]].add_(maps[k])
+            continue
         if unit.positions is not None:
             maps = maps.index_select(0, unit.positions)
         pixels[unit.rows, unit.cols] += maps.permute(0, 2, 3, 1)
@@ -196,6 +200,16 @@ class _BoxUnit(NamedTuple):
     size: tuple[int, int]
     rows: Tensor  # (m, h, 1) map rows of each box
     cols: Tensor  # (m, 1, w) map columns of each box
+    single: Optional[tuple[int, int, int]]  # (position, top, left) of a unit's only box
+
+
+def _unit_crops(fmap: Tensor, pixels: Tensor, unit: _BoxUnit) -> Tensor:
+    """The unit's boxes of fmap (1, C, Hf, Wf) as an (m, C, h, w) view or gather; pixels is
+    fmap[0] as (Hf, Wf, C). One box is a slice, which costs no kernel."""
+    if unit.single is not None:
+        _, t, l = unit.single
+        return fmap[:, :, t : t + unit.size[0], l : l + unit.size[1]]
+    return pixels[unit.rows, unit.cols].permute(0, 3, 1, 2)
 
 
 # Entries are small (index tensors of a few boxes). An image needs about eight per pass
@@ -238,6 +252,7 @@ def _make_box_units(
                 size=size,
                 rows=(tops[:, None] + torch.arange(size[0]))[:, :, None].to(device),
                 cols=(lefts[:, None] + torch.arange(size[1]))[:, None, :].to(device),
+                single=(members[0], *boxes[members[0]][:2]) if len(members) == 1 else None,
             ))
     return tuple(units)
 
