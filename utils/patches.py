@@ -184,8 +184,8 @@ def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: 
     for unit in units:
         maps = resized[unit.size]
         if unit.single is not None:  # one box: a slice, no gather
-            k, t, l = unit.single
-            canvas[0, :, t : t + unit.size[0], l : l + unit.size[1]].add_(maps[k])
+            k = unit.single[0]
+            _box_slice(canvas, unit).add_(maps[k : k + 1])
             continue
         if unit.positions is not None:
             maps = maps.index_select(0, unit.positions)
@@ -203,12 +203,17 @@ class _BoxUnit(NamedTuple):
     single: Optional[tuple[int, int, int]]  # (position, top, left) of a unit's only box
 
 
+def _box_slice(fmap: Tensor, unit: _BoxUnit) -> Tensor:
+    """The only box of a one-box unit on fmap (1, C, Hf, Wf), as a (1, C, h, w) view."""
+    _, t, l = unit.single  # type: ignore[misc]
+    return fmap[:, :, t : t + unit.size[0], l : l + unit.size[1]]
+
+
 def _unit_crops(fmap: Tensor, pixels: Tensor, unit: _BoxUnit) -> Tensor:
     """The unit's boxes of fmap (1, C, Hf, Wf) as an (m, C, h, w) view or gather; pixels is
     fmap[0] as (Hf, Wf, C). One box is a slice, which costs no kernel."""
     if unit.single is not None:
-        _, t, l = unit.single
-        return fmap[:, :, t : t + unit.size[0], l : l + unit.size[1]]
+        return _box_slice(fmap, unit)
     return pixels[unit.rows, unit.cols].permute(0, 3, 1, 2)
 
 
