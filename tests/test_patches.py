@@ -189,24 +189,55 @@ def test_extract_labels_keeps_dtype():
 
 
 def _merge_reference(patch_logits: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
-    """Sum nearest-upsampled patch logits on a canvas, with F.interpolate doing the upsampling."""
+    """Sum nearest-upsampled patch logits on a canvas patch by patch, in patch order, with
+    F.interpolate doing the upsampling; in fp32 at least, as the merge sums."""
     ph, pw = grid.patch_size
     up = F.interpolate(patch_logits, size=(ph, pw), mode="nearest")
-    canvas = patch_logits.new_zeros(patch_logits.shape[1], *grid.image_size)
+    dtype = torch.promote_types(patch_logits.dtype, torch.float32)
+    canvas = patch_logits.new_zeros(patch_logits.shape[1], *grid.image_size, dtype=dtype)
     for i, (top, left) in enumerate(grid.origins()):
         canvas[:, top : top + ph, left : left + pw] += up[i]
     return canvas
 
 
-@pytest.mark.parametrize("h, w, p, cells", [(600, 600, 256, 64), (300, 420, 160, 40), (257, 509, 130, 33)])
-def test_merge_logits_matches_nearest_upsampling(h, w, p, cells):
+MERGE_CASES = [
+    (600, 600, 256, 64, torch.float64),
+    (300, 420, 160, 40, torch.float32),
+    (257, 509, 130, 33, torch.float32),
+    (200, 260, 60, 15, torch.float32),  # up to 6 x 6 patches over one pixel
+    (2448, 700, 508, 127, torch.bfloat16),
+    (90, 300, 96, 24, torch.float32),  # one patch shrunk to the image's height
+]
+
+
+@pytest.mark.parametrize("h, w, p, cells, dtype", MERGE_CASES)
+def test_merge_logits_is_the_patch_by_patch_sum_to_the_bit(h, w, p, cells, dtype):
+    """Layer by layer, every pixel still receives its terms in patch order: the sums are the
+    same floating-point numbers, not merely close ones."""
     grid = PatchGrid.build((h, w), (p, p))
-    logits = torch.randn(len(grid), 5, cells, cells + 1, dtype=torch.float64)
+    logits = torch.randn(len(grid), 5, cells, cells + 1, generator=torch.Generator().manual_seed(h + w)).to(dtype)
     merged = merge_logits(logits, grid)
-    torch.testing.assert_close(merged, _merge_reference(logits, grid), rtol=0, atol=1e-12)
+    assert merged.shape == (5, h, w) and merged.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.equal(merged, _merge_reference(logits, grid))
     # A band of rows is the same rows of the whole canvas.
     for r0, r1 in ((0, 1), (h // 3, h // 2), (h - 7, h)):
-        torch.testing.assert_close(merge_logits(logits, grid, (r0, r1)), merged[:, r0:r1], rtol=0, atol=0)
+        assert torch.equal(merge_logits(logits, grid, (r0, r1)), merged[:, r0:r1])
+
+
+def test_merge_costs_the_same_operators_however_many_patches():
+    """Each operator costs the host time on a GPU: merging gathers one cover layer at a
+    time, so 9 patches and 121 cost the same number of operators."""
+    def calls(size, patch):
+        grid = PatchGrid.build((size, size), (patch, patch))
+        logits = torch.randn(len(grid), 7, 16, 16)
+        merge_argmax(logits, grid, max_band_bytes=1 << 40)  # the first call makes the layers
+        with OpCount() as count:
+            merge_argmax(logits, grid, max_band_bytes=1 << 40)
+        return len(grid), count.calls
+
+    (few, few_calls), (many, many_calls) = calls(600, 256), calls(5000, 508)
+    assert (few, many) == (9, 121)
+    assert few_calls == many_calls <= 40
 
 
 @pytest.mark.parametrize("max_band_bytes", [1, 1000, 7 * 420 * 4 * 13, 64 << 20])

@@ -267,26 +267,14 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool
 
 
 def merge_logits(patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | None = None) -> Tensor:
-    """Sum patch logits (N, K, h, w), nearest-upsampled to the patch size, into (K, r1 - r0, W).
+    """Sum patch logits (N, K, h, w), nearest-upsampled to the patch size, into (K, r1 - r0, W)
+    (a view of an (r1 - r0, W, K) tensor).
 
     Overlaps are summed, not averaged, as the authors did; `rows` restricts the result to
     a horizontal band of the image so callers can bound memory on huge images.
     """
-    (h_img, w_img), (ph, pw) = grid.image_size, grid.patch_size
-    r0, r1 = rows if rows is not None else (0, h_img)
-    k, h, w = patch_logits.shape[1:]
-    # Sum in at least fp32 even when the network ran under bf16/fp16 autocast.
-    canvas = patch_logits.new_zeros(k, r1 - r0, w_img, dtype=torch.promote_types(patch_logits.dtype, torch.float32))
-    row_idx = nearest_indices(ph, h, patch_logits.device)
-    col_idx = nearest_indices(pw, w, patch_logits.device)
-    for i in range(len(grid)):
-        top, left = grid.origin(i)
-        a, b = max(r0, top), min(r1, top + ph)
-        if a >= b:
-            continue
-        band = patch_logits[i].index_select(1, row_idx[a - top : b - top]).index_select(2, col_idx)
-        canvas[:, a - r0 : b - r0, left : left + pw].add_(band)  # in place: `+=` on a slice copies back too
-    return canvas
+    rows = rows if rows is not None else (0, grid.image_size[0])
+    return _merge_rows(_by_cell(patch_logits, grid), grid, rows).permute(2, 0, 1)
 
 
 def class_dtype(n_class: int) -> torch.dtype:
@@ -296,15 +284,75 @@ def class_dtype(n_class: int) -> torch.dtype:
 
 
 def merge_argmax(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64 << 20) -> Tensor:
-    """Argmax over classes of the merged patch logits, (H, W) of class_dtype, built band by band."""
+    """Argmax over classes of the merged patch logits, (H, W) of class_dtype, built band by
+    band; a band and the cover layer being added into it take about max_band_bytes."""
     k = patch_logits.shape[1]
     h_img, w_img = grid.image_size
-    band = max(1, max_band_bytes // (k * w_img * patch_logits.element_size()))
+    row_bytes = k * w_img * torch.promote_types(patch_logits.dtype, torch.float32).itemsize
+    n_bands = math.ceil(h_img / max(1, max_band_bytes // (2 * row_bytes)))
+    band = math.ceil(h_img / n_bands)  # even bands: no sliver of a few rows at the end
+    by_cell = _by_cell(patch_logits, grid)
     out = torch.empty(h_img, w_img, dtype=class_dtype(k), device=patch_logits.device)
     for r0 in range(0, h_img, band):
         r1 = min(h_img, r0 + band)
-        out[r0:r1] = merge_logits(patch_logits, grid, (r0, r1)).argmax(0)
+        # Classes innermost: the CPU's argmax over the outermost dimension is ten times slower.
+        out[r0:r1] = _merge_rows(by_cell, grid, (r0, r1)).argmax(-1)
     return out
+
+
+def _by_cell(patch_logits: Tensor, grid: PatchGrid) -> Tensor:
+    """Patch logits (N, K, h, w) laid out as ((rows + 1) * h, (cols + 1) * w, K): grid row r,
+    logit row y at r * h + y, and likewise for columns. The last row and column of patches
+    are zeros, which stand for "no patch" in a cover layer."""
+    k, h, w = patch_logits.shape[1:]
+    rows, cols = grid.n_rows, grid.n_cols
+    by_cell = patch_logits.new_zeros(rows + 1, h, cols + 1, w, k)
+    by_cell[:rows, :, :cols] = patch_logits.view(rows, cols, k, h, w).permute(0, 3, 1, 4, 2)
+    return by_cell.view((rows + 1) * h, (cols + 1) * w, k)
+
+
+def _merge_rows(by_cell: Tensor, grid: PatchGrid, rows: tuple[int, int]) -> Tensor:
+    """Rows r0:r1 of the merged logits, (r1 - r0, W, K), from the logits by cell.
+
+    Cover layer (i, j) holds, at each pixel, the logits of the patch that is the i-th of
+    those covering its row and the j-th of those covering its column (zeros where there
+    is none): two gathers per layer instead of a few operators per patch. Added in the
+    order of (i, j), the layers give every pixel its terms in patch (row-major) order, so
+    the sums are those of adding patch by patch, to the bit.
+    """
+    (h_img, w_img), (ph, pw) = grid.image_size, grid.patch_size
+    r0, r1 = rows
+    h, w = by_cell.shape[0] // (grid.n_rows + 1), by_cell.shape[1] // (grid.n_cols + 1)
+    # Sum in at least fp32 even when the network ran under bf16/fp16 autocast.
+    dtype = torch.promote_types(by_cell.dtype, torch.float32)
+    canvas = by_cell.new_zeros(r1 - r0, w_img, by_cell.shape[2], dtype=dtype)
+    col_layers = _cover_layers(grid.lefts, pw, w_img, w, by_cell.device)
+    for row_layer in _cover_layers(grid.tops, ph, h_img, h, by_cell.device):
+        band = by_cell.index_select(0, row_layer[r0:r1])
+        for col_layer in col_layers:
+            canvas.add_(band.index_select(1, col_layer))
+    return canvas
+
+
+@functools.lru_cache(maxsize=256)
+def _cover_layers(origins: tuple[int, ...], patch: int, length: int, cells: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Per cover layer l of one axis, (length,) indices into that axis of the logits by cell:
+    at each position, the cell (torch's legacy nearest rule from `cells` to `patch`) of the
+    l-th patch covering it, or a cell of the zero patch where fewer cover it. Cached per
+    device and shared, so read only."""
+    with torch.inference_mode(False):
+        starts = torch.tensor(origins)
+        position = torch.arange(length)
+        first = torch.searchsorted(starts + patch, position, right=True)  # first patch still covering
+        count = torch.searchsorted(starts, position, right=True) - first
+        cell_of = nearest_indices(patch, cells)
+        layers = []
+        for layer in range(int(count.max())):
+            covered = layer < count
+            index = torch.where(covered, first + layer, 0)
+            flat = index * cells + cell_of[(position - starts[index]).clamp(0, patch - 1)]
+            layers.append(torch.where(covered, flat, len(origins) * cells).to(device))
+        return tuple(layers)
 
 
 def upsample_argmax(logits: Tensor, size: Sequence[int]) -> Tensor:
