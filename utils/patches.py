@@ -266,15 +266,22 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
-def merge_logits(patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | None = None) -> Tensor:
+def merge_logits(
+    patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | None = None, max_band_bytes: int = 64 << 20
+) -> Tensor:
     """Sum patch logits (N, K, h, w), nearest-upsampled to the patch size, into (K, r1 - r0, W)
     (a view of an (r1 - r0, W, K) tensor).
 
     Overlaps are summed, not averaged, as the authors did; `rows` restricts the result to
-    a horizontal band of the image so callers can bound memory on huge images.
+    a horizontal band of the image so callers can bound memory on huge images. Beyond the
+    result, the work takes about max_band_bytes.
     """
-    rows = rows if rows is not None else (0, grid.image_size[0])
-    return _merge_rows(_by_cell(patch_logits, grid), grid, rows).permute(2, 0, 1)
+    r0, r1 = rows if rows is not None else (0, grid.image_size[0])
+    by_cell = _by_cell(patch_logits, grid)
+    out = by_cell.new_empty(r1 - r0, grid.image_size[1], by_cell.shape[2], dtype=_sum_dtype(by_cell))
+    for a, b in _bands(r0, r1, out[0].nbytes, max_band_bytes):
+        _add_cover_layers(out[a - r0 : b - r0].zero_(), by_cell, grid, a)
+    return out.permute(2, 0, 1)
 
 
 def class_dtype(n_class: int) -> torch.dtype:
@@ -285,19 +292,31 @@ def class_dtype(n_class: int) -> torch.dtype:
 
 def merge_argmax(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64 << 20) -> Tensor:
     """Argmax over classes of the merged patch logits, (H, W) of class_dtype, built band by
-    band; a band and the cover layer being added into it take about max_band_bytes."""
+    band in about max_band_bytes."""
     k = patch_logits.shape[1]
     h_img, w_img = grid.image_size
-    row_bytes = k * w_img * torch.promote_types(patch_logits.dtype, torch.float32).itemsize
-    n_bands = math.ceil(h_img / max(1, max_band_bytes // (2 * row_bytes)))
-    band = math.ceil(h_img / n_bands)  # even bands: no sliver of a few rows at the end
     by_cell = _by_cell(patch_logits, grid)
+    bands = _bands(0, h_img, k * w_img * _sum_dtype(by_cell).itemsize, max_band_bytes)
+    buffer = by_cell.new_empty(bands[0][1], w_img, k, dtype=_sum_dtype(by_cell))
     out = torch.empty(h_img, w_img, dtype=class_dtype(k), device=patch_logits.device)
-    for r0 in range(0, h_img, band):
-        r1 = min(h_img, r0 + band)
+    for r0, r1 in bands:
+        band = _add_cover_layers(buffer[: r1 - r0].zero_(), by_cell, grid, r0)
         # Classes innermost: the CPU's argmax over the outermost dimension is ten times slower.
-        out[r0:r1] = _merge_rows(by_cell, grid, (r0, r1)).argmax(-1)
+        out[r0:r1] = band.argmax(-1)
     return out
+
+
+def _sum_dtype(logits: Tensor) -> torch.dtype:
+    # Sum in at least fp32 even when the network ran under bf16/fp16 autocast.
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _bands(r0: int, r1: int, row_bytes: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Rows r0:r1 cut into even bands of rows whose canvas and one cover layer being added
+    into it take at most max_bytes (one row at least)."""
+    n_bands = math.ceil((r1 - r0) / max(1, max_bytes // (2 * row_bytes)))
+    size = math.ceil((r1 - r0) / n_bands)  # even bands: no sliver of a few rows at the end
+    return [(a, min(r1, a + size)) for a in range(r0, r1, size)]
 
 
 def _by_cell(patch_logits: Tensor, grid: PatchGrid) -> Tensor:
@@ -311,26 +330,23 @@ def _by_cell(patch_logits: Tensor, grid: PatchGrid) -> Tensor:
     return by_cell.view((rows + 1) * h, (cols + 1) * w, k)
 
 
-def _merge_rows(by_cell: Tensor, grid: PatchGrid, rows: tuple[int, int]) -> Tensor:
-    """Rows r0:r1 of the merged logits, (r1 - r0, W, K), from the logits by cell.
+def _add_cover_layers(canvas: Tensor, by_cell: Tensor, grid: PatchGrid, r0: int) -> Tensor:
+    """Add into canvas (n, W, K) image rows r0:r0 + n of the merged logits, from the logits
+    by cell; returns canvas.
 
     Cover layer (i, j) holds, at each pixel, the logits of the patch that is the i-th of
     those covering its row and the j-th of those covering its column (zeros where there
     is none): two gathers per layer instead of a few operators per patch. Added in the
     order of (i, j), the layers give every pixel its terms in patch (row-major) order, so
-    the sums are those of adding patch by patch, to the bit.
+    on a zeroed canvas the sums are those of adding patch by patch, to the bit.
     """
     (h_img, w_img), (ph, pw) = grid.image_size, grid.patch_size
-    r0, r1 = rows
     h, w = by_cell.shape[0] // (grid.n_rows + 1), by_cell.shape[1] // (grid.n_cols + 1)
-    # Sum in at least fp32 even when the network ran under bf16/fp16 autocast.
-    dtype = torch.promote_types(by_cell.dtype, torch.float32)
-    canvas = by_cell.new_zeros(r1 - r0, w_img, by_cell.shape[2], dtype=dtype)
     col_layers = _cover_layers(grid.lefts, pw, w_img, w, by_cell.device)
     for row_layer in _cover_layers(grid.tops, ph, h_img, h, by_cell.device):
-        band = by_cell.index_select(0, row_layer[r0:r1])
+        rows = by_cell.index_select(0, row_layer[r0 : r0 + canvas.shape[0]])
         for col_layer in col_layers:
-            canvas.add_(band.index_select(1, col_layer))
+            canvas.add_(rows.index_select(1, col_layer))
     return canvas
 
 
