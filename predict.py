@@ -105,7 +105,8 @@ def make_session(
 ) -> helper.Session:
     """An evaluation session on args.device with the sizes, autocast and memory format of
     args (size_g, size_p, micro_batch_size, amp, channels_last); the networks go to eval mode
-    and, under autocast, keep their convolution weights in its dtype. sub_batch_size and
+    and, under autocast, keep their convolution weights in its dtype with BatchNorm folded
+    into them (helper.store_for_inference). sub_batch_size and
     trains=True (weights stay fp32) are for callers that also train with the session (the
     benchmark)."""
     device = torch.device(args.device)

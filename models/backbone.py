@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -122,6 +123,40 @@ class ResNetBackbone(nn.Module):
 
     def _stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+def fold_batchnorm(backbone: ResNetBackbone) -> None:
+    """Fold every BatchNorm (running statistics) into the convolution it follows, in place,
+    for a backbone that only predicts: one convolution with a bias instead of a convolution
+    and a normalisation, so one kernel and one activation fewer per pair.
+
+    The folded network computes the same function, but its fp32 results differ in the last
+    bits, so it is for inference under autocast, which rounds far more than that. A folded
+    backbone cannot be trained or saved under the authors' keys.
+    """
+    for owner, conv_name, norm_name in _conv_norm_pairs(backbone):
+        conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
+        if not isinstance(norm, nn.BatchNorm2d):
+            raise ValueError("this backbone's BatchNorm is already folded")
+        with torch.no_grad():
+            # In float64, so each folded weight is the correctly rounded product.
+            scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+            weight = conv.weight.double() * scale[:, None, None, None]
+            conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+            bias = norm.bias.double() - norm.running_mean.double() * scale
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        setattr(owner, norm_name, nn.Identity())
+
+
+def _conv_norm_pairs(backbone: ResNetBackbone) -> Iterator[tuple[nn.Module, str, str]]:
+    """(module, convolution name, BatchNorm name) of every convolution a BatchNorm follows."""
+    yield backbone, "conv1", "bn1"
+    for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        for block in layer:
+            for i in (1, 2, 3) if isinstance(block, Bottleneck) else (1, 2):
+                yield block, f"conv{i}", f"bn{i}"
+            if block.downsample is not None:
+                yield block.downsample, "0", "1"
 
 
 def _checkpointed(fn: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> Tensor:

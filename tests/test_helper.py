@@ -12,6 +12,7 @@ from dataset.transforms import global_image
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import STAGES, Stage
 from utils import metrics
+from utils.parity import apply_rule_weights
 from utils.metrics import ConfusionMatrix
 
 
@@ -70,27 +71,38 @@ def test_evaluation_results_do_not_depend_on_the_micro_batch(stage):
 
 
 @pytest.mark.parametrize("stage", list(Stage))
-def test_convolution_weights_stored_in_the_autocast_dtype_change_no_result(stage):
-    """Autocast casts convolution weights to bf16 anyway (CPU autocast here, CUDA's alike)."""
+def test_networks_stored_for_autocast_predict_as_closely_as_autocast_alone(stage):
+    """Folded BatchNorm and convolution weights stored in bf16 keep the predictions as close
+    to fp32 as autocast with the fp32 networks does (CPU autocast here, CUDA's alike)."""
     image = torch.randint(0, 256, (3, 120, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
-    results = []
-    for stored in (None, torch.bfloat16):
+
+    def predict(amp, stored):
         session = _session(stage)
-        session.amp = torch.bfloat16
+        for net in (session.model, session.frozen_global):
+            if net is not None:  # trained-like BatchNorm statistics, which folding changes
+                apply_rule_weights(net, 0)
+        session.amp = amp
         helper.store_for_inference(stored, session.model, session.frozen_global)
         with torch.inference_mode():
-            results.append(session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0])
+            return session, session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0]
+
+    _, fp32 = predict(None, None)
+    _, autocast = predict(torch.bfloat16, None)
+    session, stored = predict(torch.bfloat16, torch.bfloat16)
     nets = [session.model] + ([session.frozen_global] if session.frozen_global is not None else [])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for net in nets for m in net.modules())
     convs = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    norms = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert convs and all(m.weight.dtype == m.bias.dtype == torch.bfloat16 for m in convs if m.bias is not None)
-    assert all(m.weight.dtype == torch.bfloat16 for m in convs)
-    assert norms and all(m.weight.dtype == m.running_var.dtype == torch.float32 for m in norms)
-    fp32_weights, stored = results
-    assert torch.equal(stored.global_logits, fp32_weights.global_logits)
-    for kind in STAGES[stage].predictions[1:]:
-        assert torch.equal(stored.patch_logits(kind), fp32_weights.patch_logits(kind)), kind
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(m.bias is not None and m.bias.dtype == torch.bfloat16 for m in convs)
+
+    def errors(result):
+        return [(result.global_logits - fp32.global_logits).abs().max()] + [
+            (result.patch_logits(kind) - fp32.patch_logits(kind)).abs().max() for kind in STAGES[stage].predictions[1:]
+        ]
+
+    for stored_error, autocast_error in zip(errors(stored), errors(autocast)):
+        assert 0 < stored_error <= 2 * autocast_error
 
 
 def test_store_for_inference_without_autocast_keeps_fp32():

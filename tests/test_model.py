@@ -7,6 +7,7 @@ where the reference tables describe it.
 from __future__ import annotations
 
 import ast
+import copy
 import csv
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from conftest import DEVICES, FIXTURES, ROOT
-from models.backbone import ResNetBackbone
+from models.backbone import ResNetBackbone, fold_batchnorm
 from models.fpn import FPN, _concat_resized
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch, crop_context
 from models.stages import Batch, Stage, run_stage, set_branch_modes
@@ -112,6 +113,27 @@ def test_backbone_equals_torchvisions_resnet(arch):
         for layer, mine in zip((reference.layer1, reference.layer2, reference.layer3, reference.layer4), c):
             r = layer(r)
             torch.testing.assert_close(mine, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_folded_batchnorm_computes_the_same_features(arch, channels_last):
+    backbone = ResNetBackbone(arch).eval()
+    apply_rule_weights(backbone, 0)  # running statistics away from 0 and 1
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    backbone.to(memory_format=layout)
+    folded = copy.deepcopy(backbone)
+    fold_batchnorm(folded)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == sum(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    assert all(m.bias is not None and m.weight.is_contiguous(memory_format=layout) for m in convs)
+    x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(0)).to(memory_format=layout)
+    with torch.no_grad():
+        for mine, reference in zip(folded(x), backbone(x)):
+            torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    with pytest.raises(ValueError, match="already folded"):
+        fold_batchnorm(folded)
 
 
 def test_importing_the_models_does_not_import_torchvision():
