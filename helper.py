@@ -155,9 +155,9 @@ def use_channels_last(*nets: Optional[torch.nn.Module]) -> None:
 def store_for_inference(dtype: Optional[torch.dtype], *nets: Optional[torch.nn.Module]) -> None:
     """Prepare networks that only predict for autocast in dtype (None: fp32, left as they are).
 
-    - BatchNorm is folded into the backbones' convolutions (`fold_batchnorm`): a kernel and
-      an activation fewer per convolution. In fp32 that would change results in the last
-      bits, which the fp32 path keeps equal to the authors'; autocast rounds far more.
+    - BatchNorm is folded into the backbones' convolutions (`fold_batchnorm`): a kernel
+      fewer per convolution. In fp32 that would change results in the last bits, which the
+      fp32 path keeps equal to the authors'; autocast rounds far more.
     - Convolution weights are kept in dtype. Autocast runs convolutions in it whatever the
       weights are: it casts them on every call and, for the trainable ones, caches the cast
       copy next to the fp32 original (half GLNet's fp32 size again, on the GPU). Stored cast,

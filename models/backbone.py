@@ -128,7 +128,8 @@ class ResNetBackbone(nn.Module):
 def fold_batchnorm(backbone: ResNetBackbone) -> None:
     """Fold every BatchNorm (running statistics) into the convolution it follows, in place,
     for a backbone that only predicts: one convolution with a bias instead of a convolution
-    and a normalisation, so one kernel and one activation fewer per pair.
+    and a normalisation, so one kernel fewer per pair (on a GPU, one launch and one pass
+    over the activation).
 
     The folded network computes the same function, but its fp32 results differ in the last
     bits, so it is for inference under autocast, which rounds far more than that. A folded
