@@ -3,6 +3,7 @@ optimizer and its schedule, one training epoch, evaluation and prediction (with 
 test-time augmentation). The stage logic itself lives in models/stages.py."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -18,12 +19,11 @@ from dataset.classes import ClassTable
 from dataset.transforms import global_image
 from models.backbone import ResNetBackbone, fold_batchnorm
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import STAGES, Batch, ImageResult, Stage, StageResult, run_stage, set_branch_modes
+from models.stages import CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, StageResult, run_stage, set_branch_modes
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
 from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.metrics import ConfusionMatrix
-from utils.patches import class_dtype, merge_argmax, merge_logits, upsample_argmax
-from utils.resample import nearest_indices
+from utils.patches import class_dtype, merge_argmax, merge_logits, upsample_argmax, upsample_nearest
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_DECAY = 5e-4
@@ -125,7 +125,9 @@ def build_models(
     return model.to(device), frozen
 
 
-_PRODUCED_BY = {"path_g": "stage 1 (global)", "path_g2l": "stage 2 (global2local)", "path_l2g": "stage 3 (local2global)"}
+def _produced_by(flag: str) -> str:
+    stage = CHECKPOINT_FLAGS[flag]
+    return f"stage {int(stage)} ({STAGES[stage].name})"
 
 
 def _required(paths: dict[str, Optional[Path]], flag: str, stage: Stage, training: bool) -> Path:
@@ -133,12 +135,12 @@ def _required(paths: dict[str, Optional[Path]], flag: str, stage: Stage, trainin
     what = "training" if training else "evaluating"
     if path is None:
         raise CheckpointError(
-            f"{what} --mode {int(stage)} needs --{flag}, the checkpoint written by {_PRODUCED_BY[flag]}"
+            f"{what} --mode {int(stage)} needs --{flag}, the checkpoint written by {_produced_by(flag)}"
         )
     if not path.is_file():
         raise CheckpointError(
             f"{path}: not found; {what} --mode {int(stage)} needs --{flag}, the checkpoint written by "
-            f"{_PRODUCED_BY[flag]} (run that stage first, or fix the path; relative names are taken "
+            f"{_produced_by(flag)} (run that stage first, or fix the path; relative names are taken "
             "inside --model_path)"
         )
     return path
@@ -173,6 +175,38 @@ def store_for_inference(dtype: Optional[torch.dtype], *nets: Optional[torch.nn.M
         for module in net.modules():
             if isinstance(module, torch.nn.Conv2d):
                 module.to(dtype)
+
+
+def make_session(
+    stage: Stage,
+    model: GLNet,
+    frozen_global: Optional[GlobalBranch],
+    table: ClassTable,
+    config: argparse.Namespace,
+    device: torch.device,
+    *,
+    inference: bool,
+    dist: DistInfo = DistInfo(),
+) -> Session:
+    """A session of the networks on `device`, configured by train_deep_globe.py's flags in
+    `config` (size_g, size_p, sub_batch_size, lamb_fmreg, micro_batch_size, amp,
+    channels_last, checkpointing).
+
+    inference=True is for networks that only predict: they go to eval mode and, under
+    autocast, keep their convolution weights in its dtype with BatchNorm folded into them
+    (store_for_inference). Training keeps fp32 weights and sets branch modes per epoch.
+    """
+    model.to(device).activation_checkpointing = config.checkpointing
+    if frozen_global is not None:
+        frozen_global.to(device).eval()
+    if config.channels_last:
+        use_channels_last(model, frozen_global)
+    amp = AMP_DTYPES.get(config.amp)
+    if inference:
+        set_branch_modes(model, stage, training=False)
+        store_for_inference(amp, model, frozen_global)
+    return Session(stage, model, frozen_global, table, tuple(config.size_g), tuple(config.size_p),
+                   config.sub_batch_size, config.lamb_fmreg, device, dist, amp, config.micro_batch_size)
 
 
 def build_optimizer(model: GLNet, stage: Stage, lr: float) -> torch.optim.Adam:
@@ -233,19 +267,12 @@ def _class_map(result: ImageResult, kind: str, size: Sequence[int]) -> Tensor:
     return merge_argmax(result.patch_logits(kind), result.grid)  # type: ignore[arg-type]
 
 
-def _scores_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
-    """Full-resolution summed logits (K, H, W) per kind; only test-time augmentation,
+def _scores_of(result: ImageResult, kind: str, size: Sequence[int]) -> Tensor:
+    """Full-resolution summed logits (K, H, W) of one kind; only test-time augmentation,
     which must map scores back before adding them, needs these."""
-    out = {}
-    for kind in kinds:
-        if kind == "global":
-            logits = result.global_logits[0]
-            rows = nearest_indices(int(size[0]), logits.shape[-2], logits.device)
-            cols = nearest_indices(int(size[1]), logits.shape[-1], logits.device)
-            out[kind] = logits.index_select(1, rows).index_select(2, cols)
-        else:
-            out[kind] = merge_logits(result.patch_logits(kind), result.grid)  # type: ignore[arg-type]
-    return out
+    if kind == "global":
+        return upsample_nearest(result.global_logits[0], size)
+    return merge_logits(result.patch_logits(kind), result.grid)  # type: ignore[arg-type]
 
 
 # The eight dihedral transforms: k quarter turns, after an optional horizontal flip.
@@ -261,32 +288,41 @@ def _untransform(x: Tensor, k: int, flip: bool) -> Tensor:
     return x.flip(-1) if flip else x
 
 
+@torch.inference_mode()
 def predict(
     session: Session, samples: dict[str, list[Any]], tta: bool = False, kinds: Optional[Sequence[str]] = None
 ) -> list[dict[str, Tensor]]:
     """Class maps per image and prediction kind (default: every kind the stage has) for a
-    collated batch (no gradients).
+    collated batch, without autograd.
 
-    With tta, the whole method runs on each of the eight flips/rotations of the full image
-    (global image and patches both cut from the transformed image), and the logits, mapped
-    back, are summed before the argmax.
+    With tta, the argmax is taken over `tta_scores`.
     """
     kinds = tuple(kinds or session.predictions)
-    sizes = [tuple(img.shape[-2:]) for img in samples["image"]]
-    if not tta:
-        result = session.run(to_batch(samples, session.device, with_labels=False))
-        return [predictions_of(r, kinds, s) for r, s in zip(result.images, sizes)]
-    totals: list[dict[str, Tensor]] = [{} for _ in sizes]
+    if tta:
+        return [{kind: s.argmax(0).to(class_dtype(s.shape[0])) for kind, s in scores.items()}
+                for scores in tta_scores(session, samples, kinds)]
+    result = session.run(to_batch(samples, session.device, with_labels=False))
+    return [predictions_of(r, kinds, img.shape[-2:]) for r, img in zip(result.images, samples["image"])]
+
+
+@torch.inference_mode()
+def tta_scores(session: Session, samples: dict[str, list[Any]], kinds: Sequence[str]) -> list[dict[str, Tensor]]:
+    """Test-time augmentation's summed logits (K, H, W) per image and kind: the whole method
+    runs on each of the eight flips/rotations of the full image (global image and patches
+    both cut from the transformed image), and its logits are mapped back and summed.
+    Because every transform sees its own image, transforming the input transforms the
+    result; the authors cut patches from the unrotated image, which broke that."""
+    totals: list[dict[str, Tensor]] = [{} for _ in samples["image"]]
     for k, flip in TTA_TRANSFORMS:
         images = [_transform(img, k, flip) for img in samples["image"]]
         moved = {"image": images, "global": [global_image(img, session.size_g) for img in images],
                  "label": [None] * len(images)}
         result = session.run(to_batch(moved, session.device, with_labels=False))
         for total, r, img in zip(totals, result.images, images):
-            for kind, scores in _scores_of(r, kinds, img.shape[-2:]).items():
-                back = _untransform(scores, k, flip)
+            for kind in kinds:
+                back = _untransform(_scores_of(r, kind, img.shape[-2:]), k, flip)
                 total[kind] = total[kind] + back if kind in total else back
-    return [{kind: s.argmax(0).to(class_dtype(s.shape[0])) for kind, s in total.items()} for total in totals]
+    return totals
 
 
 @dataclass
@@ -358,7 +394,7 @@ def evaluate(
     desc: str = "eval",
 ) -> dict[str, dict[str, Any]]:
     """Scores of every prediction kind over the loader's labelled images (summed over
-    ranks): {kind: {"iou": per-class list, "miou": float}}. `on_prediction(id, preds)` is
+    ranks): {kind: {"iou": per-class list, "miou": float, "pixels": labelled pixels scored}}. `on_prediction(id, preds)` is
     called for every image, e.g. to save it."""
     set_branch_modes(session.model, session.stage, training=False)
     confusions = _confusions(session)

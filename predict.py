@@ -25,13 +25,8 @@ from dataset.errors import DataError, reports_errors
 from dataset.io import read_image, write_label
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
-from models.glnet import GLNet, GlobalBranch
-from models.stages import Stage
-from train_deep_globe import SUB_BATCH_SIZE, USER_ERRORS, checkpoint_paths, load_table, parse_size
-
-# The checkpoint flags (the trainer's names) and the stage whose training writes each file.
-CHECKPOINT_FLAGS = {"path_g": Stage.GLOBAL, "path_g2l": Stage.GLOBAL2LOCAL, "path_l2g": Stage.LOCAL2GLOBAL}
-
+from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, Stage
+from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
 
 def default_checkpoint(stage: Stage) -> str:
     """The file training writes for a stage under its default task name."""
@@ -49,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model_path", default="saved_models", help="folder of the checkpoints; --path_* names are taken inside it")
     for flag, stage in CHECKPOINT_FLAGS.items():
         a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
-    a("--size_g", type=parse_size, default=(508, 508), help="global image size the model was trained with: N or H,W")
-    a("--size_p", type=parse_size, default=(508, 508), help="local patch size the model was trained with: N or H,W")
+    a("--size_g", type=parse_size, default=AUTHORS_SIZE, help="global image size the model was trained with: N or H,W")
+    a("--size_p", type=parse_size, default=AUTHORS_SIZE, help="local patch size the model was trained with: N or H,W")
     a("--micro_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
       "speed; results do not depend on it; default: 1 on the CPU, 6 on a GPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -94,41 +89,12 @@ def find_images(path: Path) -> list[Path]:
     return list(images.values())
 
 
-def make_session(
-    stage: Stage,
-    model: GLNet,
-    frozen_global: Optional[GlobalBranch],
-    table: ClassTable,
-    args: argparse.Namespace,
-    sub_batch_size: int = SUB_BATCH_SIZE,
-    trains: bool = False,
-) -> helper.Session:
-    """An evaluation session on args.device with the sizes, autocast and memory format of
-    args (size_g, size_p, micro_batch_size, amp, channels_last); the networks go to eval mode
-    and, under autocast, keep their convolution weights in its dtype with BatchNorm folded
-    into them (helper.store_for_inference). sub_batch_size and
-    trains=True (weights stay fp32) are for callers that also train with the session (the
-    benchmark)."""
-    device = torch.device(args.device)
-    model.to(device).eval()
-    if frozen_global is not None:
-        frozen_global.to(device).eval()
-    if args.channels_last:
-        helper.use_channels_last(model, frozen_global)
-    if not trains:
-        helper.store_for_inference(helper.AMP_DTYPES.get(args.amp), model, frozen_global)
-    # lamb_fmreg only weighs a training loss; prediction computes none.
-    return helper.Session(stage, model, frozen_global, table, args.size_g, args.size_p, sub_batch_size,
-                          lamb_fmreg=0.0, device=device, amp=helper.AMP_DTYPES.get(args.amp),
-                          micro_batch_size=args.micro_batch_size)
-
-
 def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session:
     """The stage's evaluation weights loaded from the checkpoints the flags name."""
     stage = Stage(args.mode)
     model, frozen = helper.build_models(stage, table.n_class, training=False, paths=checkpoint_paths(args),
                                         backbone=args.backbone, device=torch.device(args.device))
-    return make_session(stage, model, frozen, table, args)
+    return helper.make_session(stage, model, frozen, table, as_trainer_args(args), torch.device(args.device), inference=True)
 
 
 def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> Tensor:

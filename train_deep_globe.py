@@ -22,14 +22,13 @@ from dataset.classes import NAMED_TABLES, ClassTable, load_class_table
 from dataset.errors import DataError, reports_errors
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
-from models.stages import STAGES, Stage
-from utils.checkpoint import CheckpointError, atomic_save, load_state, read_file, save_weights, state_dict_of
+from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
+from utils.checkpoint import CheckpointError, atomic_save, authors_layout, load_state, read_file, save_weights, state_dict_of
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import MIN_OVERLAP
 
 LAST_SUFFIX = ".last.pth"
-SUB_BATCH_SIZE = 6  # the authors' default
 
 
 class ConfigError(ValueError):
@@ -76,12 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
       "change results: every pass in evaluation; in training, stage 2's FPN head and losses and stage 3's frozen "
       "local branch (only a training backbone's BatchNorm couples patches). Memory vs speed; default: 1 on the "
       "CPU (fastest and leanest there), --sub_batch_size on a GPU")
-    a("--size_g", type=parse_size, default=(508, 508), help="global image size: N or H,W")
-    a("--size_p", type=parse_size, default=(508, 508), help="local patch size: N or H,W")
-    a("--path_g", default=None, help="stage-1 checkpoint (needed by modes 2 and 3)")
-    a("--path_g2l", default=None, help="stage-2 checkpoint (needed by mode 3, and mode 2 evaluation)")
-    a("--path_l2g", default=None, help="stage-3 checkpoint (needed by mode 3 evaluation)")
-    a("--lamb_fmreg", type=float, default=0.15, help="weight of the feature-map regularisation (mode 2)")
+    a("--size_g", type=parse_size, default=AUTHORS_SIZE, help="global image size: N or H,W")
+    a("--size_p", type=parse_size, default=AUTHORS_SIZE, help="local patch size: N or H,W")
+    for flag, stage in CHECKPOINT_FLAGS.items():
+        a(f"--{flag}", default=None, help=f"stage-{int(stage)} checkpoint (read by {checkpoint_uses(flag)})")
+    a("--lamb_fmreg", type=float, default=LAMB_FMREG, help="weight of the feature-map regularisation (mode 2)")
     # Ours.
     a("--num_epochs", type=int, default=None, help="default per mode: 120, 50, 120")
     a("--lr", type=float, default=None, help="default per mode: 5e-5, 2e-5, 5e-5")
@@ -158,7 +156,7 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
 
 def checkpoint_paths(args: argparse.Namespace) -> dict[str, Optional[Path]]:
     return {f: helper.checkpoint_path(args.model_path, getattr(args, f)) if getattr(args, f) else None
-            for f in ("path_g", "path_g2l", "path_l2g")}
+            for f in CHECKPOINT_FLAGS}
 
 
 def pretrained_path(args: argparse.Namespace) -> Optional[Path]:
@@ -360,7 +358,7 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
                 log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])), epoch + 1)
             atomic_save(
                 {
-                    "model": {"module." + k: v for k, v in session.model.state_dict().items()},
+                    "model": authors_layout(session.model),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
@@ -427,14 +425,7 @@ def run(args: argparse.Namespace) -> int:
             backbone=args.backbone,
             device=device,
         )
-        model.activation_checkpointing = args.checkpointing
-        if args.channels_last:
-            helper.use_channels_last(model, frozen)
-        if args.evaluation:
-            helper.store_for_inference(helper.AMP_DTYPES.get(args.amp), model, frozen)
-        session = helper.Session(stage, model, frozen, table, args.size_g, args.size_p, args.sub_batch_size,
-                                 args.lamb_fmreg, device, info, helper.AMP_DTYPES.get(args.amp),
-                                 args.micro_batch_size)
+        session = helper.make_session(stage, model, frozen, table, args, device, dist=info, inference=args.evaluation)
         log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
         log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
                  f"with {helper.environment_summary(device)}")

@@ -34,9 +34,8 @@ from dataset.classes import DEEPGLOBE  # noqa: E402
 from dataset.make_demo import make_deep_globe_demo  # noqa: E402
 from dataset.transforms import global_image  # noqa: E402
 from models.glnet import GLNet, GlobalBranch  # noqa: E402
-from models.stages import STAGES, Batch, Stage, set_branch_modes  # noqa: E402
-from helper import AMP_DTYPES
-from predict import CHECKPOINT_FLAGS, default_checkpoint, make_session, predict_image  # noqa: E402
+from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Batch, Stage, set_branch_modes  # noqa: E402
+from predict import default_checkpoint, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
@@ -61,10 +60,11 @@ class Case:
     amp: Optional[str] = None
     channels_last: bool = False
     checkpointing: bool = False
-    sub_batch_size: int = 6
+    sub_batch_size: int = SUB_BATCH_SIZE
+    lamb_fmreg: float = LAMB_FMREG
     micro_batch_size: Optional[int] = None  # None: the trainer's default for the device
-    size_g: tuple[int, int] = (508, 508)
-    size_p: tuple[int, int] = (508, 508)
+    size_g: tuple[int, int] = AUTHORS_SIZE
+    size_p: tuple[int, int] = AUTHORS_SIZE
     backbone: str = "resnet50"
     threads: Optional[int] = None
     repeat: int = 3
@@ -127,8 +127,8 @@ def rule_session(case: Case) -> helper.Session:
         frozen = GlobalBranch(DEEPGLOBE.n_class, case.backbone)
         apply_rule_weights(frozen, WEIGHT_SEED)
         frozen.requires_grad_(False)
-    return make_session(stage, model, frozen, DEEPGLOBE, argparse.Namespace(**asdict(case)), case.sub_batch_size,
-                        trains=case.kind == "train")
+    return helper.make_session(stage, model, frozen, DEEPGLOBE, argparse.Namespace(**asdict(case)),
+                               torch.device(case.device), inference=case.kind == "eval")
 
 
 def random_image(size: int, generator: torch.Generator) -> torch.Tensor:
@@ -141,11 +141,8 @@ def eval_step(session: helper.Session, image: torch.Tensor) -> Callable[[], None
     return lambda: predict_image(session, image)
 
 
-def train_step(
-    session: helper.Session, image: torch.Tensor, generator: torch.Generator, checkpointing: bool = False
-) -> Callable[[], None]:
-    """One optimizer step of the stage on the image with a random label map, optionally
-    with activation checkpointing."""
+def train_step(session: helper.Session, image: torch.Tensor, generator: torch.Generator) -> Callable[[], None]:
+    """One optimizer step of the stage on the image with a random label map."""
     label = torch.randint(0, DEEPGLOBE.n_class, image.shape[-2:], generator=generator)
     image = image.to(session.device)
     batch = Batch(
@@ -153,7 +150,6 @@ def train_step(
         global_images=global_image(image, session.size_g)[None],
         labels=[label.to(session.device)],
     )
-    session.model.activation_checkpointing = checkpointing
     optimizer = helper.build_optimizer(session.model, session.stage, STAGES[session.stage].lr)
     set_branch_modes(session.model, session.stage, training=True)
 
@@ -209,7 +205,7 @@ def run_case(case: Case) -> Record:
     generator = torch.Generator().manual_seed(0)
     session = rule_session(case)
     image = random_image(case.size, generator)
-    step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator, case.checkpointing)
+    step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed(step, device)
@@ -371,15 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
       "on a generated one-image dataset")
     a("--repeat", type=int, default=3, help="timed runs per case after one warm-up; the median is reported (default: 3)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    a("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype; bf16 also on the CPU, where "
+    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast dtype; bf16 also on the CPU, where "
       "with --tensor_peak it shows what a GPU would hold")
     a("--channels_last", action="store_true", help="channels-last weights")
     a("--checkpointing", action="store_true", help="activation checkpointing in training steps")
-    a("--sub_batch_size", type=int, default=6, help="the trainer's --sub_batch_size (default: 6)")
+    a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help=f"the trainer's --sub_batch_size (default: {SUB_BATCH_SIZE})")
     a("--micro_batch_size", type=int, default=None, help="the trainer's --micro_batch_size (default: its default, "
       "1 on the CPU and --sub_batch_size on a GPU)")
-    a("--size_g", type=parse_size, default=(508, 508), help="global image size (default: 508)")
-    a("--size_p", type=parse_size, default=(508, 508), help="patch size (default: 508)")
+    a("--size_g", type=parse_size, default=AUTHORS_SIZE, help=f"global image size (default: {AUTHORS_SIZE[0]})")
+    a("--size_p", type=parse_size, default=AUTHORS_SIZE, help=f"patch size (default: {AUTHORS_SIZE[0]})")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="(default: resnet50)")
     a("--profile", action="store_true", help="print the top operators of one more run of each case")

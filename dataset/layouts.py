@@ -66,18 +66,13 @@ class Layout:
         """The sample id in a split-list line: a file name loses its image suffix, a bare id stays."""
         return strip_suffix(name, self.image_suffixes) or name
 
-    def samples(self, split_dir: PathLike, split_list: Optional[PathLike] = None) -> list[Sample]:
-        """The samples of one split folder, sorted by id.
+    def samples(self, split_dir: PathLike) -> list[Sample]:
+        """The samples of one split folder (e.g. <root>/train), sorted by id; masks are None
+        when the split has no mask folder.
 
-        Args:
-            split_dir: e.g. <root>/train.
-            split_list: optional text file, one id or image file name per line: only these
-                samples, in this order.
-        Returns:
-            Samples; masks are None when the split has no mask folder.
         Raises:
-            DataError: a missing or empty image folder, an image without its mask when the
-                mask folder exists, or a listed id without an image.
+            DataError: a missing or empty image folder, or an image without its mask when the
+                mask folder exists.
         """
         if not Path(split_dir).is_dir():
             raise DataError(f"{split_dir}: no such split folder; check the data root and split name, or prepare the data first")
@@ -87,7 +82,7 @@ class Layout:
         images = index_files(image_dir, self.image_suffixes)
         if not images:
             raise DataError(f"{image_dir}: no images named <id>{'|'.join(self.image_suffixes)}; put the split's images there")
-        ids = sorted(images) if split_list is None else _listed_ids(Path(split_list), self, images, image_dir)
+        ids = sorted(images)
         mask_dir = Path(split_dir) / self.mask_dir
         if not mask_dir.is_dir():
             return [Sample(i, images[i], None) for i in ids]
@@ -100,32 +95,15 @@ class Layout:
         return [Sample(i, images[i], self.mask_path(split_dir, i)) for i in ids]
 
 
-def _listed_ids(split_list: Path, layout: Layout, images: dict[str, Path], image_dir: Path) -> list[str]:
-    try:
-        lines = [line.strip() for line in split_list.read_text().splitlines()]
-    except FileNotFoundError:
-        raise DataError(f"{split_list}: no such split list; check the path") from None
-    ids = [layout.id_of(line) for line in lines if line]
-    if not ids:
-        raise DataError(f"{split_list}: the split list is empty; list one id per line")
-    missing = [i for i in ids if i not in images]
-    if missing:
-        raise DataError(
-            f"{split_list}: {len(missing)} listed ids have no image in {image_dir} "
-            f"(first: {missing[:3]}); remove them from the list or add the files"
-        )
-    return ids
-
-
 DEEP_GLOBE = Layout("Sat", "Label", ("_sat.jpg",), "_mask.png")
 FOLDER = Layout("images", "masks", IMAGE_SUFFIXES, ".png")
 
 
-def deep_globe_samples(root: PathLike, split: str, split_list: Optional[PathLike] = None) -> list[Sample]:
+def deep_globe_samples(root: PathLike, split: str) -> list[Sample]:
     """Samples of `<root>/<split>` in the prepared DeepGlobe layout (see Layout.samples)."""
-    return DEEP_GLOBE.samples(Path(root) / split, split_list)
+    return DEEP_GLOBE.samples(Path(root) / split)
 
 
-def folder_samples(root: PathLike, split: str, split_list: Optional[PathLike] = None) -> list[Sample]:
+def folder_samples(root: PathLike, split: str) -> list[Sample]:
     """Samples of `<root>/<split>` in the generic images/ + masks/ layout (see Layout.samples)."""
-    return FOLDER.samples(Path(root) / split, split_list)
+    return FOLDER.samples(Path(root) / split)

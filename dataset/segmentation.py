@@ -113,7 +113,6 @@ def build_dataset(
     mask_kind: Optional[MaskKind] = None,
     augment: bool = False,
     seed: int = 0,
-    split_list: Optional[PathLike] = None,
 ) -> SegmentationDataset:
     """The dataset of one split.
 
@@ -125,7 +124,6 @@ def build_dataset(
         mask_kind: "ids" or "colours"; defaults to the preset's ("ids").
         augment: apply GLNet's training augmentation.
         seed: augmentation seed.
-        split_list: optional file of ids restricting and ordering the split.
     Returns:
         The SegmentationDataset.
     """
@@ -135,5 +133,5 @@ def build_dataset(
     table = table or preset.table
     if table is None:
         raise DataError(f"{root}: the {kind!r} layout has no default class table; give one (e.g. a JSON file read by load_class_table)")
-    samples = preset.samples(root, split, split_list)
+    samples = preset.samples(root, split)
     return SegmentationDataset(samples, table, mask_kind or preset.mask_kind, augment, seed)

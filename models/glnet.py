@@ -65,7 +65,9 @@ class _Crops(SequenceABC):
     consumes it, instead of all sixteen for the whole head.
     """
 
-    def __init__(self, maps: Sequence[Tensor], grid: PatchGrid, indices: Sequence[int], sizes: Sequence[Sequence[int]]):
+    def __init__(
+        self, maps: Sequence[Tensor], grid: PatchGrid, indices: Sequence[int], sizes: Sequence[Sequence[int]]
+    ) -> None:
         self.maps, self.grid, self.indices, self.sizes = maps, grid, indices, sizes
 
     def __len__(self) -> int:

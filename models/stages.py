@@ -20,6 +20,12 @@ from utils.patches import PatchGrid, chunks, extract_patches
 from utils.resample import resize_labels
 
 
+# The authors' run (GLNET_SPEC.md, section 5), the defaults of every command-line tool.
+AUTHORS_SIZE = (508, 508)  # size_g and size_p
+SUB_BATCH_SIZE = 6
+LAMB_FMREG = 0.15
+
+
 class Stage(IntEnum):
     """The values are the authors' `--mode`."""
 
@@ -40,6 +46,7 @@ class Load:
 @dataclass(frozen=True)
 class StageSpec:
     name: str
+    checkpoint_flag: str  # the flag by which later stages and evaluation name this stage's weights
     trains: tuple[str, ...]  # parameter groups that learn; the others get lr 0 and eval mode
     epochs: int
     lr: float
@@ -55,18 +62,32 @@ ALL_PREDICTIONS = ("global", "local", "ensemble")
 
 STAGES: dict[Stage, StageSpec] = {
     Stage.GLOBAL: StageSpec(
-        "global", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=("global",),
+        "global", "path_g", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=("global",),
         train_loads=(), eval_loads=(Load("path_g", "non_local"),),
     ),
     Stage.GLOBAL2LOCAL: StageSpec(
-        "global2local", LOCAL_GROUPS, epochs=50, lr=2e-5, predictions=ALL_PREDICTIONS,
+        "global2local", "path_g2l", LOCAL_GROUPS, epochs=50, lr=2e-5, predictions=ALL_PREDICTIONS,
         train_loads=(Load("path_g", "non_local"),), eval_loads=(Load("path_g2l"),),
     ),
     Stage.LOCAL2GLOBAL: StageSpec(
-        "local2global", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=ALL_PREDICTIONS,
+        "local2global", "path_l2g", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=ALL_PREDICTIONS,
         train_loads=(Load("path_g2l"),), eval_loads=(Load("path_l2g"),), frozen_global="path_g",
     ),
 }
+
+
+CHECKPOINT_FLAGS: dict[str, Stage] = {spec.checkpoint_flag: stage for stage, spec in STAGES.items()}
+
+
+def checkpoint_uses(flag: str) -> str:
+    """Where a checkpoint flag is read, e.g. "mode 1 evaluation, mode 2 training"."""
+    uses = []
+    for stage, spec in STAGES.items():
+        read = [when for when, loads in (("training", spec.train_loads), ("evaluation", spec.eval_loads))
+                if spec.frozen_global == flag or any(load.flag == flag for load in loads)]
+        if read:
+            uses.append(f"mode {int(stage)} {' and '.join(read)}")
+    return ", ".join(uses)
 
 
 def set_branch_modes(model: GLNet, stage: Stage, training: bool) -> None:
@@ -157,7 +178,7 @@ def run_stage(
     patch_size: Sequence[int],
     sub_batch_size: int,
     frozen_global: Optional[GlobalBranch] = None,
-    lamb_fmreg: float = 0.15,
+    lamb_fmreg: float = LAMB_FMREG,
     backward: bool = False,
     micro_batch_size: Optional[int] = None,
 ) -> StageResult:

@@ -277,34 +277,23 @@ def test_folder_preset_needs_a_table(tmp_path):
         build_dataset("folder", tmp_path, "train")
 
 
-def test_split_list_orders_and_restricts(tmp_path):
-    make_deep_globe_split(tmp_path, "train", ["1", "2", "3"])
-    (tmp_path / "list.txt").write_text("3_sat.jpg\n\n1\n")
-    assert [s.id for s in deep_globe_samples(tmp_path, "train", tmp_path / "list.txt")] == ["3", "1"]
-
-
 @pytest.mark.parametrize(
     "breakage, message, named",
     [
         ("no_split", "no such split folder", "train"),
         ("empty", "no images named", "train/Sat"),
-        ("list_id", r"1 listed ids have no image.*'9'", "list.txt"),
         ("mask_missing", r"no such mask \(1 of 2", "2_mask.png"),
     ],
 )
 def test_layout_errors_name_the_path(tmp_path, breakage, message, named):
-    split_list = None
     if breakage == "empty":
         (tmp_path / "train" / "Sat").mkdir(parents=True)
     elif breakage != "no_split":
         make_deep_globe_split(tmp_path, "train", ["1", "2"])
-    if breakage == "list_id":
-        split_list = tmp_path / "list.txt"
-        split_list.write_text("1_sat.jpg\n9_sat.jpg\n")
     if breakage == "mask_missing":
         (tmp_path / "train" / "Label" / "2_mask.png").unlink()
     with pytest.raises(DataError, match=message) as error:
-        deep_globe_samples(tmp_path, "train", split_list)
+        deep_globe_samples(tmp_path, "train")
     assert named in str(error.value) and "\n" not in str(error.value)
 
 

@@ -120,38 +120,36 @@ def test_micro_batch_defaults_to_one_patch_on_the_cpu_and_the_sub_batch_on_a_gpu
     assert session.micro_batch == 9
 
 
-@pytest.mark.parametrize("stage", [Stage.GLOBAL, Stage.LOCAL2GLOBAL])
-def test_tta_on_a_non_square_image_gives_maps_of_the_image_size(stage):
+def test_predicting_one_kind_gives_that_kind_of_all():
+    session = _session(Stage.LOCAL2GLOBAL)
+    image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
+    every = helper.predict(session, samples)[0]
+    final = helper.predict(session, samples, kinds=("ensemble",))[0]
+    assert every.keys() == set(STAGES[Stage.LOCAL2GLOBAL].predictions) and final.keys() == {"ensemble"}
+    assert all(pred.shape == (100, 150) for pred in every.values())
+    assert torch.equal(final["ensemble"], every["ensemble"])
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_tta_scores_turn_with_the_image(stage):
+    # Summing over all eight transforms, TTA(T(x)) = T(TTA(x)) for any network, but only if
+    # each transform's global image and patches are cut from the transformed image (the
+    # authors' patches came from the unrotated one), and only if all eight are summed. A
+    # quarter turn of a non-square image also changes its patch grid (the authors crashed).
     session = _session(stage)
-    image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8)
-    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
-    with torch.inference_mode():
-        plain = helper.predict(session, samples)[0]
-        tta = helper.predict(session, samples, tta=True)[0]
-        final = helper.predict(session, samples, kinds=("ensemble",))[0] if stage is Stage.LOCAL2GLOBAL else None
-    assert plain.keys() == tta.keys() == set(STAGES[stage].predictions)
+    image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    k, flip = 1, True
+
+    def scores(img):
+        samples = {"id": ["a"], "image": [img], "label": [None]}
+        return helper.tta_scores(session, samples, session.predictions)[0]
+
+    plain, turned = scores(image), scores(helper._transform(image, k, flip))
+    assert plain.keys() == turned.keys() == set(STAGES[stage].predictions)
     for kind in plain:
-        assert tta[kind].shape == plain[kind].shape == (100, 150)
-    if final is not None:
-        assert final.keys() == {"ensemble"} and torch.equal(final["ensemble"], plain["ensemble"])
-
-
-def test_tta_of_a_flip_symmetric_image_on_mode_1_sums_mirrored_scores():
-    # With a left-right symmetric image, the flipped pass sees the same input, so
-    # (identity + flip) TTA equals the identity's scores plus their mirror image.
-    session = _session(Stage.GLOBAL)
-    half = torch.randint(0, 256, (3, 64, 32), dtype=torch.uint8)
-    image = torch.cat([half, half.flip(-1)], dim=-1)
-    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
-    with torch.inference_mode():
-        result = session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0]
-        scores = helper._scores_of(result, ("global",), (64, 64))["global"]
-    expected = scores + scores.flip(-1)
-    flipped = {**samples, "image": [image.flip(-1)], "global": [global_image(image.flip(-1), (64, 64))]}
-    with torch.inference_mode():
-        again = session.run(helper.to_batch(flipped, session.device, with_labels=False)).images[0]
-        back = helper._untransform(helper._scores_of(again, ("global",), (64, 64))["global"], 0, True)
-    assert torch.allclose(scores + back, expected, atol=1e-5)
+        assert plain[kind].shape == (7, 100, 150) and turned[kind].shape == (7, 150, 100)
+        torch.testing.assert_close(turned[kind], helper._transform(plain[kind], k, flip), rtol=1e-5, atol=1e-4)
 
 
 def test_confusion_matrix_iou_and_miou():

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import Tensor, nn
 
 from conftest import DEVICES, FIXTURES, ROOT
@@ -100,7 +101,6 @@ def test_global_branch_keys_are_the_plain_global_half(glnet50):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_backbone_equals_torchvisions_resnet(arch):
     """Our ResNet has torchvision's keys in its order and, with its weights, its features."""
-    torchvision = pytest.importorskip("torchvision")
     reference = getattr(torchvision.models, arch)().eval()
     ours = ResNetBackbone(arch).eval()
     weights = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}

@@ -120,7 +120,8 @@ def test_only_the_image_crosses_to_the_device_once_tables_are_made(mode):
     stage = Stage(mode)
     model, frozen = GLNet(DEEPGLOBE.n_class, "resnet18"), GlobalBranch(DEEPGLOBE.n_class, "resnet18")
     args = predict.as_trainer_args(predict.parse_args(["--input", "-", "--output", "-", "--device", "meta", *SIZES]))
-    session = predict.make_session(stage, model, frozen if mode == 3 else None, DEEPGLOBE, args)
+    session = helper.make_session(stage, model, frozen if mode == 3 else None, DEEPGLOBE, args, torch.device("meta"),
+                                  inference=True)
     image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
     predict.predict_image(session, image)
     with _HostToDevice() as transfers:

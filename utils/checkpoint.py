@@ -150,9 +150,14 @@ def load_state(
     return list(selected)
 
 
+def authors_layout(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict as the authors' files hold it: `module.` keys, CPU tensors."""
+    return {PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Write the model's state dict in the authors' layout (`module.` keys), atomically."""
-    atomic_save({PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    """Write the model's weights in the authors' layout, atomically."""
+    atomic_save(authors_layout(model), path)
 
 
 def load_imagenet_backbones(model: nn.Module, path: str | Path) -> None:

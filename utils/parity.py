@@ -1,6 +1,6 @@
 """Numeric parity with the authors' GLNet.
 
-`rule_weights` rebuilds the deterministic weights the reference fixtures were made with
+`rule_tensor` and `apply_rule_weights` rebuild the deterministic weights the reference fixtures were made with
 (shared/reference/README.md, section 3); `run_parity` runs evaluation and one training
 step of a mode on one image and returns every quantity the fixtures capture, under the
 fixtures' names, for any seed, image, label and configuration.
@@ -20,9 +20,6 @@ from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import Batch, Stage, StageResult, run_stage, set_branch_modes
 from utils.patches import merge_argmax, upsample_argmax
 from utils.resample import resize_labels
-
-WEIGHT_DECAY = 5e-4
-
 
 def rule_tensor(key: str, like: Tensor, seed: int) -> Tensor:
     """The fixture rule's value for one state-dict key (no `module.` prefix)."""

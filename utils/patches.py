@@ -170,7 +170,8 @@ def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size:
 
 
 def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: Sequence[int]) -> Tensor:
-    """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place.
+    """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place
+    (the one function here that writes into its input), and return canvas.
 
     Patches go in groups whose boxes are disjoint, one indexed add per group and box size,
     so every cell receives its terms in a fixed order on every device: group by group, which
@@ -266,21 +267,17 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
-def merge_logits(
-    patch_logits: Tensor, grid: PatchGrid, rows: tuple[int, int] | None = None, max_band_bytes: int = 64 << 20
-) -> Tensor:
-    """Sum patch logits (N, K, h, w), nearest-upsampled to the patch size, into (K, r1 - r0, W)
-    (a view of an (r1 - r0, W, K) tensor).
+def merge_logits(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64 << 20) -> Tensor:
+    """Sum patch logits (N, K, h, w), nearest-upsampled to the patch size, into (K, H, W)
+    (a view of an (H, W, K) tensor).
 
-    Overlaps are summed, not averaged, as the authors did; `rows` restricts the result to
-    a horizontal band of the image so callers can bound memory on huge images. Beyond the
-    result, the work takes about max_band_bytes.
+    Overlaps are summed, not averaged, as the authors did. Beyond the result, the work
+    takes about max_band_bytes.
     """
-    r0, r1 = rows if rows is not None else (0, grid.image_size[0])
     by_cell = _by_cell(patch_logits, grid)
-    out = by_cell.new_empty(r1 - r0, grid.image_size[1], by_cell.shape[2], dtype=_sum_dtype(by_cell))
-    for a, b in _bands(r0, r1, out[0].nbytes, max_band_bytes):
-        _add_cover_layers(out[a - r0 : b - r0].zero_(), by_cell, grid, a)
+    out = by_cell.new_empty(*grid.image_size, by_cell.shape[2], dtype=_sum_dtype(by_cell))
+    for r0, r1 in _bands(0, grid.image_size[0], out[0].nbytes, max_band_bytes):
+        _add_cover_layers(out[r0:r1].zero_(), by_cell, grid, r0)
     return out.permute(2, 0, 1)
 
 
@@ -371,8 +368,15 @@ def _cover_layers(origins: tuple[int, ...], patch: int, length: int, cells: int,
         return tuple(layers)
 
 
+def upsample_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
+    """(..., h, w) nearest-upsampled to `size` by PyTorch's legacy nearest rule (as
+    F.interpolate's "nearest"), by two index selects."""
+    rows = nearest_indices(int(size[0]), x.shape[-2], x.device)
+    cols = nearest_indices(int(size[1]), x.shape[-1], x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
 def upsample_argmax(logits: Tensor, size: Sequence[int]) -> Tensor:
-    """Argmax of (K, h, w) logits nearest-upsampled to `size`: (H, W) of class_dtype."""
-    rows = nearest_indices(int(size[0]), logits.shape[-2], logits.device)
-    cols = nearest_indices(int(size[1]), logits.shape[-1], logits.device)
-    return logits.argmax(0).to(class_dtype(logits.shape[0])).index_select(0, rows).index_select(1, cols)
+    """Argmax of (K, h, w) logits nearest-upsampled to `size`: (H, W) of class_dtype; the
+    argmax runs before the upsampling, on the small map."""
+    return upsample_nearest(logits.argmax(0).to(class_dtype(logits.shape[0])), size)
