@@ -8,7 +8,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out="${DEMO_DIR:-demo_run}"
+marker="$out/.made_by_demo_sh"
+# DEMO_DIR may name any folder: delete only one this script made (it holds the marker) or
+# an empty one, so that a mistyped DEMO_DIR cannot wipe unrelated files.
+if [ -e "$out" ] && [ ! -e "$marker" ]; then
+    if [ ! -d "$out" ] || [ -n "$(ls -A "$out")" ]; then
+        echo "error: DEMO_DIR=$out exists, is not empty and was not made by demo.sh (no $marker); choose another DEMO_DIR or delete it yourself" >&2
+        exit 2
+    fi
+fi
 rm -rf "$out"
+mkdir -p "$out"
+touch "$marker"
 python -m dataset.make_demo --dst "$out/data" --size 512 --n-train 2 --n-val 1 --n-test 1
 
 export DATA="$out/data" MODELS="$out/models" LOGS="$out/logs"

@@ -139,7 +139,7 @@ def _required(paths: dict[str, Optional[Path]], flag: str, stage: Stage, trainin
         )
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: not found; {what} --mode {int(stage)} needs --{flag}, the checkpoint written by "
+            f"{path}: {'a folder, not a file' if path.is_dir() else 'not found'}; {what} --mode {int(stage)} needs --{flag}, the checkpoint written by "
             f"{_produced_by(flag)} (run that stage first, or fix the path; relative names are taken "
             "inside --model_path)"
         )

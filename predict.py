@@ -27,6 +27,7 @@ from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, Stage
 from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
+from utils.folders import output_folder
 
 def default_checkpoint(stage: Stage) -> str:
     """The file training writes for a stage under its default task name."""
@@ -132,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args, table)
     images = find_images(Path(args.input))
     session = build_session(args, table)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = output_folder(args.output, "--output")
     # Decoding and encoding a 2448 x 2448 PNG take about 0.2 s each on a CPU core, as long
     # as a GPU takes for the image itself: one thread reads the next image and another
     # writes the last outputs while the current image is segmented (Pillow releases the
@@ -157,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
 
 @reports_errors(*USER_ERRORS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(parse_args(argv))
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:
+        print("interrupted: the images before the one in progress have their predictions", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

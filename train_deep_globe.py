@@ -10,6 +10,7 @@ import multiprocessing.context
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,8 +24,10 @@ from dataset.errors import DataError, reports_errors
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
-from utils.checkpoint import CheckpointError, atomic_save, authors_layout, load_state, read_file, save_weights, state_dict_of
+from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, interrupts_deferred, load_state, read_file,
+                              save_weights, state_dict_of)
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
+from utils.folders import output_folder
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import MIN_OVERLAP
 
@@ -123,7 +126,7 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
     """Reject flag values that cannot work, with the fix."""
     problems = []
     for flag in ("size_g", "size_p"):
-        for side in getattr(args, flag):
+        for side in dict.fromkeys(getattr(args, flag)):  # one message for N, not one per side
             if side % 4:
                 problems.append(f"--{flag} {side} must be a multiple of 4 (the network's output stride), e.g. 508")
     if min(args.size_g) < 32:
@@ -135,16 +138,26 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         problems.append("--num_workers cannot be negative")
-    if not args.lr > 0:
-        problems.append(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.lr < math.inf:
+        problems.append(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.seed < 2**32:
+        problems.append(f"--seed must be in 0..2**32-1, got {args.seed}")
     if args.n_class is not None and args.n_class != table.n_class:
         problems.append(f"--n_class {args.n_class} does not match the class table ({table.n_class} classes)")
     if args.resume and args.evaluation:
         problems.append("--resume continues training; it cannot be combined with --evaluation")
     if args.test and not args.evaluation:
         problems.append("--test selects the split to evaluate; add --evaluation")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not args.evaluation:
+        problems += [f"--{flag} applies to --evaluation; add it, or drop --{flag}"
+                     for flag in ("tta", "save_predictions") if getattr(args, flag)]
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        problems.append(f"--device {args.device}: only cpu and cuda are supported")
+    elif device.type == "cuda" and not torch.cuda.is_available():
         problems.append(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     if args.amp is not None and device.type != "cuda":
         problems.append(f"--amp {args.amp} needs a CUDA device, got --device {args.device}; drop --amp on the CPU")
@@ -283,6 +296,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """A run's best weights and its last training state."""
+    return (helper.checkpoint_path(args.model_path, args.task_name + ".pth"),
+            helper.checkpoint_path(args.model_path, args.task_name + LAST_SUFFIX))
+
+
 def guard_outputs(args: argparse.Namespace, best: Path, last: Path) -> None:
     """Never overwrite another run's checkpoints silently."""
     existing = [p for p in (best, last) if p.exists()]
@@ -294,6 +313,35 @@ def guard_outputs(args: argparse.Namespace, best: Path, last: Path) -> None:
         )
     if args.resume and not last.exists():
         raise ConfigError(f"--resume: {last} not found (nothing to resume; drop --resume to start a new run)")
+
+
+# The flags that define a training run: resuming with other values would not continue it.
+# Performance flags (--device, --num_workers, --micro_batch_size, --checkpointing, ...) and
+# --num_epochs (train longer; the poly schedule stretches to the new total) may change.
+RUN_FLAGS = ("mode", "batch_size", "lr", "size_g", "size_p", "sub_batch_size", "lamb_fmreg", "seed", "backbone",
+             "dataset", "mask_kind")
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_score", "rng")
+
+
+def run_settings(args: argparse.Namespace, table: ClassTable, steps_per_epoch: int) -> dict[str, Any]:
+    """What a resumed run must share with the saved one, as stored in the .last.pth file."""
+    settings = {flag: list(v) if isinstance(v := getattr(args, flag), tuple) else v for flag in RUN_FLAGS}
+    return {**settings, "classes": list(table.names), "steps_per_epoch": steps_per_epoch}
+
+
+def check_resumable(state: Any, path: Path, settings: dict[str, Any]) -> None:
+    """Refuse a .last.pth that is not a training state, or whose run had other settings."""
+    if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
+        raise CheckpointError(f"{path}: not a training state (it holds no optimizer and epoch); --resume needs the "
+                              f"{LAST_SUFFIX} file a training run writes")
+    saved = state.get("run", {})
+    changed = [f"{key} {saved[key]} (now {value})" for key, value in settings.items() if key in saved and saved[key] != value]
+    if changed:
+        raise ConfigError(
+            f"--resume: {path} belongs to a run with other settings: {'; '.join(changed)}. Resume with the run's "
+            "flags, or start a new run under another --task_name (steps_per_epoch follows --batch_size, the "
+            "training split and the number of processes)"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -313,34 +361,85 @@ def load_table(args: argparse.Namespace) -> ClassTable:
     return table
 
 
+def labelled_split(args: argparse.Namespace, split: str, table: ClassTable, augment: bool) -> SegmentationDataset:
+    """A split training needs masks for: the train split to learn, the validation split to
+    choose the best weights."""
+    dataset = build_dataset(args.dataset, args.data_path, split, table, args.mask_kind, augment=augment, seed=args.seed)
+    if any(sample.mask is None for sample in dataset.samples):
+        raise DataError(f"{Path(args.data_path) / split}: no masks (see README, 'Your own data'); training needs "
+                        f"labelled train and crossvali splits: add the split's masks")
+    return dataset
+
+
+@dataclass
+class Progress:
+    """Where a run stands after its last finished epoch (-1: none yet)."""
+
+    epoch: int = -1
+    best_score: float = -1.0
+    best_epoch: Optional[int] = None
+
+
+def resume(state: dict[str, Any], session: helper.Session, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LRScheduler, last_path: Path, best_path: Path) -> Progress:
+    """Restore the model, optimizer, schedule and random state of a checked training state."""
+    if session.dist.is_main and state.get("best_epoch") == state["epoch"]:
+        # Killed between the two writes of its best epoch: the best file may be an older one.
+        atomic_save(state["model"], best_path)
+    load_state(session.model, state_dict_of(state, last_path), last_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return Progress(int(state["epoch"]), float(state["best_score"]), state.get("best_epoch"))
+
+
+def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, settings: dict[str, Any],
+               last_path: Path, best_path: Path) -> None:
+    """The training state, then the best weights if this epoch is the best, with Ctrl-C held
+    until both are on disk. After a kill between the two writes, the state (whose epoch is
+    its best epoch) lets --resume rewrite the best file."""
+    with interrupts_deferred():
+        atomic_save(
+            {
+                "model": authors_layout(session.model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": progress.epoch,
+                "best_score": progress.best_score,
+                "best_epoch": progress.best_epoch,
+                "rng": rng_state(),
+                "run": settings,
+            },
+            last_path,
+        )
+        if progress.best_epoch == progress.epoch:
+            save_weights(session.model, best_path)
+
+
 def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> None:
-    stage = session.stage
-    train_set = build_dataset(args.dataset, args.data_path, "train", table, args.mask_kind, augment=True, seed=args.seed)
-    val_set = build_dataset(args.dataset, args.data_path, "crossvali", table, args.mask_kind, augment=False, seed=args.seed)
-    best_path = helper.checkpoint_path(args.model_path, args.task_name + ".pth")
-    last_path = helper.checkpoint_path(args.model_path, args.task_name + LAST_SUFFIX)
+    train_set = labelled_split(args, "train", table, augment=True)
+    val_set = labelled_split(args, "crossvali", table, augment=False)
+    best_path, last_path = output_paths(args)
     guard_outputs(args, best_path, last_path)
 
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / session.dist.world_size) / args.batch_size)
-    optimizer = helper.build_optimizer(session.model, stage, args.lr)
+    optimizer = helper.build_optimizer(session.model, session.stage, args.lr)
     scheduler = helper.poly_schedule(optimizer, args.num_epochs * steps_per_epoch)
-    start_epoch, best_score = 0, -1.0
+    settings = run_settings(args, table, steps_per_epoch)
+    progress = Progress()
     if args.resume:
         state = read_file(last_path)
-        load_state(session.model, state_dict_of(state, last_path), last_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
-        set_rng_state(state["rng"])
-        log.line(f"resuming {args.task_name} after epoch {start_epoch} (best val mIoU {best_score:.4f})")
+        check_resumable(state, last_path, settings)
+        progress = resume(state, session, optimizer, scheduler, last_path, best_path)
+        log.line(f"resuming {args.task_name} after epoch {progress.epoch + 1} (best val mIoU {progress.best_score:.4f})")
     main_kind = session.predictions[-1]
     val_loader = make_loader(val_set, args, shard(range(len(val_set)), session.dist))
-    for epoch in range(start_epoch, args.num_epochs):
+    for epoch in range(progress.epoch + 1, args.num_epochs):
         train_set.set_epoch(epoch)
         order = epoch_order(len(train_set), args.seed, epoch, session.dist)
         stats = helper.train_one_epoch(session, make_loader(train_set, args, order), optimizer, scheduler, epoch)
         val = helper.evaluate(session, val_loader, desc=f"val {epoch + 1}")
-        score = val[main_kind]["miou"]
         values = {"loss/train": stats.loss, "lr": max(g["lr"] for g in optimizer.param_groups)}
         values.update({f"miou_train/{k}": s["miou"] for k, s in stats.scores.items()})
         values.update({f"miou_val/{k}": s["miou"] for k, s in val.items()})
@@ -349,27 +448,16 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
             f"epoch {epoch + 1}/{args.num_epochs}  loss {stats.loss:.4f}  "
             + "  ".join(f"{k} train {stats.scores[k]['miou']:.4f} val {val[k]['miou']:.4f}" for k in val)
         )
+        progress.epoch = epoch
+        if val[main_kind]["miou"] > progress.best_score:
+            progress.best_score, progress.best_epoch = val[main_kind]["miou"], epoch
         if session.dist.is_main:
-            if score > best_score:
-                best_score = score
-                save_weights(session.model, best_path)
-                log.line(f"  new best {main_kind} val mIoU {score:.4f}: saved {best_path}")
-            if len(val_set):
-                log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])), epoch + 1)
-            atomic_save(
-                {
-                    "model": authors_layout(session.model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "best_score": best_score,
-                    "rng": rng_state(),
-                    "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-                },
-                last_path,
-            )
+            save_epoch(session, optimizer, scheduler, progress, settings, last_path, best_path)
+            if progress.best_epoch == epoch:
+                log.line(f"  new best {main_kind} val mIoU {progress.best_score:.4f}: saved {best_path}")
+            log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])), epoch + 1)
         barrier(session.dist)
-    log.line(f"done: best {main_kind} val mIoU {best_score:.4f}, weights in {best_path}")
+    log.line(f"done: best {main_kind} val mIoU {progress.best_score:.4f}, weights in {best_path}")
 
 
 def run_evaluation(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> dict[str, Any]:
@@ -377,8 +465,6 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, table: Cla
     dataset = build_dataset(args.dataset, args.data_path, split, table, args.mask_kind, augment=False, seed=args.seed)
     loader = make_loader(dataset, args, shard(range(len(dataset)), session.dist))
     save_dir = Path(args.save_predictions) if args.save_predictions else None
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
     main_kind = session.predictions[-1]
 
     def save(sample_id: str, preds: dict[str, Any]) -> None:
@@ -412,6 +498,11 @@ def _json_safe(value: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     table = load_table(args)
     check_args(args, table)
+    outputs = {"--log_path": args.log_path, "--model_path": None if args.evaluation else args.model_path,
+               "--save_predictions": args.save_predictions}
+    for flag, folder in outputs.items():
+        if folder is not None:
+            output_folder(folder, flag)
     info, device = init_distributed(args.device)
     try:
         seed_everything(args.seed)
@@ -449,8 +540,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is in the .last.pth file; continue with --resume", file=sys.stderr)
+        print(f"interrupted: {interruption_note(args)}", file=sys.stderr)
         return 130
+
+
+def interruption_note(args: argparse.Namespace) -> str:
+    if args.evaluation:
+        return "evaluation stopped; run it again to score the split"
+    last = output_paths(args)[1]
+    try:
+        epoch = read_file(last)["epoch"]
+    except (CheckpointError, KeyError, TypeError):
+        return f"no epoch had finished, nothing to resume ({last} was not written); start the run again"
+    return f"epochs up to {epoch + 1} are saved in {last}; continue with --resume"
 
 
 if __name__ == "__main__":

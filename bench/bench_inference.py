@@ -39,6 +39,7 @@ from predict import default_checkpoint, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
+import train_deep_globe  # noqa: E402
 from train_deep_globe import parse_size  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
 from bench.op_count import OpCount  # noqa: E402
@@ -401,11 +402,29 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.amp is not None and torch.device(args.device).type != "cuda" and (args.amp != "bf16" or args.via_cli):
-        raise SystemExit(f"error: --amp {args.amp} needs a CUDA device, got --device {args.device} "
-                         "(on the CPU the benchmark's in-process cases take --amp bf16)")
+    """The trainer's checks of the flags both have (sizes, batches, device), and the bench's own."""
+    problems = []
+    if not args.sizes or min(args.sizes) < 1:
+        problems.append("--sizes takes positive image sides, e.g. 2448,5000")
+    if not args.modes or not set(args.modes) <= {int(stage) for stage in Stage}:
+        problems.append("--modes takes 1, 2 and 3, e.g. 1,3")
     if args.repeat < 1:
-        raise SystemExit("error: --repeat must be at least 1")
+        problems.append("--repeat must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        problems.append("--threads must be at least 1")
+    shared = ["--evaluation", "--device", args.device, "--sub_batch_size", str(args.sub_batch_size),
+              "--size_g", "{},{}".format(*args.size_g), "--size_p", "{},{}".format(*args.size_p)]
+    if args.micro_batch_size is not None:
+        shared += ["--micro_batch_size", str(args.micro_batch_size)]
+    try:
+        train_deep_globe.check_args(train_deep_globe.parse_args(shared), DEEPGLOBE)
+    except train_deep_globe.ConfigError as error:
+        problems.append(str(error))
+    if args.amp is not None and torch.device(args.device).type != "cuda" and (args.amp != "bf16" or args.via_cli):
+        problems.append(f"--amp {args.amp} needs a CUDA device, got --device {args.device} "
+                        "(on the CPU the benchmark's in-process cases take --amp bf16)")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

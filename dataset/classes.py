@@ -32,8 +32,8 @@ class ClassTable:
     ignore_in_metric: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.names or len(self.names) != len(self.colours):
-            raise DataError(f"need one colour per class and at least one class, got {len(self.names)} names and {len(self.colours)} colours")
+        if len(self.names) != len(self.colours):
+            raise DataError(f"need one colour per class, got {len(self.names)} names and {len(self.colours)} colours")
         for colour in self.colours:
             if len(colour) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in colour):
                 raise DataError(f"colour {list(colour)} is not three integers in 0..255")
@@ -42,6 +42,14 @@ class ClassTable:
         bad = [i for i in self.ignore_in_metric if not 0 <= i < self.n_class]
         if bad:
             raise DataError(f"ignore_in_metric holds ids {bad} outside 0..{self.n_class - 1}")
+        if self.n_class < 2:
+            # One class is nothing to segment; the model would fail later with no file named.
+            raise DataError(f"a class table needs at least 2 classes (e.g. background and foreground), got {self.n_class}")
+        if set(self.ignore_in_metric) >= set(range(self.n_class)):
+            raise DataError(
+                f"ignore_in_metric leaves out all {self.n_class} classes, so the mean IoU would be undefined (NaN); "
+                f"keep at least one class in the metric"
+            )
 
     @property
     def n_class(self) -> int:
@@ -124,7 +132,7 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
     """
     path = Path(path)
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8"))
         classes = sorted(spec["classes"], key=lambda c: c["id"])
         ids = [c["id"] for c in classes]
         if ids != list(range(len(ids))):
@@ -136,6 +144,12 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
         )
     except FileNotFoundError:
         raise DataError(f"{path}: no such class table file; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a class table file; pass the JSON file itself") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make the class table file readable") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file; pass a JSON class table (see README, 'Your own data')") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error}); fix the file") from None
     except (KeyError, TypeError, AttributeError) as error:

@@ -24,6 +24,13 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ID_MODES = ("1", "L", "P") + SIXTEEN_BIT_MODES
 # Modes that are 8-bit colour or grey once converted to RGB; RGBA and LA lose alpha.
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+# First band of the grey modes ("1", "L", "LA", "I", "F", "I;16*"): such masks hold grey
+# values or class ids, never class colours. Palette masks ("P") are colours and are not here.
+GREY_BANDS = ("1", "L", "I", "F")
+
+
+class NotAColourMask(DataError):
+    """A single-channel mask read as a colour mask (callers may reword the advice)."""
 
 
 def open_image(path: PathLike) -> Image.Image:
@@ -34,8 +41,12 @@ def open_image(path: PathLike) -> Image.Image:
     Returns:
         The decoded PIL image.
     Raises:
-        DataError: missing, truncated, corrupt or oversized file.
+        DataError: missing, unreadable, truncated or corrupt file, or a folder.
     """
+    # Pillow refuses images over ~179 megapixels as possible decompression bombs, but
+    # ultra-high-resolution images are what this code is for, and they are the user's own
+    # files: lift the limit (set here, where every read of ours goes through).
+    Image.MAX_IMAGE_PIXELS = None
     try:
         # Pillow leaves a file it opened itself open when decoding fails; ours is closed here.
         with open(path, "rb") as file:
@@ -44,7 +55,11 @@ def open_image(path: PathLike) -> Image.Image:
         return image
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; check the path or re-run the preparation script") from None
-    except (OSError, Image.DecompressionBombError) as error:
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image file; pass the image file itself") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make the file readable (chmod +r)") from None
+    except OSError as error:
         raise DataError(f"{path}: cannot read image ({error}); the file is truncated or corrupt, re-download or re-export it") from None
 
 
@@ -98,12 +113,20 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
         path: the mask file.
         table: the classes; ids must be below table.n_class.
         kind: "ids" for single-channel masks holding class ids (palette masks: the index is
-            the id), "colours" for RGB masks drawn in the table's colours.
+            the id), "colours" for RGB or palette masks drawn in the table's colours.
     Returns:
         (H, W) class ids, of utils.patches.class_dtype (one byte up to 256 classes).
+    Raises:
+        DataError: naming the file, for a mask that does not match `kind` or the table
+            (NotAColourMask for a grey mask read as colours).
     """
     image = open_image(path)
     if kind == "colours":
+        if image.getbands()[0] in GREY_BANDS:
+            raise NotAColourMask(
+                f"{path}: mask has a single grey channel ({image.mode}), so it holds grey values or class ids, "
+                f"not class colours; pass --mask_kind ids to read it as class ids"
+            )
         try:
             return table.colours_to_ids(np.asarray(image.convert("RGB")))
         except DataError as error:

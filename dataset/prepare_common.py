@@ -72,11 +72,13 @@ def prepare_splits(splits: Mapping[str, Sequence[str]], prepare_one: Callable[[s
             warnings.append(f"{split}: {len(missing)} samples missing from {source}, skipped: {' '.join(missing)}")
         warnings += [f"skipped {message}" for message in unusable]
         if done == 0:
-            empty.append(split)
+            empty.append(split if names else f"{split} (no samples assigned)")
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if empty:
-        print(f"error: no sample could be prepared for split(s) {', '.join(empty)}; see the warnings above", file=sys.stderr)
+        # A split given no samples at all has no warning of its own to point to.
+        hint = "; see the warnings above" if warnings else ""
+        print(f"error: no sample could be prepared for split(s) {', '.join(empty)}{hint}", file=sys.stderr)
         return EMPTY_SPLIT
     return 0
 

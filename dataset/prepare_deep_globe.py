@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from dataset.classes import DEEPGLOBE
 from dataset.errors import DataError, reports_data_errors
-from dataset.io import read_mask, write_label
+from dataset.io import NotAColourMask, read_mask, write_label
 from dataset.layouts import DEEP_GLOBE, index_files
 from dataset.prepare_common import SPLITS, MissingSample, claim_destination, copy_image, prepare_splits
 
@@ -50,7 +50,11 @@ def prepare_deep_globe(src: Path, dst: Path, force: bool = False) -> int:
         image, mask = images.get(sample_id), masks.get(sample_id)
         if image is None or mask is None:
             raise MissingSample(sample_id)
-        label = read_mask(mask, DEEPGLOBE, "colours")
+        try:
+            label = read_mask(mask, DEEPGLOBE, "colours")
+        except NotAColourMask:
+            # This script has no --mask_kind: the advice read_mask gives does not apply here.
+            raise DataError(f"{mask}: a grey or class-id mask; --src must hold the RGB <id>_mask.png masks of the DeepGlobe download") from None
         copy_image(image, DEEP_GLOBE.image_path(dst / split, sample_id), tuple(label.shape), str(mask))
         write_label(DEEP_GLOBE.mask_path(dst / split, sample_id), label)
 

@@ -89,6 +89,8 @@ def split_names(names: Sequence[str], val_fraction: float, test_fraction: float,
 
     Returns:
         split -> sorted names, for train and each split with a positive fraction.
+    Raises:
+        DataError: bad fractions, or too few names to give every split one.
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise DataError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must be >= 0 and sum to less than 1")
@@ -97,6 +99,12 @@ def split_names(names: Sequence[str], val_fraction: float, test_fraction: float,
     n_test, n_val = (max(1, round(len(shuffled) * f)) if f > 0 else 0 for f in (test_fraction, val_fraction))
     dealt = {"test": shuffled[:n_test], "crossvali": shuffled[n_test : n_test + n_val], "train": shuffled[n_test + n_val :]}
     wanted = {"train": True, "crossvali": val_fraction > 0, "test": test_fraction > 0}
+    empty = [split for split in SPLITS if wanted[split] and not dealt[split]]
+    if empty:
+        raise DataError(
+            f"{len(names)} image(s) are too few to give {' and '.join(empty)} any with --val-fraction {val_fraction} "
+            f"and --test-fraction {test_fraction}; add images or lower the fractions (0 leaves a split out)"
+        )
     return {split: sorted(dealt[split]) for split in SPLITS if wanted[split]}
 
 

@@ -94,7 +94,7 @@ def collate(items: Sequence[Item]) -> dict[str, list[Any]]:
 
 @dataclass(frozen=True)
 class Preset:
-    samples: Callable[[PathLike, str, Optional[PathLike]], list[Sample]]
+    samples: Callable[[PathLike, str], list[Sample]]
     table: Optional[ClassTable]  # None: the caller must give one
     mask_kind: MaskKind
 

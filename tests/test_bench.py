@@ -1,11 +1,12 @@
 """The inference benchmark on tiny cases: in-process, through its command line (one fresh
 process per case) and timing train_deep_globe.py as a whole."""
 import json
+import re
 
 import pytest
-
 import torch
 
+from bench import bench_inference
 from bench.bench_inference import Case, build_parser, cases_of, format_row, main, record_to_json, rule_session, run_case
 from bench.op_count import OpCount
 from bench.tensor_peak import TensorPeak, module_tensors
@@ -69,6 +70,23 @@ def test_via_cli_times_the_real_entry_point(tmp_path):
 @pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--amp", "bf16", "--via-cli"]], ids=["fp16", "bf16-cli"])
 def test_cpu_autocast_is_refused_where_the_cpu_cannot_run_it(flags):
     with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main([*TINY_FLAGS, *flags])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sizes", "0"], "--sizes takes positive image sides"),
+        (["--sizes", ","], "--sizes takes positive image sides"),
+        (["--modes", "4"], "--modes takes 1, 2 and 3"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--device", "gpu"], "--device gpu: not a device"),
+        (["--size_p", "30"], "--size_p 30 must be a multiple of 4 (the network's output stride), e.g. 508; --size_p must"),
+    ],
+)
+def test_flags_that_cannot_work_stop_before_any_case(flags, message, monkeypatch):
+    monkeypatch.setattr(bench_inference, "run_case_isolated", lambda case: pytest.fail("ran a case"))
+    with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
         main([*TINY_FLAGS, *flags])
 
 

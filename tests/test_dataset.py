@@ -1,5 +1,6 @@
 """Class tables, image and mask reading, paired augmentation, layouts and the dataset."""
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -9,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.classes import DEEPGLOBE, LUNG, load_class_table
+import dataset.io
+from dataset.classes import DEEPGLOBE, LUNG, ClassTable, load_class_table
 from dataset.errors import DataError
-from dataset.io import png_significant_bits, read_image, read_mask, write_label
+from dataset.io import open_image, png_significant_bits, read_image, read_mask, write_label
 from dataset.layouts import deep_globe_samples, folder_samples
 from dataset.segmentation import SegmentationDataset, build_dataset, collate
 from dataset.transforms import augment
@@ -90,6 +92,28 @@ def test_load_class_table_names_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match=r"bad\.json: not valid JSON"):
         load_class_table(tmp_path / "bad.json")
+    with pytest.raises(DataError, match=f"{tmp_path}: is a folder, not a class table file"):
+        load_class_table(tmp_path)
+    png = save(tmp_path / "table.png", random_rgb(4, 4))  # e.g. a mask passed as --classes
+    with pytest.raises(DataError, match=r"table\.png: not a text file"):
+        load_class_table(png)
+
+
+@pytest.mark.parametrize(
+    "classes, ignore, message",
+    [
+        ([{"id": 0, "name": "a", "colour": [0, 0, 0]}, {"id": 1, "name": "b", "colour": [9, 9, 9]}], [1, 0], "all 2 classes"),
+        ([{"id": 0, "name": "a", "colour": [0, 0, 0]}], [], r"at least 2 classes .*got 1"),
+        ([], [], r"at least 2 classes .*got 0"),
+    ],
+)
+def test_class_tables_without_a_metric_or_a_second_class_are_rejected(tmp_path, classes, ignore, message):
+    path = write_table(tmp_path / "t.json", classes, ignore)
+    with pytest.raises(DataError, match=message) as error:
+        load_class_table(path)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+    with pytest.raises(DataError, match=message):
+        ClassTable(tuple(c["name"] for c in classes), tuple(tuple(c["colour"]) for c in classes), tuple(ignore))
 
 
 # --- reading images and masks -----------------------------------------------------------
@@ -143,6 +167,33 @@ def test_read_image_names_missing_files(tmp_path):
         read_image(tmp_path / "absent.png")
 
 
+def test_open_image_names_folders_and_unreadable_files(tmp_path, monkeypatch):
+    (tmp_path / "tile.png").mkdir()
+    with pytest.raises(DataError, match=r"tile\.png: is a folder, not an image file"):
+        open_image(tmp_path / "tile.png")
+    path = save(tmp_path / "a.png", random_rgb(4, 4))
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads any file: fail the open as it fails for a user
+
+        def denied(file, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(file))
+
+        monkeypatch.setattr(dataset.io, "open", denied, raising=False)
+    with pytest.raises(DataError, match=r"a\.png: permission denied") as error:
+        open_image(path)
+    assert "corrupt" not in str(error.value)
+
+
+def test_open_image_lifts_pillows_decompression_bomb_limit(tmp_path, monkeypatch):
+    """Pillow refuses images over MAX_IMAGE_PIXELS (~179 MP); a small limit stands in for
+    it, so that the test need not write a 13500 x 13500 image."""
+    path = save(tmp_path / "big.png", random_rgb(40, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)  # what our reads would hit without lifting the limit
+    assert read_image(path).shape == (3, 40, 30)
+
+
 def test_read_mask_ids_and_palette(tmp_path):
     ids = RNG.integers(0, 7, (5, 8)).astype(np.uint8)
     assert torch.equal(read_mask(save(tmp_path / "l.png", ids), DEEPGLOBE, "ids"), torch.from_numpy(ids))
@@ -189,6 +240,26 @@ def test_read_mask_colours_with_noise_and_unknown_colour(tmp_path):
     with pytest.raises(DataError, match=r"y=2, x=3.*\(255, 0, 0\)") as error:
         read_mask(path, DEEPGLOBE, "colours")
     assert str(error.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "I", "F", "I;16"])
+def test_read_mask_rejects_grey_masks_read_as_colours(tmp_path, mode):
+    """A grey mask converts to grey RGB, which binarises to black or white: a silent
+    all-one-class label before this check."""
+    grey = Image.fromarray(np.full((4, 4), 255, np.uint8)).convert(mode)
+    path = tmp_path / ("m.tif" if mode in ("I", "F") else "m.png")  # PNG has no 32-bit grey
+    grey.save(path)
+    with pytest.raises(DataError, match=r"single grey channel .*class ids.*--mask_kind ids") as error:
+        read_mask(path, DEEPGLOBE, "colours")
+    assert str(error.value).startswith(str(path))
+
+
+def test_read_mask_reads_palette_masks_as_colours(tmp_path):
+    label = RNG.integers(0, 7, (5, 8)).astype(np.uint8)
+    palette = Image.fromarray(label, mode="L").convert("P")
+    palette.putpalette(list(np.asarray(DEEPGLOBE.colours, np.uint8).ravel()))
+    palette.save(tmp_path / "p.png")
+    assert torch.equal(read_mask(tmp_path / "p.png", DEEPGLOBE, "colours"), torch.from_numpy(label))
 
 
 def test_write_label_round_trips(tmp_path):

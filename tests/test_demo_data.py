@@ -1,4 +1,8 @@
-"""The synthetic land-cover demo and X-ray generators."""
+"""The synthetic land-cover demo and X-ray generators, and demo.sh's output folder."""
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +15,8 @@ from dataset.make_demo import main as make_demo
 from dataset.make_demo import make_deep_globe_demo, make_synthetic_xrays
 from dataset.prepare_common import SPLITS
 from dataset.segmentation import build_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +101,37 @@ def test_make_demo_cli_xrays(tmp_path):
     assert sorted(p.name for p in (tmp_path / "CXR_png").iterdir()) == ["MCUCXR_0000_0.png", "MCUCXR_0001_0.png"]
     with Image.open(tmp_path / "CXR_png" / "MCUCXR_0000_0.png") as image:
         assert image.size == (33, 40)
+
+
+def run_demo_sh(tmp_path: Path, demo_dir: Path) -> subprocess.CompletedProcess:
+    """demo.sh with a `python` first on PATH that does nothing, so that only the script's
+    own handling of DEMO_DIR runs (in well under a second)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DEMO_DIR": str(demo_dir)}
+    return subprocess.run(["bash", str(ROOT / "demo.sh")], env=env, capture_output=True, text=True)
+
+
+def test_demo_sh_refuses_to_delete_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    (tmp_path / "notes.txt").write_text("mine")
+    for demo_dir in (precious, tmp_path / "notes.txt"):
+        proc = run_demo_sh(tmp_path, demo_dir)
+        assert proc.returncode == 2 and f"DEMO_DIR={demo_dir} exists, is not empty and was not made by demo.sh" in proc.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work" and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_sh_recreates_its_own_or_an_empty_folder(tmp_path):
+    run = tmp_path / "run"
+    assert run_demo_sh(tmp_path, run).returncode == 0  # absent: made, with its marker
+    (run / "stale.txt").write_text("from an earlier run")
+    proc = run_demo_sh(tmp_path, run)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".made_by_demo_sh"]  # the fake python writes nothing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_demo_sh(tmp_path, empty).returncode == 0 and (empty / ".made_by_demo_sh").is_file()

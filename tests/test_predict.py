@@ -145,6 +145,21 @@ def test_missing_checkpoint_is_one_line(models, images, tmp_path, capsys):
     assert "nope.pth: not found" in one_error_line(capsys)
 
 
+def test_checkpoint_flag_naming_a_folder_says_so(models, images, tmp_path, capsys):
+    (models / "a_folder").mkdir(exist_ok=True)
+    code = run(models, "--mode", "3", "--path_l2g", "a_folder", "--input", str(images), "--output", str(tmp_path))
+    assert code == 2
+    assert "a_folder: a folder, not a file" in one_error_line(capsys)
+
+
+def test_output_that_cannot_be_a_folder_is_one_line(models, images, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for output, message in ((blocker, "a file is in the way"), (blocker / "below", "cannot create this folder")):
+        assert run(models, "--mode", "1", "--input", str(images), "--output", str(output)) == 2
+        assert f"--output {output}: {message}" in one_error_line(capsys)
+
+
 def test_missing_input_and_empty_folder_are_one_line(models, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -7,10 +7,11 @@ import torch
 from PIL import Image
 
 from dataset.classes import DEEPGLOBE, LUNG
+from dataset.errors import DataError
 from dataset.io import read_mask
 from dataset.layouts import deep_globe_samples, folder_samples
 from dataset.make_demo import make_synthetic_xrays
-from dataset.prepare_common import SPLITS
+from dataset.prepare_common import SPLITS, prepare_splits
 from dataset.prepare_deep_globe import main as prepare_deep_globe
 from dataset.prepare_deep_globe import split_ids
 from dataset.prepare_lung import main as prepare_lung
@@ -158,3 +159,38 @@ def test_prepare_lung_rejects_bad_fractions_and_sources(tmp_path, capsys):
     assert prepare_lung(["--src", str(tmp_path / "mc"), "--dst", str(tmp_path / "d"), "--layout", "folder"]) == 2
     assert f"{tmp_path / 'mc' / 'images'}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_prepare_deep_globe_names_grey_source_masks(download, tmp_path, capsys):
+    """Id masks (e.g. an already prepared Label folder) are not the download's colour masks."""
+    src, ids, labels = download
+    bad = ids["train"][0]
+    Image.fromarray(labels[bad].astype(np.uint8)).save(src / f"{bad}_mask.png")
+    assert prepare_deep_globe(["--src", str(src), "--dst", str(tmp_path / "dst")]) == 0
+    out, err = capsys.readouterr()
+    assert "train: prepared 1 of 454 (452 missing, 1 unusable)" in out
+    assert f"{src / f'{bad}_mask.png'}: a grey or class-id mask; --src must hold the RGB <id>_mask.png masks" in err
+    assert "--mask_kind" not in err  # prepare_deep_globe has no such flag
+
+
+def test_prepare_lung_rejects_too_few_images_for_the_splits(tmp_path, capsys):
+    make_synthetic_xrays(tmp_path / "mc", 2, size=(16, 12), seed=0)
+    args = ["--src", str(tmp_path / "mc"), "--dst", str(tmp_path / "d")]
+    assert prepare_lung(args) == 2  # 2 images: one each for test and crossvali, none for train
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 image(s) are too few to give train any" in err and "see the warnings" not in err
+    assert not (tmp_path / "d").exists()
+    assert prepare_lung(args + ["--val-fraction", "0"]) == 0
+
+
+def test_empty_split_error_points_to_warnings_only_when_there_are_some(capsys):
+    def prepare_one(split: str, name: str) -> None:
+        raise DataError(f"{name}: unusable")
+
+    assert prepare_splits({"train": [], "test": []}, prepare_one, Path("src")) == 1
+    err = capsys.readouterr().err
+    assert "error: no sample could be prepared for split(s) train (no samples assigned), test (no samples assigned)\n" in err
+    assert "warning" not in err
+    assert prepare_splits({"train": ["a"]}, prepare_one, Path("src")) == 1
+    warnings, error = capsys.readouterr().err.split("error: ")
+    assert "skipped train/a: a: unusable" in warnings and error.endswith("split(s) train; see the warnings above\n")

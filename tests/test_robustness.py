@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+import helper
 import models.stages
 import train_deep_globe
 from dataset.make_demo import make_deep_globe_demo
 from models.glnet import GLNet
-from utils.checkpoint import read_file, read_state_dict, save_weights
+from utils.checkpoint import interrupts_deferred, read_file, read_state_dict, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",
@@ -239,4 +240,121 @@ def test_resuming_a_run_of_another_architecture(data, tmp_path, capsys):
     assert train_deep_globe.main(_args(data, tmp_path, "--num_epochs", 1)) == 0
     argv = _args(data, tmp_path, "--num_epochs", 2, "--resume")
     argv[argv.index("--backbone") + 1] = "resnet50"
-    _fails(capsys, argv, "fpn_deepglobe_global.last.pth", "does not match the model")
+    _fails(capsys, argv, "fpn_deepglobe_global.last.pth", "backbone resnet18 (now resnet50)")
+
+
+def test_class_tables_that_cannot_work(data, tmp_path, capsys):
+    _fails(capsys, _args(data, tmp_path, "--classes", tmp_path), str(tmp_path), "is a folder")
+    mask = _first(data / "train" / "Label")
+    _fails(capsys, _args(data, tmp_path, "--classes", mask), str(mask), "not a text file")
+    table = tmp_path / "all_ignored.json"
+    table.write_text('{"classes": [{"id": 0, "name": "a", "colour": [0, 0, 0]}, '
+                     '{"id": 1, "name": "b", "colour": [255, 255, 255]}], "ignore_in_metric": [0, 1]}')
+    _fails(capsys, _args(data, tmp_path, "--classes", table), str(table), "mean IoU would be undefined")
+
+
+def test_id_masks_read_as_colours(data, tmp_path, capsys):
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1, "--mask_kind", "colours"), "single grey channel", "--mask_kind ids")
+
+
+def _training_state(path: Path) -> dict:
+    state = read_file(path)
+    assert isinstance(state, dict)
+    return state
+
+
+def test_resuming_with_other_run_settings_is_refused(data, tmp_path, capsys):
+    assert train_deep_globe.main(_args(data, tmp_path, "--num_epochs", 1)) == 0
+    argv = _args(data, tmp_path, "--num_epochs", 2, "--resume", "--lr", "0.1")
+    argv[argv.index("--batch_size") + 1] = "1"
+    _fails(capsys, argv, "fpn_deepglobe_global.last.pth", "other settings", "batch_size 2 (now 1)", "lr 5e-05 (now 0.1)",
+           "steps_per_epoch 1 (now 2)")
+
+
+def test_resuming_from_a_weights_file_is_refused(data, tmp_path, capsys):
+    save_weights(GLNet(7, "resnet18"), tmp_path / "models" / "fpn_deepglobe_global.last.pth")
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1, "--resume"), "not a training state")
+
+
+def test_resume_rewrites_a_best_file_a_kill_left_behind(data, tmp_path):
+    # The best epoch's training state was written, its best weights were not.
+    argv = _args(data, tmp_path, "--num_epochs", 1)
+    assert train_deep_globe.main(argv) == 0
+    best, last = tmp_path / "models" / "fpn_deepglobe_global.pth", tmp_path / "models" / "fpn_deepglobe_global.last.pth"
+    state = _training_state(last)
+    assert state["best_epoch"] == state["epoch"] == 0
+    save_weights(GLNet(7, "resnet18"), best)
+    assert train_deep_globe.main([*argv, "--resume"]) == 0
+    weights = read_state_dict(best)
+    assert all(torch.equal(weights[k.removeprefix("module.")], v) for k, v in state["model"].items())
+
+
+def test_ctrl_c_is_held_until_the_block_ends():
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+            finished = True
+    assert finished and signal.getsignal(signal.SIGINT) is handler
+
+
+def test_ctrl_c_in_the_first_epoch_leaves_nothing_to_resume(data, tmp_path, capsys, monkeypatch):
+    argv = _args(data, tmp_path, "--num_epochs", 1)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(helper, "train_one_epoch", interrupted)
+    assert train_deep_globe.main(argv) == 130
+    assert "no epoch had finished, nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    monkeypatch.undo()
+    assert train_deep_globe.main(argv) == 0
+
+
+def test_ctrl_c_in_evaluation_does_not_advise_resume(data, tmp_path, capsys, monkeypatch):
+    save_weights(GLNet(7, "resnet18"), tmp_path / "g.pth")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(helper, "evaluate", interrupted)
+    assert train_deep_globe.main(_args(data, tmp_path, "--evaluation", "--path_g", tmp_path / "g.pth")) == 130
+    err = capsys.readouterr().err
+    assert "evaluation stopped" in err and "--resume" not in err
+
+
+@pytest.mark.parametrize("flag", ["--model_path", "--log_path"])
+def test_output_folders_are_checked_before_training(data, tmp_path, capsys, flag, monkeypatch):
+    monkeypatch.setattr(helper, "train_one_epoch", lambda *args: pytest.fail("trained before checking outputs"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv[argv.index(flag) + 1] = str(blocker)
+    _fails(capsys, argv, f"{flag} {blocker}: a file is in the way")
+    argv[argv.index(flag) + 1] = str(blocker / "below")
+    _fails(capsys, argv, f"{flag} {blocker / 'below'}: cannot create this folder")
+
+
+@pytest.mark.parametrize("split", ["train", "crossvali"])
+def test_training_needs_labelled_splits(data, tmp_path, capsys, split):
+    shutil.rmtree(data / split / "Label")
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), f"{split}: no masks", "training needs labelled")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--lr", "inf"], "--lr must be a positive number, got inf"),
+        (["--seed", "-1"], "--seed must be in 0..2**32-1"),
+        (["--device", "gpu"], "--device gpu: not a device"),
+        (["--device", "mps"], "--device mps: only cpu and cuda are supported"),
+        (["--tta"], "--tta applies to --evaluation"),
+        (["--path_g", "."], "a folder, not a file"),
+    ],
+)
+def test_more_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
+    argv = _args(data, tmp_path, "--num_epochs", 1, *flags)
+    if "--path_g" in flags:
+        argv = ["--mode", "2", *argv]
+    _fails(capsys, argv, fragment)
