@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -161,6 +161,13 @@ class _Losses:
         if self.backward:
             loss.backward(retain_graph=retain_graph)
 
+    def record_parts(self, fmreg: float, criteria: Sequence[float], total: float) -> None:
+        """The summed values of a step whose terms were computed and backpropagated in parts
+        (stage 2's micro-batches)."""
+        self.result.fmreg.append(fmreg)
+        self.result.criteria += criteria
+        self.result.totals.append(total)
+
 
 def _patches(image: Tensor, grid: PatchGrid, indices: range) -> Tensor:
     return to_unit_float(extract_patches(image, grid, indices))
@@ -195,69 +202,108 @@ def run_stage(
     if stage is Stage.LOCAL2GLOBAL and frozen_global is None:
         raise ValueError("stage 3 needs the frozen stage-1 global branch")
     result = StageResult(images=[])
-    losses = _Losses(result, backward)
-    micro_batch_size = micro_batch_size or sub_batch_size
-    labels = list(batch.labels) if batch.labels is not None else [None] * len(batch.images)
-    grids = [PatchGrid.build(img.shape[-2:], patch_size) for img in batch.images]
+    run = _Run(
+        model,
+        batch,
+        labels=list(batch.labels) if batch.labels is not None else [None] * len(batch.images),
+        grids=[PatchGrid.build(img.shape[-2:], patch_size) for img in batch.images],
+        sub_batch_size=sub_batch_size,
+        micro_batch_size=micro_batch_size or sub_batch_size,
+        losses=_Losses(result, backward),
+        frozen_global=frozen_global,
+        lamb_fmreg=lamb_fmreg,
+    )
+    result.images = _RUNNERS[stage](run)
+    return result
 
-    if stage is Stage.GLOBAL:
-        out = model.global_branch(batch.global_images)
-        losses.step(losses.focal(out.logits, _global_targets(labels, out)))
-        result.images = [ImageResult(out.logits[i : i + 1]) for i in range(len(batch.images))]
-        return result
 
-    if stage is Stage.GLOBAL2LOCAL:
-        with torch.no_grad():
-            glob = model.global_branch(batch.global_images)
-        for i, (image, label, grid) in enumerate(zip(batch.images, labels, grids)):
-            context = glob.image(i)
-            outputs = [
-                _global2local_step(model, image, label, grid, idx, context, losses, lamb_fmreg, micro_batch_size)
-                for idx in grid.batches(sub_batch_size)
-            ]
-            local_logits, ensemble_logits = (torch.cat(o) for o in zip(*outputs))
-            result.images.append(ImageResult(glob.logits[i : i + 1], grid, local_logits, ensemble_logits))
-        return result
+@dataclass
+class _Run:
+    """One call of run_stage, as its stage's runner sees it."""
 
-    # Stage 3: local features (with the frozen stage-1 global context) feed the global branch.
-    # The local branch is frozen here (eval mode, no gradients), so its passes are
-    # micro-batches whatever the sub-batch size. What the ensemble needs of each patch
-    # later: in evaluation the n_class-channel local term; in training the 512-channel ps3
-    # (ensemble_conv's local half learns from it), or, with activation checkpointing,
-    # nothing: the sub-batch's ps3 is recomputed when the ensemble needs it.
+    model: GLNet
+    batch: Batch
+    labels: list[Optional[Tensor]]
+    grids: list[PatchGrid]
+    sub_batch_size: int
+    micro_batch_size: int
+    losses: _Losses
+    frozen_global: Optional[GlobalBranch]
+    lamb_fmreg: float
+
+
+def _run_global(run: _Run) -> list[ImageResult]:
+    out = run.model.global_branch(run.batch.global_images)
+    run.losses.step(run.losses.focal(out.logits, _global_targets(run.labels, out)))
+    return [ImageResult(out.logits[i : i + 1]) for i in range(len(run.batch.images))]
+
+
+def _run_global2local(run: _Run) -> list[ImageResult]:
+    with torch.no_grad():
+        glob = run.model.global_branch(run.batch.global_images)
+    images = []
+    for i, (image, label, grid) in enumerate(zip(run.batch.images, run.labels, run.grids)):
+        context = glob.image(i)
+        outputs = [
+            _global2local_step(run.model, image, label, grid, idx, context, run.losses, run.lamb_fmreg,
+                               run.micro_batch_size)
+            for idx in grid.batches(run.sub_batch_size)
+        ]
+        local_logits, ensemble_logits = (torch.cat(o) for o in zip(*outputs))
+        images.append(ImageResult(glob.logits[i : i + 1], grid, local_logits, ensemble_logits))
+    return images
+
+
+def _run_local2global(run: _Run) -> list[ImageResult]:
+    """Local features (with the frozen stage-1 global context) feed the global branch.
+
+    The local branch is frozen here (eval mode, no gradients), so its passes are
+    micro-batches whatever the sub-batch size. What the ensemble needs of each patch later:
+    in evaluation the n_class-channel local term; in training the 512-channel ps3
+    (ensemble_conv's local half learns from it), or, with activation checkpointing,
+    nothing: the sub-batch's ps3 is recomputed when the ensemble needs it.
+    """
+    model, backward = run.model, run.losses.backward
     recompute = backward and model.activation_checkpointing
     with torch.no_grad():
-        fixed = frozen_global.global_branch(batch.global_images)  # type: ignore[union-attr]
+        fixed = run.frozen_global.global_branch(run.batch.global_images)  # type: ignore[union-attr]
         merged, kept, local_logits = [], [], []
-        for i, (image, grid) in enumerate(zip(batch.images, grids)):
+        for i, (image, grid) in enumerate(zip(run.batch.images, run.grids)):
             context = fixed.image(i)
             canvases = empty_context(context.context())
             terms = None if recompute else _PerPatch(len(grid))
             logits = _PerPatch(len(grid))
-            for idx in grid.batches(micro_batch_size):
+            for idx in grid.batches(run.micro_batch_size):
                 _local2global_pass(model, image, grid, idx, context, canvases, logits, terms, keep_ps3=backward)
             merged.append(normalise_context(canvases, grid))
             kept.append(terms)
             local_logits.append(logits.tensor)
-    glob = model.global_branch(batch.global_images, _cat_contexts(merged))
-    losses.step(losses.focal(glob.logits, _global_targets(labels, glob)), retain_graph=True)
-    last = (len(batch.images) - 1, len(grids[-1].batches(sub_batch_size)) - 1)
-    for i, (image, label, grid) in enumerate(zip(batch.images, labels, grids)):
+    glob = model.global_branch(run.batch.global_images, _cat_contexts(merged))
+    run.losses.step(run.losses.focal(glob.logits, _global_targets(run.labels, glob)), retain_graph=True)
+    last = (len(run.batch.images) - 1, len(run.grids[-1].batches(run.sub_batch_size)) - 1)
+    images = []
+    for i, (image, label, grid) in enumerate(zip(run.batch.images, run.labels, run.grids)):
         ensemble_logits = []
-        for j, idx in enumerate(grid.batches(sub_batch_size)):
+        for j, idx in enumerate(grid.batches(run.sub_batch_size)):
             if kept[i] is None:
-                term = model.ensemble_local_term(_local_ps3(model, image, grid, idx, fixed.image(i), micro_batch_size))
+                ps3 = _local_ps3(model, image, grid, idx, fixed.image(i), run.micro_batch_size)
+                term = model.ensemble_local_term(ps3)
             else:
                 rows = kept[i].tensor[idx.start : idx.stop]  # type: ignore[union-attr]
                 term = model.ensemble_local_term(rows) if backward else rows
             ensemble, _ = model.ensemble(term, glob.ps3[i : i + 1], grid, idx)
             target = _patch_targets(label, grid, idx, ensemble.shape[-2:])
-            losses.step(losses.focal(ensemble, target), retain_graph=(i, j) != last)
+            run.losses.step(run.losses.focal(ensemble, target), retain_graph=(i, j) != last)
             ensemble_logits.append(ensemble.detach())
-        result.images.append(
-            ImageResult(glob.logits[i : i + 1].detach(), grid, local_logits[i], torch.cat(ensemble_logits))
-        )
-    return result
+        images.append(ImageResult(glob.logits[i : i + 1].detach(), grid, local_logits[i], torch.cat(ensemble_logits)))
+    return images
+
+
+_RUNNERS: dict[Stage, Callable[[_Run], list[ImageResult]]] = {
+    Stage.GLOBAL: _run_global,
+    Stage.GLOBAL2LOCAL: _run_global2local,
+    Stage.LOCAL2GLOBAL: _run_local2global,
+}
 
 
 class _PerPatch:
@@ -315,9 +361,8 @@ def _global2local_step(
     if label is not None:
         if losses.backward:
             torch.autograd.backward(c, [t.grad for t in head_in])
-        losses.result.fmreg.append(sum(v[0] for v in values))
-        losses.result.criteria += [sum(v[1] for v in values), sum(v[2] for v in values)]
-        losses.result.totals.append(sum(v[3] for v in values))
+        fmreg, focal_local, focal_ensemble, total = (sum(v) for v in zip(*values))
+        losses.record_parts(fmreg, [focal_local, focal_ensemble], total)
     return torch.cat(local_logits), torch.cat(ensemble_logits)
 
 
