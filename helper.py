@@ -196,7 +196,8 @@ def make_session(
     autocast, keep their convolution weights in its dtype with BatchNorm folded into them
     (store_for_inference). Training keeps fp32 weights and sets branch modes per epoch.
     """
-    model.to(device).activation_checkpointing = config.checkpointing
+    model.to(device)
+    model.activation_checkpointing = config.checkpointing
     if frozen_global is not None:
         frozen_global.to(device).eval()
     if config.channels_last:
