@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="autocast on CUDA: bf16 (training and evaluation) or fp16 (evaluation)")
     a("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs, and on CPUs once warmed up)")
     a("--checkpointing", action="store_true",
-      help="activation checkpointing (ResNet stages, FPN heads) in training: less memory, some recomputation")
+      help="activation checkpointing in training (ResNet stem, stages and blocks, the global FPN head; stage 3 "
+      "recomputes the local ps3): less memory, some recomputation")
     return p
 
 
