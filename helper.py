@@ -139,9 +139,9 @@ def _required(paths: dict[str, Optional[Path]], flag: str, stage: Stage, trainin
         )
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: {'a folder, not a file' if path.is_dir() else 'not found'}; {what} --mode {int(stage)} needs --{flag}, the checkpoint written by "
-            f"{_produced_by(flag)} (run that stage first, or fix the path; relative names are taken "
-            "inside --model_path)"
+            f"{path}: {'a folder, not a file' if path.is_dir() else 'not found'}; {what} --mode {int(stage)} "
+            f"needs --{flag}, the checkpoint written by {_produced_by(flag)} (run that stage first, or fix the "
+            "path; relative names are taken inside --model_path)"
         )
     return path
 
@@ -395,8 +395,8 @@ def evaluate(
     desc: str = "eval",
 ) -> dict[str, dict[str, Any]]:
     """Scores of every prediction kind over the loader's labelled images (summed over
-    ranks): {kind: {"iou": per-class list, "miou": float, "pixels": labelled pixels scored}}. `on_prediction(id, preds)` is
-    called for every image, e.g. to save it."""
+    ranks): {kind: {"iou": per-class list, "miou": float, "pixels": labelled pixels
+    scored}}. `on_prediction(id, preds)` is called for every image, e.g. to save it."""
     set_branch_modes(session.model, session.stage, training=False)
     confusions = _confusions(session)
     main_kind = session.predictions[-1]

@@ -29,6 +29,7 @@ from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, Stage
 from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
 from utils.folders import output_folder
 
+
 def default_checkpoint(stage: Stage) -> str:
     """The file training writes for a stage under its default task name."""
     return train_deep_globe.default_task_name(stage) + ".pth"
@@ -104,9 +105,8 @@ def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> 
     The image moves to the device first, so the global image is resized there."""
     image = image.to(session.device)
     samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
-    with torch.inference_mode():
-        final = session.predictions[-1]
-        return helper.predict(session, samples, tta, kinds=(final,))[0][final]
+    final = session.predictions[-1]
+    return helper.predict(session, samples, tta, kinds=(final,))[0][final]
 
 
 def write_prediction(ids: Tensor, table: ClassTable, output: Path, stem: str) -> None:
