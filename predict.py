@@ -69,11 +69,6 @@ def as_trainer_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(train_deep_globe.parse_args(["--evaluation"])), **vars(args)})
 
 
-def check_args(args: argparse.Namespace, table: ClassTable) -> None:
-    """Reject flag values that cannot work, with the fix."""
-    train_deep_globe.check_args(as_trainer_args(args), table)
-
-
 def find_images(path: Path) -> list[Path]:
     """The image itself, or the images of a folder sorted by name.
 
@@ -92,11 +87,12 @@ def find_images(path: Path) -> list[Path]:
 
 
 def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session:
-    """The stage's evaluation weights loaded from the checkpoints the flags name."""
+    """The stage's evaluation weights loaded from the checkpoints the flags name (args:
+    as_trainer_args of predict's flags)."""
     stage = Stage(args.mode)
     model, frozen = helper.build_models(stage, table.n_class, training=False, paths=checkpoint_paths(args),
                                         backbone=args.backbone, device=torch.device(args.device))
-    return helper.make_session(stage, model, frozen, table, as_trainer_args(args), torch.device(args.device), inference=True)
+    return helper.make_session(stage, model, frozen, table, args, torch.device(args.device), inference=True)
 
 
 def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> Tensor:
@@ -129,8 +125,9 @@ def read_ahead(
 
 
 def run(args: argparse.Namespace) -> int:
-    table = load_table(as_trainer_args(args))
-    check_args(args, table)
+    args = as_trainer_args(args)
+    table = load_table(args)
+    train_deep_globe.check_args(args, table)
     images = find_images(Path(args.input))
     session = build_session(args, table)
     output = output_folder(args.output, "--output")

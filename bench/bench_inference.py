@@ -34,13 +34,14 @@ from dataset.classes import DEEPGLOBE  # noqa: E402
 from dataset.make_demo import make_deep_globe_demo  # noqa: E402
 from dataset.transforms import global_image  # noqa: E402
 from models.glnet import GLNet, GlobalBranch  # noqa: E402
-from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Batch, Stage, set_branch_modes  # noqa: E402
+from models.stages import (  # noqa: E402
+    AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Batch, Stage, set_branch_modes,
+)
 from predict import default_checkpoint, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
 import train_deep_globe  # noqa: E402
-from train_deep_globe import parse_size  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
 from bench.op_count import OpCount  # noqa: E402
 from bench.tensor_peak import TensorPeak, module_tensors  # noqa: E402
@@ -375,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help=f"the trainer's --sub_batch_size (default: {SUB_BATCH_SIZE})")
     a("--micro_batch_size", type=int, default=None, help="the trainer's --micro_batch_size (default: its default, "
       "1 on the CPU and --sub_batch_size on a GPU)")
-    a("--size_g", type=parse_size, default=AUTHORS_SIZE, help=f"global image size (default: {AUTHORS_SIZE[0]})")
-    a("--size_p", type=parse_size, default=AUTHORS_SIZE, help=f"patch size (default: {AUTHORS_SIZE[0]})")
+    a("--size_g", type=train_deep_globe.parse_size, default=AUTHORS_SIZE, help=f"global image size (default: {AUTHORS_SIZE[0]})")
+    a("--size_p", type=train_deep_globe.parse_size, default=AUTHORS_SIZE, help=f"patch size (default: {AUTHORS_SIZE[0]})")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="(default: resnet50)")
     a("--profile", action="store_true", help="print the top operators of one more run of each case")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dataset.errors import DataError
+from dataset.errors import DataError, opening
 from utils.patches import class_dtype
 
 Colour = tuple[int, int, int]
@@ -131,8 +131,10 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
         DataError: naming the file, for a missing or malformed file.
     """
     path = Path(path)
+    with opening(path, "a class table file", "no such class table file; check the path"):
+        data = path.read_bytes()
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(data.decode("utf-8"))
         classes = sorted(spec["classes"], key=lambda c: c["id"])
         ids = [c["id"] for c in classes]
         if ids != list(range(len(ids))):
@@ -142,12 +144,6 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
             colours=tuple(tuple(c["colour"]) for c in classes),
             ignore_in_metric=tuple(spec.get("ignore_in_metric", ())),
         )
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such class table file; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a class table file; pass the JSON file itself") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied; make the class table file readable") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text file; pass a JSON class table (see README, 'Your own data')") from None
     except json.JSONDecodeError as error:

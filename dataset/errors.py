@@ -2,9 +2,11 @@
 user's mistakes: one line on stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses for bad flags
 
@@ -14,6 +16,20 @@ Main = Callable[[Optional[Sequence[str]]], int]
 class DataError(ValueError):
     """A problem with the user's files. The message is one line that names the file and
     says how to fix it, so a command line can print it without a traceback."""
+
+
+@contextlib.contextmanager
+def opening(path: Union[str, Path], kind: str, if_missing: str) -> Iterator[None]:
+    """Turn the ways opening `path` can fail into DataErrors naming it. kind: what the file
+    should be, with its article ("an image file"); if_missing: the message for no file."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DataError(f"{path}: {if_missing}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not {kind}; pass the file itself") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make the file readable") from None
 
 
 def user_message(error: BaseException) -> str:

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from dataset.classes import ClassTable
-from dataset.errors import DataError
+from dataset.errors import DataError, opening
 from utils.patches import class_dtype
 
 PathLike = Union[str, Path]
@@ -47,20 +47,17 @@ def open_image(path: PathLike) -> Image.Image:
     # ultra-high-resolution images are what this code is for, and they are the user's own
     # files: lift the limit (set here, where every read of ours goes through).
     Image.MAX_IMAGE_PIXELS = None
-    try:
-        # Pillow leaves a file it opened itself open when decoding fails; ours is closed here.
-        with open(path, "rb") as file:
+    with opening(path, "an image file", "no such file; check the path or re-run the preparation script"):
+        file = open(path, "rb")
+    # Pillow leaves a file it opened itself open when decoding fails; ours is closed here.
+    with file:
+        try:
             image = Image.open(file)
             image.load()
-        return image
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; check the path or re-run the preparation script") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not an image file; pass the image file itself") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied; make the file readable (chmod +r)") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read image ({error}); the file is truncated or corrupt, re-download or re-export it") from None
+        except OSError as error:
+            raise DataError(f"{path}: cannot read image ({error}); the file is truncated or corrupt, "
+                            "re-download or re-export it") from None
+    return image
 
 
 def png_significant_bits(path: PathLike) -> Optional[int]:
