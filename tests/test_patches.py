@@ -189,15 +189,14 @@ def test_extract_labels_keeps_dtype():
 
 
 def _merge_reference(patch_logits: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
-    """Sum nearest-upsampled patch logits on a canvas patch by patch, in patch order, with
-    F.interpolate doing the upsampling; in fp32 at least, as the merge sums."""
+    """The authors' merge (GLNET_SPEC.md, section 2): nearest-upsampled patch logits added
+    patch by patch, in patch order, into a float64 NumPy canvas; F.interpolate upsamples."""
     ph, pw = grid.patch_size
-    up = F.interpolate(patch_logits, size=(ph, pw), mode="nearest")
-    dtype = torch.promote_types(patch_logits.dtype, torch.float32)
-    canvas = patch_logits.new_zeros(patch_logits.shape[1], *grid.image_size, dtype=dtype)
+    up = F.interpolate(patch_logits, size=(ph, pw), mode="nearest").double().numpy()
+    canvas = np.zeros((patch_logits.shape[1], *grid.image_size), dtype=np.float64)
     for i, (top, left) in enumerate(grid.origins()):
         canvas[:, top : top + ph, left : left + pw] += up[i]
-    return canvas
+    return torch.from_numpy(canvas)
 
 
 MERGE_CASES = [
@@ -217,11 +216,25 @@ def test_merge_logits_is_the_patch_by_patch_sum_to_the_bit(h, w, p, cells, dtype
     grid = PatchGrid.build((h, w), (p, p))
     logits = torch.randn(len(grid), 5, cells, cells + 1, generator=torch.Generator().manual_seed(h + w)).to(dtype)
     merged = merge_logits(logits, grid)
-    assert merged.shape == (5, h, w) and merged.dtype == torch.promote_types(dtype, torch.float32)
+    assert merged.shape == (5, h, w) and merged.dtype == torch.float64
     assert torch.equal(merged, _merge_reference(logits, grid))
     # Working in bands of five rows, or of one (a band starting at every row), changes nothing.
     for band_bytes in (5 * w * 4 * 2 * 7, 1):
         assert torch.equal(merge_logits(logits, grid, max_band_bytes=band_bytes), merged)
+
+
+def test_merge_argmax_decides_near_ties_as_the_authors_float64_sums():
+    """Where two patches overlap, class 1 leads class 0 by less than float32 can hold: summed
+    in float32 both would round to 1.0 and the tie go to class 0; the authors' float64
+    canvas keeps class 1 ahead."""
+    grid = PatchGrid.build((100, 150), (100, 100))  # two patches sharing columns 50..99
+    logits = torch.ones(len(grid), 2, 25, 25)
+    logits[1, 0] = 2.0**-25
+    logits[1, 1] = 2.0**-24
+    assert (logits[0, 1] + logits[1, 1] == logits[0, 0] + logits[1, 0]).all()  # tied in float32
+    expected = _merge_reference(logits, grid).argmax(0)
+    assert (expected[:, 50:100] == 1).all()
+    assert torch.equal(merge_argmax(logits, grid).long(), expected)
 
 
 def test_merge_costs_the_same_operators_however_many_patches():
@@ -276,9 +289,10 @@ def test_dtype_and_device_preserved(device, dtype):
     logits = torch.randn(len(grid), 4, 40, 40, dtype=dtype, device=device)
     fmap = torch.randn(1, 8, 10, 13, dtype=dtype, device=device)
     canvas = torch.zeros(1, 8, 10, 13, dtype=dtype, device=device)
+    merged = merge_logits(logits, grid)
+    assert merged.dtype == torch.float64 and merged.device.type == device  # the authors' sums
     outputs = {
         "extract_patches": patches,
-        "merge_logits": merge_logits(logits, grid),
         "crop_to_patches": crop_to_patches(fmap, grid, idx, (5, 5)),
         "paste_patches": paste_patches(canvas, torch.randn(len(grid), 8, 5, 5, dtype=dtype, device=device), grid, idx),
     }

@@ -19,6 +19,10 @@ from utils.layout import memory_format_of
 from utils.resample import nearest_indices, resize
 
 MIN_OVERLAP = 50  # pixels shared by neighbouring patches, the authors' constant
+# Merged patch logits are summed in float64, as the authors summed them into a NumPy canvas:
+# the terms (fp32, or bf16/fp16 under autocast) are exact in float64, so sums taken in their
+# order are the authors' to the bit, and so are the argmax's tie-breaks.
+SUM_DTYPE = torch.float64
 
 
 def axis_origins(length: int, patch: int) -> tuple[tuple[int, ...], int]:
@@ -269,13 +273,13 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool
 
 def merge_logits(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64 << 20) -> Tensor:
     """Sum patch logits (N, K, h, w), nearest-upsampled to the patch size, into (K, H, W)
-    (a view of an (H, W, K) tensor).
+    float64 (a view of an (H, W, K) tensor).
 
     Overlaps are summed, not averaged, as the authors did. Beyond the result, the work
     takes about max_band_bytes.
     """
     by_cell = _by_cell(patch_logits, grid)
-    out = by_cell.new_empty(*grid.image_size, by_cell.shape[2], dtype=_sum_dtype(by_cell))
+    out = by_cell.new_empty(*grid.image_size, by_cell.shape[2], dtype=SUM_DTYPE)
     for r0, r1 in _bands(0, grid.image_size[0], out[0].nbytes, max_band_bytes):
         _add_cover_layers(out[r0:r1].zero_(), by_cell, grid, r0)
     return out.permute(2, 0, 1)
@@ -293,19 +297,14 @@ def merge_argmax(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64
     k = patch_logits.shape[1]
     h_img, w_img = grid.image_size
     by_cell = _by_cell(patch_logits, grid)
-    bands = _bands(0, h_img, k * w_img * _sum_dtype(by_cell).itemsize, max_band_bytes)
-    buffer = by_cell.new_empty(bands[0][1], w_img, k, dtype=_sum_dtype(by_cell))
+    bands = _bands(0, h_img, k * w_img * SUM_DTYPE.itemsize, max_band_bytes)
+    buffer = by_cell.new_empty(bands[0][1], w_img, k, dtype=SUM_DTYPE)
     out = torch.empty(h_img, w_img, dtype=class_dtype(k), device=patch_logits.device)
     for r0, r1 in bands:
         band = _add_cover_layers(buffer[: r1 - r0].zero_(), by_cell, grid, r0)
         # Classes innermost: the CPU's argmax over the outermost dimension is ten times slower.
         out[r0:r1] = band.argmax(-1)
     return out
-
-
-def _sum_dtype(logits: Tensor) -> torch.dtype:
-    # Sum in at least fp32 even when the network ran under bf16/fp16 autocast.
-    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def _bands(r0: int, r1: int, row_bytes: int, max_bytes: int) -> list[tuple[int, int]]:
