@@ -23,8 +23,9 @@ touch "$marker"
 python -m dataset.make_demo --dst "$out/data" --size 512 --n-train 2 --n-val 1 --n-test 1
 
 export DATA="$out/data" MODELS="$out/models" LOGS="$out/logs"
-common=(--size_g 256 --size_p 256 --batch_size 2 --sub_batch_size 9 --num_workers 0 --device cpu)
-./train_deep_globe_global.sh "${common[@]}" --num_epochs 4 --lr 1e-4 --pretrained none
+# No ImageNet file here: stages 1 and 2 start their backbones from random weights.
+common=(--size_g 256 --size_p 256 --batch_size 2 --sub_batch_size 9 --num_workers 0 --device cpu --pretrained none)
+./train_deep_globe_global.sh "${common[@]}" --num_epochs 4 --lr 1e-4
 ./train_deep_globe_global2local.sh "${common[@]}" --num_epochs 1 --lr 1e-4
 ./train_deep_globe_local2global.sh "${common[@]}" --num_epochs 1 --lr 1e-4
 ./eval_deep_globe.sh "${common[@]}" --test --save_predictions "$out/predictions"

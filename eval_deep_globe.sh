@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Evaluate the full GLNet (stage 3) on the crossvali split, without test-time augmentation
 # as in the paper. Add --test to predict and score the test split, --tta for test-time
-# augmentation, --save_predictions DIR for colour PNGs.
+# augmentation, --save_predictions DIR for colour PNGs, and
+# --path_l2g fpn_deepglobe_local2global.best.pth for stage 3's best validation epoch.
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
 # (relative overrides are taken from the current directory).
 set -euo pipefail

@@ -21,6 +21,7 @@ from models.backbone import ResNetBackbone, fold_batchnorm
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, StageResult, run_stage, set_branch_modes
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
+from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.metrics import ConfusionMatrix
 from utils.patches import class_dtype, merge_argmax, merge_logits, upsample_argmax, upsample_nearest
@@ -105,14 +106,17 @@ def build_models(
     frozen stage-1 global branch where the stage has one.
 
     paths: checkpoint files by flag name (`path_g`, `path_g2l`, `path_l2g`).
-    pretrained: torchvision ImageNet weights for the backbones when nothing else
-    initialises them (stage 1 training); None for random initialisation.
+    pretrained: torchvision ImageNet weights for the backbones that the stage's training
+    starts from ImageNet (stage 1: both, stage 2: the local one), loaded before the
+    checkpoints are laid over the model, as the authors' code did; None leaves those
+    backbones at random initialisation. Evaluation never reads it: every backbone it uses
+    comes from a checkpoint.
     """
     spec = STAGES[stage]
     loads = spec.train_loads if training else spec.eval_loads
     model = GLNet(n_class, backbone)
-    if not loads and pretrained is not None:
-        load_imagenet_backbones(model, pretrained)
+    if training and pretrained is not None:
+        load_imagenet_backbones(model, pretrained, spec.imagenet)
     for load in loads:
         load_weights(model, _required(paths, load.flag, stage, training), load.keys)
     frozen = None
@@ -190,12 +194,13 @@ def make_session(
 ) -> Session:
     """A session of the networks on `device`, configured by train_deep_globe.py's flags in
     `config` (size_g, size_p, sub_batch_size, lamb_fmreg, micro_batch_size, amp,
-    channels_last, checkpointing).
+    channels_last, checkpointing, cuda_math; the last is process-wide).
 
     inference=True is for networks that only predict: they go to eval mode and, under
     autocast, keep their convolution weights in its dtype with BatchNorm folded into them
     (store_for_inference). Training keeps fp32 weights and sets branch modes per epoch.
     """
+    set_cuda_math(config.cuda_math)
     model.to(device)
     model.activation_checkpointing = config.checkpointing
     if frozen_global is not None:

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast to bf16 or fp16 (CUDA only)")
     a("--channels_last", action="store_true", help="run the convolutions in channels-last memory format")
+    train_deep_globe.add_cuda_math_flag(p)
     a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower)")
     a("--classes", default=None, help="class table JSON (default: DeepGlobe's 7 classes)")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="must match the checkpoints")

@@ -23,15 +23,18 @@ from dataset.classes import NAMED_TABLES, ClassTable, load_class_table
 from dataset.errors import DataError, reports_errors
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
+from models.glnet import GLNet, GlobalBranch
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
 from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, interrupts_deferred, load_state, read_file,
-                              save_weights, state_dict_of)
+                              read_state_dict, state_dict_of, strip_prefix, write_weights)
+from utils.cuda_math import CUDA_MATH
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from utils.folders import output_folder
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import MIN_OVERLAP
 
-LAST_SUFFIX = ".last.pth"
+BEST_SUFFIX = ".best.pth"
+STATE_SUFFIX = ".state.pth"
 
 
 class ConfigError(ValueError):
@@ -89,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=2, help="data loading processes")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--seed", type=int, default=0, help="seed of data order and augmentation")
-    a("--resume", action="store_true", help="continue the run from <model_path>/<task_name>.last.pth")
-    a("--pretrained", default="auto", help="ImageNet ResNet-50 weights for stage-1 training: a file, 'none', or "
-      "'auto' (torchvision's cached file under ~/.cache/torch/hub/checkpoints)")
+    a("--resume", action="store_true", help="continue the run from <model_path>/<task_name>.state.pth")
+    a("--pretrained", default="auto", help="torchvision's ImageNet weights for the backbones training starts from "
+      "ImageNet, as the authors' code does (both in mode 1, the local one in mode 2): a file, 'none' (random "
+      "weights), or 'auto' (torchvision's cached file under ~/.cache/torch/hub/checkpoints)")
     a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips")
     a("--save_predictions", default=None, metavar="DIR", help="write a colour PNG per evaluated image")
     a("--test", action="store_true", help="evaluate the test split (scored where it has labels)")
@@ -103,10 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=sorted(helper.AMP_DTYPES), default=None,
       help="autocast on CUDA: bf16 (training and evaluation) or fp16 (evaluation)")
     a("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs, and on CPUs once warmed up)")
+    add_cuda_math_flag(p)
     a("--checkpointing", action="store_true",
       help="activation checkpointing in training (ResNet stem, stages and blocks, the global FPN head; stage 3 "
       "recomputes the local ps3): less memory, some recomputation")
     return p
+
+
+def add_cuda_math_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cuda_math", choices=CUDA_MATH, default="strict",
+        help="fp32 arithmetic on CUDA. strict: true fp32 and deterministic cuDNN algorithms, as the authors trained "
+        "and evaluated; fast: TF32 tensor cores for fp32 convolutions and matrix products (about 1e-3 relative "
+        "error) and cuDNN's non-deterministic algorithms allowed. No effect on the CPU")
 
 
 def default_task_name(stage: Stage) -> str:
@@ -188,6 +201,23 @@ def pretrained_path(args: argparse.Namespace) -> Optional[Path]:
             "and copy the file), or --pretrained none to start from random weights"
         )
     return found[0]
+
+
+def stage_models(args: argparse.Namespace, n_class: int,
+                 device: torch.device | str = "cpu") -> tuple[GLNet, Optional[GlobalBranch]]:
+    """The networks of --mode, for training or --evaluation, initialised from the files the
+    flags name: checkpoints, and ImageNet weights (--pretrained) where training wants them."""
+    stage = Stage(args.mode)
+    training = not args.evaluation
+    return helper.build_models(
+        stage,
+        n_class,
+        training=training,
+        paths=checkpoint_paths(args),
+        pretrained=pretrained_path(args) if training and STAGES[stage].imagenet else None,
+        backbone=args.backbone,
+        device=device,
+    )
 
 
 def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices: Sequence[int]) -> torch.utils.data.DataLoader:
@@ -297,23 +327,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    """A run's best weights and its last training state."""
-    return (helper.checkpoint_path(args.model_path, args.task_name + ".pth"),
-            helper.checkpoint_path(args.model_path, args.task_name + LAST_SUFFIX))
+@dataclass(frozen=True)
+class RunFiles:
+    """What a training run writes into --model_path after every epoch.
+
+    weights: <task_name>.pth, the last finished epoch's weights in the authors' layout. The
+        authors' script wrote this file after every epoch and chained their stages (and made
+        their released files) from it, so the stage scripts read it too.
+    best: <task_name>.best.pth, the weights of the best validation epoch (ours).
+    state: <task_name>.state.pth, everything --resume needs (ours).
+    """
+
+    weights: Path
+    best: Path
+    state: Path
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> RunFiles:
+        return cls(*(helper.checkpoint_path(args.model_path, args.task_name + suffix)
+                     for suffix in (".pth", BEST_SUFFIX, STATE_SUFFIX)))
 
 
-def guard_outputs(args: argparse.Namespace, best: Path, last: Path) -> None:
+def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
     """Never overwrite another run's checkpoints silently."""
-    existing = [p for p in (best, last) if p.exists()]
+    existing = [p for p in (files.weights, files.best, files.state) if p.exists()]
     if existing and not args.resume:
         names = ", ".join(str(p) for p in existing)
         raise ConfigError(
             f"{names} already exist(s) from an earlier run: pass --resume to continue it, choose another "
             "--task_name, or delete the file(s) to start over"
         )
-    if args.resume and not last.exists():
-        raise ConfigError(f"--resume: {last} not found (nothing to resume; drop --resume to start a new run)")
+    if args.resume and not files.state.exists():
+        raise ConfigError(f"--resume: {files.state} not found (nothing to resume; drop --resume to start a new run)")
 
 
 # The flags that define a training run: resuming with other values would not continue it.
@@ -325,16 +370,16 @@ TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_score",
 
 
 def run_settings(args: argparse.Namespace, table: ClassTable, steps_per_epoch: int) -> dict[str, Any]:
-    """What a resumed run must share with the saved one, as stored in the .last.pth file."""
+    """What a resumed run must share with the saved one, as stored in the .state.pth file."""
     settings = {flag: list(v) if isinstance(v := getattr(args, flag), tuple) else v for flag in RUN_FLAGS}
     return {**settings, "classes": list(table.names), "steps_per_epoch": steps_per_epoch}
 
 
 def check_resumable(state: Any, path: Path, settings: dict[str, Any]) -> None:
-    """Refuse a .last.pth that is not a training state, or whose run had other settings."""
+    """Refuse a .state.pth that is not a training state, or whose run had other settings."""
     if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
         raise CheckpointError(f"{path}: not a training state (it holds no optimizer and epoch); --resume needs the "
-                              f"{LAST_SUFFIX} file a training run writes")
+                              f"{STATE_SUFFIX} file a training run writes")
     saved = state.get("run", {})
     changed = [f"{key} {saved[key]} (now {value})" for key, value in settings.items() if key in saved and saved[key] != value]
     if changed:
@@ -382,28 +427,42 @@ class Progress:
 
 
 def resume(state: dict[str, Any], session: helper.Session, optimizer: torch.optim.Optimizer,
-           scheduler: torch.optim.lr_scheduler.LRScheduler, last_path: Path, best_path: Path) -> Progress:
+           scheduler: torch.optim.lr_scheduler.LRScheduler, files: RunFiles) -> Progress:
     """Restore the model, optimizer, schedule and random state of a checked training state."""
-    if session.dist.is_main and state.get("best_epoch") == state["epoch"]:
-        # Killed between the two writes of its best epoch: the best file may be an older one.
-        atomic_save(state["model"], best_path)
-    load_state(session.model, state_dict_of(state, last_path), last_path)
+    if session.dist.is_main:
+        restore_weights(state["model"], files.weights)
+        if state.get("best_epoch") == state["epoch"]:
+            restore_weights(state["model"], files.best)
+    load_state(session.model, state_dict_of(state, files.state), files.state)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return Progress(int(state["epoch"]), float(state["best_score"]), state.get("best_epoch"))
 
 
+def restore_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the weights of a training state to `path` unless it holds them already: a kill
+    between an epoch's writes leaves an older file (or none) behind the state."""
+    wanted = strip_prefix(weights)
+    try:
+        held = read_state_dict(path)
+    except CheckpointError:
+        held = {}
+    if held.keys() != wanted.keys() or not all(torch.equal(held[k], wanted[k]) for k in held):
+        write_weights(weights, path)
+
+
 def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, settings: dict[str, Any],
-               last_path: Path, best_path: Path) -> None:
-    """The training state, then the best weights if this epoch is the best, with Ctrl-C held
-    until both are on disk. After a kill between the two writes, the state (whose epoch is
-    its best epoch) lets --resume rewrite the best file."""
+               files: RunFiles) -> None:
+    """The training state, then the epoch's weights, then the best weights if this epoch is
+    the best, with Ctrl-C held until all are on disk. After a kill between the writes, the
+    state lets --resume rewrite the weights files."""
+    weights = authors_layout(session.model)
     with interrupts_deferred():
         atomic_save(
             {
-                "model": authors_layout(session.model),
+                "model": weights,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": progress.epoch,
@@ -412,17 +471,18 @@ def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
                 "rng": rng_state(),
                 "run": settings,
             },
-            last_path,
+            files.state,
         )
+        write_weights(weights, files.weights)
         if progress.best_epoch == progress.epoch:
-            save_weights(session.model, best_path)
+            write_weights(weights, files.best)
 
 
 def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> None:
     train_set = labelled_split(args, "train", table, augment=True)
     val_set = labelled_split(args, "crossvali", table, augment=False)
-    best_path, last_path = output_paths(args)
-    guard_outputs(args, best_path, last_path)
+    files = RunFiles.of(args)
+    guard_outputs(args, files)
 
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / session.dist.world_size) / args.batch_size)
     optimizer = helper.build_optimizer(session.model, session.stage, args.lr)
@@ -430,9 +490,9 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
     settings = run_settings(args, table, steps_per_epoch)
     progress = Progress()
     if args.resume:
-        state = read_file(last_path)
-        check_resumable(state, last_path, settings)
-        progress = resume(state, session, optimizer, scheduler, last_path, best_path)
+        state = read_file(files.state)
+        check_resumable(state, files.state, settings)
+        progress = resume(state, session, optimizer, scheduler, files)
         log.line(f"resuming {args.task_name} after epoch {progress.epoch + 1} (best val mIoU {progress.best_score:.4f})")
     main_kind = session.predictions[-1]
     val_loader = make_loader(val_set, args, shard(range(len(val_set)), session.dist))
@@ -453,12 +513,14 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
         if val[main_kind]["miou"] > progress.best_score:
             progress.best_score, progress.best_epoch = val[main_kind]["miou"], epoch
         if session.dist.is_main:
-            save_epoch(session, optimizer, scheduler, progress, settings, last_path, best_path)
+            save_epoch(session, optimizer, scheduler, progress, settings, files)
             if progress.best_epoch == epoch:
-                log.line(f"  new best {main_kind} val mIoU {progress.best_score:.4f}: saved {best_path}")
+                log.line(f"  new best {main_kind} val mIoU {progress.best_score:.4f}: saved {files.best}")
             log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])), epoch + 1)
         barrier(session.dist)
-    log.line(f"done: best {main_kind} val mIoU {progress.best_score:.4f}, weights in {best_path}")
+    log.line(f"done: the last epoch's weights are in {files.weights} (the next stage's scripts read this file); "
+             f"the best {main_kind} val mIoU, {progress.best_score:.4f} at epoch {(progress.best_epoch or 0) + 1}, "
+             f"in {files.best}")
 
 
 def run_evaluation(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> dict[str, Any]:
@@ -508,15 +570,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         seed_everything(args.seed)
         stage = Stage(args.mode)
-        model, frozen = helper.build_models(
-            stage,
-            table.n_class,
-            training=not args.evaluation,
-            paths=checkpoint_paths(args),
-            pretrained=None if args.evaluation or STAGES[stage].train_loads else pretrained_path(args),
-            backbone=args.backbone,
-            device=device,
-        )
+        model, frozen = stage_models(args, table.n_class, device)
         session = helper.make_session(stage, model, frozen, table, args, device, dist=info, inference=args.evaluation)
         log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
         log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
@@ -548,7 +602,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def interruption_note(args: argparse.Namespace) -> str:
     if args.evaluation:
         return "evaluation stopped; run it again to score the split"
-    last = output_paths(args)[1]
+    last = RunFiles.of(args).state
     try:
         epoch = read_file(last)["epoch"]
     except (CheckpointError, KeyError, TypeError):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stage 1: the global branch alone on downsampled images.
+# Stage 1: the global branch alone on downsampled images; both ResNets start from ImageNet
+# (--pretrained, by default torchvision's cached file).
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
 # (relative overrides are taken from the current directory).
 # Extra arguments are passed on to train_deep_globe.py (e.g. --pretrained none).

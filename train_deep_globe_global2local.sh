@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Stage 2: the local branch on full-resolution patches, with the stage-1 global branch
-# (--path_g, written by train_deep_globe_global.sh) as frozen context.
+# (--path_g, written by train_deep_globe_global.sh) as frozen context. Its local ResNet
+# starts from ImageNet (--pretrained), as in the authors' code.
+# The stages chain from the last epoch's weights, as the authors' did; for stage 1's best
+# validation epoch instead, add --path_g fpn_deepglobe_global.best.pth.
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
 # (relative overrides are taken from the current directory).
 # Extra arguments are passed on to train_deep_globe.py.

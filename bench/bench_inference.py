@@ -74,6 +74,7 @@ class Case:
     tensor_peak: bool = False
     count_ops: bool = False
     cudnn_benchmark: bool = False
+    cuda_math: str = "strict"
 
 
 @dataclass
@@ -277,7 +278,8 @@ def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
     cmd = [sys.executable, str(ROOT / "train_deep_globe.py"), "--evaluation", "--mode", str(case.mode),
            "--data_path", str(data), "--model_path", str(models), "--log_path", str(logs),
            "--sub_batch_size", str(case.sub_batch_size), "--size_g", "{},{}".format(*case.size_g),
-           "--size_p", "{},{}".format(*case.size_p), "--device", case.device, "--backbone", case.backbone]
+           "--size_p", "{},{}".format(*case.size_p), "--device", case.device, "--backbone", case.backbone,
+           "--cuda_math", case.cuda_math]
     cmd += (["--amp", case.amp] if case.amp else []) + (["--channels_last"] if case.channels_last else [])
     if case.micro_batch_size is not None:
         cmd += ["--micro_batch_size", str(case.micro_batch_size)]
@@ -387,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
       "tensors, weights included (any device; slower)")
     a("--count_ops", action="store_true", help="one more evaluation run counting the operator calls per image "
       "(each costs host time on a GPU; any device)")
+    train_deep_globe.add_cuda_math_flag(p)
     a("--json", default=None, metavar="OUT", help="write every record to this JSON file")
     a("--one-case", default=None, help=argparse.SUPPRESS)
     return p
@@ -398,7 +401,8 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
                   sub_batch_size=args.sub_batch_size, micro_batch_size=args.micro_batch_size,
                   size_g=args.size_g, size_p=args.size_p,
                   backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile,
-                  tensor_peak=args.tensor_peak, count_ops=args.count_ops, cudnn_benchmark=args.cudnn_benchmark)
+                  tensor_peak=args.tensor_peak, count_ops=args.count_ops, cudnn_benchmark=args.cudnn_benchmark,
+                  cuda_math=args.cuda_math)
     return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
 
 

@@ -53,6 +53,11 @@ class StageSpec:
     predictions: tuple[str, ...]
     train_loads: tuple[Load, ...]
     eval_loads: tuple[Load, ...]
+    # Backbones that training starts from torchvision's ImageNet weights (--pretrained). The
+    # authors' network constructor loads ImageNet into both ResNets every time and their
+    # loader lays a checkpoint's keys over it, so a backbone no train_loads covers keeps
+    # ImageNet: both in stage 1, the local one in stage 2 (GLNET_SPEC.md, section 1).
+    imagenet: tuple[str, ...] = ()
     frozen_global: Optional[str] = None  # flag of the file holding the frozen stage-1 global branch
 
 
@@ -63,11 +68,11 @@ ALL_PREDICTIONS = ("global", "local", "ensemble")
 STAGES: dict[Stage, StageSpec] = {
     Stage.GLOBAL: StageSpec(
         "global", "path_g", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=("global",),
-        train_loads=(), eval_loads=(Load("path_g", "non_local"),),
+        train_loads=(), eval_loads=(Load("path_g", "non_local"),), imagenet=("resnet_global", "resnet_local"),
     ),
     Stage.GLOBAL2LOCAL: StageSpec(
         "global2local", "path_g2l", LOCAL_GROUPS, epochs=50, lr=2e-5, predictions=ALL_PREDICTIONS,
-        train_loads=(Load("path_g", "non_local"),), eval_loads=(Load("path_g2l"),),
+        train_loads=(Load("path_g", "non_local"),), eval_loads=(Load("path_g2l"),), imagenet=("resnet_local",),
     ),
     Stage.LOCAL2GLOBAL: StageSpec(
         "local2global", "path_l2g", GLOBAL_GROUPS, epochs=120, lr=5e-5, predictions=ALL_PREDICTIONS,

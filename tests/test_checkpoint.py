@@ -3,11 +3,14 @@ loads with readable errors, partial loads, safe unpickling and atomic writes."""
 from __future__ import annotations
 
 import ast
+import collections
 import csv
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -102,6 +105,64 @@ def test_save_load_round_trip(saved):
     assert loaded == list(model.state_dict())
     assert _same_state(other, model)
     assert torch.equal(_forward(other), expected)
+
+
+# torch 0.4.1, which the authors' code pins, reads only torch's legacy container: the magic
+# number and protocol version it checks, then a pickle whose globals must exist in 0.4.1 and
+# whose storages follow, each as its element count (int64) and raw bytes.
+LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+TORCH_041_STORAGES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+                      "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+                      "CharStorage": np.int8, "ByteStorage": np.uint8}
+
+
+def _read_as_torch_041_would(path: Path) -> dict[str, np.ndarray]:
+    """An independent reader of the legacy container, accepting only what torch 0.4.1 has."""
+    storages: dict[str, list] = {}
+
+    def rebuild(*args):
+        assert len(args) == 6, "torch 0.4.1's _rebuild_tensor_v2 takes six arguments"
+        return args[:4]  # storage key, offset, size, stride
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return rebuild
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            assert module == "torch" and name in TORCH_041_STORAGES, f"{module}.{name} is not in torch 0.4.1"
+            return np.dtype(TORCH_041_STORAGES[name])
+
+        def persistent_load(self, saved_id):
+            typename, dtype, key, _location, numel, view_metadata = saved_id
+            assert typename == "storage" and view_metadata is None
+            storages.setdefault(key, [dtype, numel, None])
+            return key
+
+    with open(path, "rb") as f:
+        assert (pickle.load(f), pickle.load(f)) == (LEGACY_MAGIC, LEGACY_PROTOCOL)
+        pickle.load(f)  # system information
+        tensors = Unpickler(f).load()
+        for key in pickle.load(f):
+            dtype, numel, _ = storages[key]
+            assert int.from_bytes(f.read(8), "little") == numel
+            storages[key][2] = np.frombuffer(f.read(numel * dtype.itemsize), dtype)
+        assert f.read() == b"", "bytes after the last storage"
+    out = {}
+    for name, (key, offset, size, stride) in tensors.items():
+        data = storages[key][2]
+        out[name] = np.lib.stride_tricks.as_strided(data[offset:], size, [s * data.itemsize for s in stride])
+    return out
+
+
+def test_weights_files_are_readable_by_the_authors_torch(saved):
+    model, path = saved
+    assert not zipfile.is_zipfile(path)
+    arrays = _read_as_torch_041_would(path)
+    state = model.state_dict()
+    assert arrays.keys() == {PREFIX + k for k in state}
+    for key, value in state.items():
+        assert np.array_equal(arrays[PREFIX + key], value.numpy()), key
 
 
 def test_files_without_prefix_or_inside_a_training_state_load(tmp_path, saved):
@@ -303,21 +364,27 @@ def test_load_imagenet_backbones(tmp_path):
     torch.save(imagenet, path)
     model = _model(2)
     fpn_before = {k: v.clone() for k, v in model.fpn_global.state_dict().items()}
-    load_imagenet_backbones(model, path)
+    load_imagenet_backbones(model, path, ["resnet_global", "resnet_local"])
     for name in ("resnet_global", "resnet_local"):
         state = getattr(model, name).state_dict()
         assert set(state) == {k for k in imagenet if not k.startswith("fc.")}
         assert all(torch.equal(v, imagenet[k]) for k, v in state.items()), name
     assert all(torch.equal(v, fpn_before[k]) for k, v in model.fpn_global.state_dict().items())
+    # Only the backbones named are touched.
+    model = _model(2)
+    global_before = {k: v.clone() for k, v in model.resnet_global.state_dict().items()}
+    load_imagenet_backbones(model, path, ["resnet_local"])
+    assert all(torch.equal(v, imagenet[k]) for k, v in model.resnet_local.state_dict().items())
+    assert all(torch.equal(v, global_before[k]) for k, v in model.resnet_global.state_dict().items())
 
 
 def test_load_imagenet_backbones_errors(tmp_path):
     model = _model(2)
     with pytest.raises(CheckpointError, match="ImageNet weights not found") as err:
-        load_imagenet_backbones(model, tmp_path / "nothing.pth")
+        load_imagenet_backbones(model, tmp_path / "nothing.pth", ["resnet_global"])
     assert "nothing.pth" in str(err.value)
     # A ResNet-34 file has blocks a ResNet-18 backbone lacks.
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)
     with pytest.raises(CheckpointError, match="unexpected keys .*layer1.2"):
-        load_imagenet_backbones(model, path)
+        load_imagenet_backbones(model, path, ["resnet_global"])

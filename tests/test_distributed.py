@@ -59,7 +59,7 @@ def test_distributed_training_writes_one_run(data, tmp_path):
     proc = _torchrun("--mode", "1", "--num_epochs", "2", "--data_path", str(data),
                      "--model_path", str(tmp_path / "models"), "--log_path", str(tmp_path / "logs"), *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = read_file(tmp_path / "models" / "fpn_deepglobe_global.last.pth")
+    state = read_file(tmp_path / "models" / "fpn_deepglobe_global.state.pth")
     assert state["epoch"] == 1
     # One optimizer step per batch of each rank's share: 2 images over 2 ranks, batch 1.
     assert state["scheduler"]["last_epoch"] == 2

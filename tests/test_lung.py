@@ -49,7 +49,7 @@ def _script(name: str, tmp: Path, data: Path, *extra: str) -> None:
 
 def test_lung_scripts_train_three_stages_and_evaluate(lung_data, tmp_path):
     _script("train_global.sh", tmp_path, lung_data, "--pretrained", "none")
-    _script("train_global2local.sh", tmp_path, lung_data)
+    _script("train_global2local.sh", tmp_path, lung_data, "--pretrained", "none")
     _script("train_local2global.sh", tmp_path, lung_data)
     _script("eval.sh", tmp_path, lung_data, "--test")
     for name in ("lung_global", "lung_global2local", "lung_local2global"):

@@ -43,38 +43,29 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_three_stages_and_evaluation(data, tmp_path, monkeypatch):
-    loads: list[tuple[str, str]] = []
-    real_load = helper.load_weights
-
-    def spy(model, path, keys="all", reference=None):
-        loads.append((Path(path).name, keys))
-        return real_load(model, path, keys, reference)
-
-    monkeypatch.setattr(helper, "load_weights", spy)
+def test_three_stages_and_evaluation(data, tmp_path):
+    """The chain of files; where each stage's tensors come from is tests/test_recipe.py's."""
     common = _common(data, tmp_path)
     models = tmp_path / "models"
 
     assert _run("--mode", 1, "--num_epochs", 1, "--pretrained", "none", *common) == 0
-    assert loads == []
     g = read_state_dict(models / "fpn_deepglobe_global.pth")
-    assert (models / "fpn_deepglobe_global.last.pth").is_file()
+    assert (models / "fpn_deepglobe_global.best.pth").is_file()
+    assert (models / "fpn_deepglobe_global.state.pth").is_file()
     events = list((tmp_path / "logs" / "fpn_deepglobe_global").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert "epoch 1/1" in (tmp_path / "logs" / "fpn_deepglobe_global" / "log.txt").read_text()
 
-    assert _run("--mode", 2, "--num_epochs", 1, "--path_g", "fpn_deepglobe_global.pth", *common) == 0
-    assert loads == [("fpn_deepglobe_global.pth", "non_local")]
+    assert _run("--mode", 2, "--num_epochs", 1, "--path_g", "fpn_deepglobe_global.pth", "--pretrained", "none",
+                *common) == 0
     g2l = read_state_dict(models / "fpn_deepglobe_global2local.pth")
     # Stage 2 starts from stage 1 and never trains the global branch.
     assert _same(_groups(g2l, "resnet_global."), _groups(g, "resnet_global."))
     assert _same(_groups(g2l, "fpn_global."), _groups(g, "fpn_global."))
     assert not _same(_groups(g2l, "fpn_local."), _groups(g, "fpn_local."))
 
-    loads.clear()
     assert _run("--mode", 3, "--num_epochs", 1, "--path_g", "fpn_deepglobe_global.pth",
                 "--path_g2l", "fpn_deepglobe_global2local.pth", *common) == 0
-    assert sorted(loads) == [("fpn_deepglobe_global.pth", "global"), ("fpn_deepglobe_global2local.pth", "all")]
     l2g = read_state_dict(models / "fpn_deepglobe_local2global.pth")
     # Stage 3 starts from stage 2, keeps its local branch and trains the global one.
     assert _same(_groups(l2g, "resnet_local."), _groups(g2l, "resnet_local."))
@@ -115,10 +106,10 @@ def test_training_lowers_the_loss_and_resume_ends_with_the_same_weights(data, tm
     monkeypatch.setattr(helper, "train_one_epoch", interrupted)
     assert _run(*args, *_common(data, tmp_path / "resumed")) == 130
     monkeypatch.setattr(helper, "train_one_epoch", real_epoch)
-    assert read_file(tmp_path / "resumed" / "models" / "fpn_deepglobe_global.last.pth")["epoch"] == 1
+    assert read_file(tmp_path / "resumed" / "models" / "fpn_deepglobe_global.state.pth")["epoch"] == 1
     assert _run(*args, "--resume", *_common(data, tmp_path / "resumed")) == 0
 
-    for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.last.pth"):
+    for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.best.pth", "fpn_deepglobe_global.state.pth"):
         straight = read_state_dict(tmp_path / "straight" / "models" / name)
         resumed = read_state_dict(tmp_path / "resumed" / "models" / name)
         assert _same(straight, resumed), name

@@ -178,20 +178,20 @@ def _digest(path: Path) -> str:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
     argv = _args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
-    best, last = tmp_path / "models" / "fpn_deepglobe_global.pth", tmp_path / "models" / "fpn_deepglobe_global.last.pth"
-    before = _digest(best), _digest(last)
+    files = [tmp_path / "models" / f"fpn_deepglobe_global{suffix}" for suffix in (".pth", ".best.pth", ".state.pth")]
+    before = [_digest(f) for f in files]
 
     monkeypatch.setattr(models.stages, "focal_loss", lambda logits, target: logits.sum() * math.nan)
     _fails(capsys, argv[:-2] + ["--num_epochs", "3", "--resume"], "loss became nan at epoch 2, batch 1",
            "checkpoints from earlier epochs are untouched")
-    assert (_digest(best), _digest(last)) == before
+    assert [_digest(f) for f in files] == before
 
 
 def test_existing_run_is_never_overwritten_silently(data, tmp_path, capsys):
     argv = _args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
     _fails(capsys, argv, "fpn_deepglobe_global.pth", "already exist", "--resume", "--task_name")
-    _fails(capsys, _args(data, tmp_path, "--task_name", "other", "--resume"), "other.last.pth not found")
+    _fails(capsys, _args(data, tmp_path, "--task_name", "other", "--resume"), "other.state.pth not found")
 
 
 def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
@@ -219,7 +219,7 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_weights(data, tmp_path)
     assert train_deep_globe.main(_args(data, straight, *args)) == 0
 
     killed = tmp_path / "killed"
-    last = killed / "models" / "fpn_deepglobe_global.last.pth"
+    last = killed / "models" / "fpn_deepglobe_global.state.pth"
     proc = subprocess.Popen([sys.executable, "train_deep_globe.py", *_args(data, killed, *args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -231,7 +231,7 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_weights(data, tmp_path)
     proc.wait()
     assert read_file(last)["epoch"] in (0, 1, 2)
     assert train_deep_globe.main(_args(data, killed, *args, "--resume")) == 0
-    for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.last.pth"):
+    for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.best.pth", "fpn_deepglobe_global.state.pth"):
         a, b = read_state_dict(straight / "models" / name), read_state_dict(killed / "models" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
@@ -240,7 +240,7 @@ def test_resuming_a_run_of_another_architecture(data, tmp_path, capsys):
     assert train_deep_globe.main(_args(data, tmp_path, "--num_epochs", 1)) == 0
     argv = _args(data, tmp_path, "--num_epochs", 2, "--resume")
     argv[argv.index("--backbone") + 1] = "resnet50"
-    _fails(capsys, argv, "fpn_deepglobe_global.last.pth", "backbone resnet18 (now resnet50)")
+    _fails(capsys, argv, "fpn_deepglobe_global.state.pth", "backbone resnet18 (now resnet50)")
 
 
 def test_class_tables_that_cannot_work(data, tmp_path, capsys):
@@ -267,26 +267,28 @@ def test_resuming_with_other_run_settings_is_refused(data, tmp_path, capsys):
     assert train_deep_globe.main(_args(data, tmp_path, "--num_epochs", 1)) == 0
     argv = _args(data, tmp_path, "--num_epochs", 2, "--resume", "--lr", "0.1")
     argv[argv.index("--batch_size") + 1] = "1"
-    _fails(capsys, argv, "fpn_deepglobe_global.last.pth", "other settings", "batch_size 2 (now 1)", "lr 5e-05 (now 0.1)",
+    _fails(capsys, argv, "fpn_deepglobe_global.state.pth", "other settings", "batch_size 2 (now 1)", "lr 5e-05 (now 0.1)",
            "steps_per_epoch 1 (now 2)")
 
 
 def test_resuming_from_a_weights_file_is_refused(data, tmp_path, capsys):
-    save_weights(GLNet(7, "resnet18"), tmp_path / "models" / "fpn_deepglobe_global.last.pth")
+    save_weights(GLNet(7, "resnet18"), tmp_path / "models" / "fpn_deepglobe_global.state.pth")
     _fails(capsys, _args(data, tmp_path, "--num_epochs", 1, "--resume"), "not a training state")
 
 
-def test_resume_rewrites_a_best_file_a_kill_left_behind(data, tmp_path):
-    # The best epoch's training state was written, its best weights were not.
+def test_resume_rewrites_the_weights_files_a_kill_left_behind(data, tmp_path):
+    # The best epoch's training state was written, its weights files were not.
     argv = _args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
-    best, last = tmp_path / "models" / "fpn_deepglobe_global.pth", tmp_path / "models" / "fpn_deepglobe_global.last.pth"
-    state = _training_state(last)
+    state = _training_state(tmp_path / "models" / "fpn_deepglobe_global.state.pth")
     assert state["best_epoch"] == state["epoch"] == 0
-    save_weights(GLNet(7, "resnet18"), best)
+    files = [tmp_path / "models" / f"fpn_deepglobe_global{suffix}" for suffix in (".pth", ".best.pth")]
+    for path in files:
+        save_weights(GLNet(7, "resnet18"), path)
     assert train_deep_globe.main([*argv, "--resume"]) == 0
-    weights = read_state_dict(best)
-    assert all(torch.equal(weights[k.removeprefix("module.")], v) for k, v in state["model"].items())
+    for path in files:
+        weights = read_state_dict(path)
+        assert all(torch.equal(weights[k.removeprefix("module.")], v) for k, v in state["model"].items()), path
 
 
 def test_ctrl_c_is_held_until_the_block_ends():

@@ -2,7 +2,8 @@
 
 A GLNet weights file is a plain state dict whose keys start with `module.` (the authors
 saved through DataParallel). Files with or without the prefix load; files written here
-always carry it, so they move both ways between this project and the authors' code.
+always carry it, in the container torch wrote before 1.6, so they move both ways between
+this project and the authors' code (pinned to torch 0.4.1).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,15 +38,16 @@ def strip_prefix(state: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, An
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
+def atomic_save(obj: Any, path: str | Path, legacy_container: bool = False) -> None:
     """torch.save to a temporary file in the same folder, then rename over `path`, so a
-    crash or kill at any moment leaves either the old file or the new one, never half."""
+    crash or kill at any moment leaves either the old file or the new one, never half.
+    legacy_container: torch's format before 1.6 instead of its zip container."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch.save(obj, f, _use_new_zipfile_serialization=not legacy_container)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates the file private; give it the permissions a plain open() would.
@@ -176,14 +178,21 @@ def authors_layout(model: nn.Module) -> dict[str, Tensor]:
     return {PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def write_weights(weights: Mapping[str, Tensor], path: str | Path) -> None:
+    """Write a state dict in the authors' layout (authors_layout) atomically, in torch's
+    legacy container: torch 0.4.1, which the authors' code pins, cannot read the zip
+    container torch.save writes by default since torch 1.6."""
+    atomic_save(dict(weights), path, legacy_container=True)
+
+
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Write the model's weights in the authors' layout, atomically."""
-    atomic_save(authors_layout(model), path)
+    """Write the model's weights in the authors' layout and container (write_weights)."""
+    write_weights(authors_layout(model), path)
 
 
-def load_imagenet_backbones(model: nn.Module, path: str | Path) -> None:
+def load_imagenet_backbones(model: nn.Module, path: str | Path, backbones: Sequence[str]) -> None:
     """Load torchvision ImageNet ResNet weights (e.g. resnet50-0676ba61.pth or
-    resnet50-11ad3fa6.pth) into every `resnet_*` backbone of the model; `fc.*` is dropped."""
+    resnet50-11ad3fa6.pth) into the model's children named in `backbones`; `fc.*` is dropped."""
     if not Path(path).is_file():
         raise CheckpointError(
             f"{path}: ImageNet weights not found. Download torchvision's ResNet-50 weights on a "
@@ -192,9 +201,8 @@ def load_imagenet_backbones(model: nn.Module, path: str | Path) -> None:
             "~/.cache/torch/hub/checkpoints/), then pass --pretrained PATH; or --pretrained none."
         )
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
-    for name, backbone in model.named_children():
-        if not name.startswith("resnet_"):
-            continue
+    for name in backbones:
+        backbone = model.get_submodule(name)
         missing, unexpected, shapes = mismatches(state, backbone.state_dict())
         if missing or unexpected or shapes:
             raise CheckpointError(_describe(path, missing, unexpected, shapes, f" ({name} expects a torchvision ResNet)"))
