@@ -129,6 +129,14 @@ def build_models(
     return model.to(device), frozen
 
 
+def frozen_context_differs(model: GLNet, frozen: GlobalBranch) -> int:
+    """How many tensors of stage 3's frozen global branch (from path_g) differ from the
+    global branch of the model it trains (from path_g2l). Stage 2 never changes its global
+    branch, so a path_g2l trained from that path_g has the same ones: 0."""
+    ours = model.state_dict()
+    return sum(not torch.equal(value, ours[key]) for key, value in frozen.state_dict().items())
+
+
 def _produced_by(flag: str) -> str:
     stage = CHECKPOINT_FLAGS[flag]
     return f"stage {int(stage)} ({STAGES[stage].name})"

@@ -35,6 +35,7 @@ from utils.patches import MIN_OVERLAP
 
 BEST_SUFFIX = ".best.pth"
 STATE_SUFFIX = ".state.pth"
+LEGACY_STATE_SUFFIX = ".last.pth"  # the training state's name before the weights file held the last epoch
 
 
 class ConfigError(ValueError):
@@ -117,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_cuda_math_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuda_math", choices=CUDA_MATH, default="strict",
-        help="fp32 arithmetic on CUDA. strict: true fp32 and deterministic cuDNN algorithms, as the authors trained "
-        "and evaluated; fast: TF32 tensor cores for fp32 convolutions and matrix products (about 1e-3 relative "
-        "error) and cuDNN's non-deterministic algorithms allowed. No effect on the CPU")
+        help="arithmetic on CUDA. strict: true fp32 (no TF32) and deterministic cuDNN algorithms (under --amp too), "
+        "as the authors trained and evaluated; fast: TF32 tensor cores for fp32 convolutions and matrix products "
+        "(about 1e-3 relative error) and any cuDNN algorithm, deterministic or not. No effect on the CPU")
 
 
 def default_task_name(stage: Stage) -> str:
@@ -186,35 +187,52 @@ def checkpoint_paths(args: argparse.Namespace) -> dict[str, Optional[Path]]:
             for f in CHECKPOINT_FLAGS}
 
 
+# torchvision's IMAGENET1K_V1 files, which the authors' torchvision loaded: today's name, then
+# the name of the same weights in torchvision before 0.13. IMAGENET1K_V2 (resnet50-11ad3fa6)
+# came later, from another training recipe.
+IMAGENET_V1_FILES = {"resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
+                     "resnet18": ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth")}
+
+
 def pretrained_path(args: argparse.Namespace) -> Optional[Path]:
     if args.pretrained == "none":
         return None
     if args.pretrained != "auto":
         return Path(args.pretrained)
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    found = sorted(hub.glob(f"{args.backbone}-*.pth"))
-    if not found:
+    fetch = (f"on a machine with internet, python -c \"import torchvision; torchvision.models.{args.backbone}"
+             f"(weights='IMAGENET1K_V1')\" and copy the file from {hub}")
+    for name in IMAGENET_V1_FILES[args.backbone]:
+        if (hub / name).is_file():
+            return hub / name
+    others = sorted(hub.glob(f"{args.backbone}-*.pth"))
+    if others:
         raise CheckpointError(
-            f"no ImageNet {args.backbone} weights in {hub} and no download is possible offline: pass "
-            f"--pretrained PATH to torchvision's {args.backbone} weights (on a machine with internet: "
-            f"python -c \"import torchvision; torchvision.models.{args.backbone}(weights='IMAGENET1K_V1')\" "
-            "and copy the file), or --pretrained none to start from random weights"
+            f"{others[0]}: not torchvision's IMAGENET1K_V1 {args.backbone} weights "
+            f"({' or '.join(IMAGENET_V1_FILES[args.backbone])}), which the authors trained from: {fetch}; or pass "
+            f"--pretrained {others[0]} to start from this file anyway"
         )
-    return found[0]
+    raise CheckpointError(
+        f"no ImageNet {args.backbone} weights in {hub} and no download is possible offline: {fetch}, or pass "
+        "--pretrained PATH to that file, or --pretrained none to start from random weights"
+    )
 
 
 def stage_models(args: argparse.Namespace, n_class: int,
                  device: torch.device | str = "cpu") -> tuple[GLNet, Optional[GlobalBranch]]:
     """The networks of --mode, for training or --evaluation, initialised from the files the
-    flags name: checkpoints, and ImageNet weights (--pretrained) where training wants them."""
+    flags name: checkpoints, and ImageNet weights (--pretrained) where a new training run
+    wants them."""
     stage = Stage(args.mode)
     training = not args.evaluation
+    # A resumed run takes every weight from its training state.
+    imagenet = training and not args.resume and STAGES[stage].imagenet
     return helper.build_models(
         stage,
         n_class,
         training=training,
         paths=checkpoint_paths(args),
-        pretrained=pretrained_path(args) if training and STAGES[stage].imagenet else None,
+        pretrained=pretrained_path(args) if imagenet else None,
         backbone=args.backbone,
         device=device,
     )
@@ -350,6 +368,13 @@ class RunFiles:
 
 def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
     """Never overwrite another run's checkpoints silently."""
+    legacy = files.state.with_name(args.task_name + LEGACY_STATE_SUFFIX)
+    if legacy.exists() and not files.state.exists():
+        raise ConfigError(
+            f"{legacy}: a run saved by an earlier version, whose {files.weights.name} held the best epoch. To resume "
+            f"it, rename {files.weights.name} to {files.best.name} and {legacy.name} to {files.state.name}; or choose "
+            "another --task_name"
+        )
     existing = [p for p in (files.weights, files.best, files.state) if p.exists()]
     if existing and not args.resume:
         names = ", ".join(str(p) for p in existing)
@@ -575,6 +600,10 @@ def run(args: argparse.Namespace) -> int:
         log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
         log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
                  f"with {helper.environment_summary(device)}")
+        if frozen is not None and not args.evaluation and (differ := helper.frozen_context_differs(model, frozen)):
+            log.line(f"warning: --path_g {args.path_g} is not the stage-1 file that --path_g2l {args.path_g2l} was "
+                     f"trained with ({differ} of its global-branch tensors differ); stage 3 takes its frozen context "
+                     "from --path_g, as the authors' code did: pass the --path_g stage 2 used, unless this is meant")
         try:
             if args.evaluation:
                 run_evaluation(args, session, table, log)

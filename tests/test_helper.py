@@ -9,21 +9,34 @@ import torch
 import helper
 from dataset.classes import DEEPGLOBE
 from dataset.transforms import global_image
-from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
+from models.glnet import GLNet, GlobalBranch
 from models.stages import STAGES, Stage
 from utils import metrics
 from utils.parity import apply_rule_weights
 from utils.metrics import ConfusionMatrix
 
 
+# The authors' optimizer (GLNET_SPEC.md, section 3): Adam, weight decay 5e-4, one group per
+# module in state-dict order; the branch a stage does not train gets lr 0, the ensemble
+# convolution learns in every stage.
+AUTHORS_LEARNING_GROUPS = {
+    Stage.GLOBAL: {"resnet_global", "fpn_global", "ensemble_conv"},
+    Stage.GLOBAL2LOCAL: {"resnet_local", "fpn_local", "ensemble_conv"},
+    Stage.LOCAL2GLOBAL: {"resnet_global", "fpn_global", "ensemble_conv"},
+}
+
+
 @pytest.mark.parametrize("stage", list(Stage))
-def test_optimizer_has_the_five_groups_with_lr_zero_for_frozen_ones(stage):
+def test_optimizer_has_the_authors_five_groups_with_lr_zero_for_frozen_ones(stage):
     model = GLNet(7, "resnet18")
     opt = helper.build_optimizer(model, stage, 1e-3)
-    assert [g["name"] for g in opt.param_groups] == list(BRANCH_GROUPS)
+    assert isinstance(opt, torch.optim.Adam)
+    assert [g["name"] for g in opt.param_groups] == ["resnet_global", "resnet_local", "fpn_global", "fpn_local",
+                                                      "ensemble_conv"]
     for group in opt.param_groups:
-        assert group["lr"] == (1e-3 if group["name"] in STAGES[stage].trains else 0.0)
-        assert group["weight_decay"] == helper.WEIGHT_DECAY
+        assert group["lr"] == (1e-3 if group["name"] in AUTHORS_LEARNING_GROUPS[stage] else 0.0)
+        assert (group["weight_decay"], group["betas"], group["eps"]) == (5e-4, (0.9, 0.999), 1e-8)
+        assert group["params"] == list(getattr(model, group["name"]).parameters())
 
 
 def test_poly_schedule_starts_at_the_base_lr_and_decays_per_iteration():

@@ -66,6 +66,8 @@ def test_three_stages_and_evaluation(data, tmp_path):
 
     assert _run("--mode", 3, "--num_epochs", 1, "--path_g", "fpn_deepglobe_global.pth",
                 "--path_g2l", "fpn_deepglobe_global2local.pth", *common) == 0
+    # Stage 2 kept stage 1's global branch, so stage 3's frozen context is that branch.
+    assert "warning" not in (tmp_path / "logs" / "fpn_deepglobe_local2global" / "log.txt").read_text()
     l2g = read_state_dict(models / "fpn_deepglobe_local2global.pth")
     # Stage 3 starts from stage 2, keeps its local branch and trains the global one.
     assert _same(_groups(l2g, "resnet_local."), _groups(g2l, "resnet_local."))

@@ -123,7 +123,7 @@ def test_pretrained_none_starts_stage_2s_local_resnet_from_random_weights(marker
     assert _sources(model.state_dict(), states)["resnet_local"] == {FRESH}
 
 
-def test_stage_2_looks_up_imagenet_weights_like_stage_1(markers, tmp_path, monkeypatch, capsys):
+def test_stage_2_looks_up_imagenet_weights_like_stage_1(markers, tmp_path, monkeypatch):
     folder, states = markers
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     argv = [*_args(folder, 2, False), "--pretrained", "auto"]
@@ -133,6 +133,29 @@ def test_stage_2_looks_up_imagenet_weights_like_stage_1(markers, tmp_path, monke
     (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes((folder / FILES[IMAGENET]).read_bytes())
     model, _ = train_deep_globe.stage_models(train_deep_globe.parse_args(argv), N_CLASS)
     assert _sources(model.state_dict(), states)["resnet_local"] == {IMAGENET}
+
+
+def test_auto_takes_only_the_imagenet_weights_the_authors_used(tmp_path, monkeypatch):
+    """torchvision's IMAGENET1K_V1 file, by the name torchvision gives it; its later V2
+    weights (another training recipe) only when named."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    hub = tmp_path / "checkpoints"
+    hub.mkdir()
+    v1 = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url).name
+    v2 = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url).name
+    (hub / v2).touch()
+    args = train_deep_globe.parse_args([])
+    with pytest.raises(helper.CheckpointError, match=f"{v2}: not torchvision's IMAGENET1K_V1 resnet50 weights"):
+        train_deep_globe.pretrained_path(args)
+    (hub / v1).touch()
+    assert train_deep_globe.pretrained_path(args) == hub / v1
+
+
+def test_a_resumed_run_needs_no_imagenet_file(markers):
+    folder, _ = markers
+    argv = [*_args(folder, 2, False), "--pretrained", str(folder / "missing.pth"), "--resume"]
+    model, _ = train_deep_globe.stage_models(train_deep_globe.parse_args(argv), N_CLASS)
+    assert isinstance(model, GLNet)  # its weights come from the training state, loaded later
 
 
 # --------------------------------------------------------------------------- through the command line
@@ -152,12 +175,14 @@ def _train(data: Path, out: Path, *args: str) -> int:
 
 
 @pytest.mark.parametrize("mode", [1, 2, 3])
-def test_each_stage_trains_from_the_authors_sources(markers, data, tmp_path, mode):
+def test_each_stage_trains_from_the_authors_sources(markers, data, tmp_path, capsys, mode):
     """One epoch at a learning rate that moves no weight (Adam's step is about the learning
     rate): the weights file written holds the initial parameters. BatchNorm statistics of
     the branch being trained move with every batch, so they alone are left out."""
     folder, states = markers
     assert _train(data, tmp_path, *_args(folder, mode, False), "--num_epochs", "1", "--lr", "1e-30") == 0
+    # The marker path_g is not the file the marker path_g2l was trained from.
+    assert ("warning: --path_g" in capsys.readouterr().out) == (mode == 3)
     name = train_deep_globe.default_task_name(train_deep_globe.Stage(mode))
     written = read_state_dict(tmp_path / f"{name}.pth")
     trained = {1: "resnet_global", 2: "resnet_local", 3: "resnet_global"}[mode]
@@ -194,9 +219,6 @@ def test_the_weights_file_holds_the_last_epoch_and_the_best_lies_beside_it(data,
     assert not all(torch.equal(last[k], best[k]) for k in last)
     # Weights files in the container the authors' torch 0.4.1 reads (tests/test_checkpoint.py).
     assert not any(zipfile.is_zipfile(tmp_path / f"fpn_deepglobe_global{s}") for s in (".pth", ".best.pth"))
-    # The stage-2 script chains from the last epoch's file.
-    script = train_deep_globe.parse_args(["--mode", "2", "--path_g", "fpn_deepglobe_global.pth"])
-    assert train_deep_globe.checkpoint_paths(script)["path_g"].name == "fpn_deepglobe_global.pth"
 
 
 # --------------------------------------------------------------------------- fp32 that is fp32
@@ -225,6 +247,9 @@ def test_sessions_run_true_fp32_unless_asked_for_speed(cuda_flags, argv, flags):
     helper.make_session(train_deep_globe.Stage(1), GLNet(N_CLASS, "resnet18"), None, NAMED_TABLES["deep_globe"], args,
                         torch.device("cpu"), inference=args.evaluation)
     assert _flags() == flags
+    if not flags[0]:  # torch's newer per-operator settings agree: nothing runs in TF32
+        assert torch.backends.cudnn.conv.fp32_precision != "tf32"
+        assert torch.backends.cuda.matmul.fp32_precision != "tf32"
 
 
 def test_predict_defaults_to_true_fp32(cuda_flags):

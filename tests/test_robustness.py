@@ -291,6 +291,31 @@ def test_resume_rewrites_the_weights_files_a_kill_left_behind(data, tmp_path):
         assert all(torch.equal(weights[k.removeprefix("module.")], v) for k, v in state["model"].items()), path
 
 
+def test_resume_repairs_the_last_epochs_file_and_keeps_an_older_best(data, tmp_path, monkeypatch):
+    argv = _args(data, tmp_path, "--num_epochs", 1)
+    assert train_deep_globe.main(argv) == 0
+    real_evaluate = helper.evaluate
+    monkeypatch.setattr(helper, "evaluate", lambda *a, **k: {kind: {**s, "miou": -1.0}
+                                                               for kind, s in real_evaluate(*a, **k).items()})
+    argv = _args(data, tmp_path, "--num_epochs", 2)
+    assert train_deep_globe.main([*argv, "--resume"]) == 0
+    state = _training_state(tmp_path / "models" / "fpn_deepglobe_global.state.pth")
+    assert (state["epoch"], state["best_epoch"]) == (1, 0)
+    weights, best = (tmp_path / "models" / f"fpn_deepglobe_global{suffix}" for suffix in (".pth", ".best.pth"))
+    save_weights(GLNet(7, "resnet18"), weights)  # as if killed before epoch 2's weights were written
+    best_before = _digest(best)
+    assert train_deep_globe.main([*argv, "--resume"]) == 0
+    restored = read_state_dict(weights)
+    assert all(torch.equal(restored[k.removeprefix("module.")], v) for k, v in state["model"].items())
+    assert _digest(best) == best_before
+
+
+def test_a_run_saved_by_an_earlier_version_says_how_to_resume_it(data, tmp_path, capsys):
+    save_weights(GLNet(7, "resnet18"), tmp_path / "models" / "fpn_deepglobe_global.last.pth")
+    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1, "--resume"), "fpn_deepglobe_global.last.pth",
+           "earlier version", "rename fpn_deepglobe_global.pth to fpn_deepglobe_global.best.pth")
+
+
 def test_ctrl_c_is_held_until_the_block_ends():
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
