@@ -25,8 +25,8 @@ from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
 from models.glnet import GLNet, GlobalBranch
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
-from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, interrupts_deferred, load_state, read_file,
-                              read_state_dict, state_dict_of, strip_prefix, write_weights)
+from utils.checkpoint import (CheckpointError, atomic_link, atomic_save, authors_layout, interrupts_deferred, load_state,
+                              read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
 from utils.cuda_math import CUDA_MATH
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from utils.folders import output_folder
@@ -500,7 +500,7 @@ def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
         )
         write_weights(weights, files.weights)
         if progress.best_epoch == progress.epoch:
-            write_weights(weights, files.best)
+            atomic_link(files.weights, files.best)
 
 
 def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> None:

@@ -22,6 +22,7 @@ from utils.checkpoint import (
     KEY_FILTERS,
     PREFIX,
     CheckpointError,
+    atomic_link,
     atomic_save,
     load_imagenet_backbones,
     load_weights,
@@ -352,6 +353,20 @@ def test_atomic_save_replaces_and_creates_folders(tmp_path):
     atomic_save({"w": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(2))
     assert [p.name for p in path.parent.iterdir()] == ["w.pth"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_atomic_link_names_the_same_weights_until_the_source_is_rewritten(tmp_path, monkeypatch, hard_links):
+    if not hard_links:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
+    src, dst = tmp_path / "w.pth", tmp_path / "w.best.pth"
+    atomic_save({"w": torch.ones(2)}, src)
+    atomic_save({"w": torch.zeros(2)}, dst)
+    atomic_link(src, dst)
+    assert os.path.samefile(src, dst) == hard_links
+    atomic_save({"w": torch.full((2,), 2.0)}, src)
+    assert torch.equal(torch.load(dst, weights_only=True)["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.best.pth", "w.pth"]
 
 
 # --------------------------------------------------------------------------- ImageNet backbones

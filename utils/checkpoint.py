@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import signal
 import tempfile
 import threading
@@ -57,6 +59,24 @@ def atomic_save(obj: Any, path: str | Path, legacy_container: bool = False) -> N
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_link(src: str | Path, dst: str | Path) -> None:
+    """Make `dst` name the file `src` (a hard link: no second copy on disk), renamed into
+    place like atomic_save; a copy where the file system has no hard links. Files written
+    here are replaced by renaming, never rewritten in place, so the names part when `src`
+    is next written."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
