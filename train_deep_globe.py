@@ -226,7 +226,7 @@ def stage_models(args: argparse.Namespace, n_class: int,
     stage = Stage(args.mode)
     training = not args.evaluation
     # A resumed run takes every weight from its training state.
-    imagenet = training and not args.resume and STAGES[stage].imagenet
+    imagenet = training and not args.resume and bool(STAGES[stage].imagenet)
     return helper.build_models(
         stage,
         n_class,
