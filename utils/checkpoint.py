@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -40,44 +39,41 @@ def strip_prefix(state: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, An
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def atomic_save(obj: Any, path: str | Path, legacy_container: bool = False) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`, so a
-    crash or kill at any moment leaves either the old file or the new one, never half.
-    legacy_container: torch's format before 1.6 instead of its zip container."""
+@contextlib.contextmanager
+def _replacing(path: str | Path) -> Iterator[Path]:
+    """A free temporary name in `path`'s folder, renamed over `path` when the block ends
+    and removed if it raises: a crash or kill at any moment leaves the old file or the new
+    one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f, _use_new_zipfile_serialization=not legacy_container)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file private; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+def atomic_save(obj: Any, path: str | Path, legacy_container: bool = False) -> None:
+    """torch.save to `path` atomically (_replacing), synced to disk before the rename.
+    legacy_container: torch's format before 1.6 instead of its zip container."""
+    with _replacing(path) as tmp, open(tmp, "xb") as f:
+        torch.save(obj, f, _use_new_zipfile_serialization=not legacy_container)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_link(src: str | Path, dst: str | Path) -> None:
-    """Make `dst` name the file `src` (a hard link: no second copy on disk), renamed into
-    place like atomic_save; a copy where the file system has no hard links. Files written
-    here are replaced by renaming, never rewritten in place, so the names part when `src`
-    is next written."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    """Make `dst` name the file `src` (a hard link: no second copy on disk), atomically
+    (_replacing); a copy where the file system has no hard links. Files written here are
+    replaced by renaming, never rewritten in place, so the names part when `src` is next
+    written."""
+    with _replacing(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
