@@ -4,6 +4,7 @@
 
 Writes <stem>_mask.png (the class colours) and <stem>_ids.png (class ids, 8-bit grey) per
 image into --output, replacing files of those names: predictions are cheap to regenerate.
+Images that cannot be read are skipped, named, and make the exit status 2.
 """
 from __future__ import annotations
 
@@ -11,23 +12,25 @@ import argparse
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 import helper
 import train_deep_globe
 from dataset.classes import ClassTable
-from dataset.errors import DataError, reports_errors
-from dataset.io import read_image, write_label
+from dataset.errors import USAGE_ERROR, DataError, reports_errors
+from dataset.io import read_image, save_png
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, Stage
 from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
+from utils.files import RunLock, remove_temporaries, replacing_together
 from utils.folders import output_folder
+from utils.signals import exit_status, stop_word, terminate_as_interrupt
 
 
 def default_checkpoint(stage: Stage) -> str:
@@ -106,21 +109,31 @@ def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> 
     return helper.predict(session, samples, tta, kinds=(final,))[0][final]
 
 
+def output_names(stem: str) -> tuple[str, str]:
+    return f"{stem}_ids.png", f"{stem}_mask.png"
+
+
 def write_prediction(ids: Tensor, table: ClassTable, output: Path, stem: str) -> None:
-    """<stem>_mask.png in the table's colours and <stem>_ids.png with the class ids."""
+    """<stem>_ids.png with the class ids and <stem>_mask.png in the table's colours,
+    replaced together: never one file of this run beside one of an earlier run."""
     ids = ids.cpu()
-    Image.fromarray(table.colorize(ids)).save(output / f"{stem}_mask.png")
-    write_label(output / f"{stem}_ids.png", ids)
+    with replacing_together([output / name for name in output_names(stem)]) as (ids_file, mask_file):
+        save_png(ids_file, ids.numpy().astype(np.uint8))
+        save_png(mask_file, table.colorize(ids))
 
 
 def read_ahead(
     pool: ThreadPoolExecutor, paths: Sequence[Path], read: Callable[[Path], Tensor] = read_image
-) -> Iterator[tuple[Path, Tensor]]:
+) -> Iterator[tuple[Path, Union[Tensor, DataError]]]:
     """(path, image) in order, the next image being read on `pool` while the caller works
-    on the current one: at most one read in flight."""
+    on the current one: at most one read in flight. A file that cannot be read comes with
+    its DataError instead of an image."""
     pending = pool.submit(read, paths[0]) if paths else None
     for k, path in enumerate(paths):
-        image = pending.result()  # type: ignore[union-attr]
+        try:
+            image: Union[Tensor, DataError] = pending.result()  # type: ignore[union-attr]
+        except DataError as error:
+            image = error
         pending = pool.submit(read, paths[k + 1]) if k + 1 < len(paths) else None
         yield path, image
 
@@ -132,6 +145,23 @@ def run(args: argparse.Namespace) -> int:
     images = find_images(Path(args.input))
     session = build_session(args, table)
     output = output_folder(args.output, "--output")
+    with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
+        remove_temporaries(output, [name for path in images for name in output_names(path.stem)])
+        skipped = segment_all(session, images, table, output, tta=args.tta)
+    print(f"wrote the predictions of {len(images) - len(skipped)} image(s) to {output}")
+    if skipped:
+        print(f"error: skipped {len(skipped)} image(s) that could not be read:", file=sys.stderr)
+        for error in skipped:
+            print(f"  {error}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,
+                tta: bool) -> list[DataError]:
+    """Segment and write every image; returns the errors of those that could not be read
+    (an image given alone raises its error)."""
+    skipped = []
     # Decoding and encoding a 2448 x 2448 PNG take about 0.2 s each on a CPU core, as long
     # as a GPU takes for the image itself: one thread reads the next image and another
     # writes the last outputs while the current image is segmented (Pillow releases the
@@ -143,23 +173,29 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(read_ahead(reader, images), total=len(images), desc="predict", unit="image",
                    dynamic_ncols=True, disable=None)
         for path, image in bar:
-            ids = predict_image(session, image, args.tta)
+            if isinstance(image, DataError):
+                if len(images) == 1:
+                    raise image
+                skipped.append(image)
+                bar.write(f"skipped: {image}", file=sys.stderr)
+                continue
+            ids = predict_image(session, image, tta)
             if written is not None:
                 written.result()  # the previous outputs are on disk, or their error is raised here
             written = writer.submit(write_prediction, ids, table, output, path.stem)
         if written is not None:
             written.result()
-    print(f"wrote the predictions of {len(images)} image(s) to {output}")
-    return 0
+    return skipped
 
 
 @reports_errors(*USER_ERRORS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    terminate_as_interrupt()
     try:
         return run(parse_args(argv))
-    except KeyboardInterrupt:
-        print("interrupted: the images before the one in progress have their predictions", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"{stop_word(interrupt)}: the images before the one in progress have their predictions", file=sys.stderr)
+        return exit_status(interrupt)
 
 
 if __name__ == "__main__":

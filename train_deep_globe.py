@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -21,28 +22,41 @@ from PIL import Image
 import helper
 from dataset.classes import NAMED_TABLES, ClassTable, load_class_table
 from dataset.errors import DataError, reports_errors
+from dataset.io import write_png
 from dataset.transforms import to_unit_float
-from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, collate
+from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, check_samples, collate
 from models.glnet import GLNet, GlobalBranch
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
-from utils.checkpoint import (CheckpointError, atomic_link, atomic_save, authors_layout, interrupts_deferred, load_state,
-                              read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
+from utils.checkpoint import (CheckpointError, atomic_link, atomic_save, authors_layout, load_state, read_file,
+                              read_state_dict, state_dict_of, strip_prefix, write_weights)
 from utils.cuda_math import CUDA_MATH
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed, shard
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main, shard
+from utils.files import InUseError, RunLock, WriteError, remove_temporaries, writing
 from utils.folders import output_folder
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import MIN_OVERLAP
+from utils.run_log import RunLog
+from utils.signals import exit_status, interrupts_deferred, stop_word, terminate_as_interrupt
 
 BEST_SUFFIX = ".best.pth"
 STATE_SUFFIX = ".state.pth"
 LEGACY_STATE_SUFFIX = ".last.pth"  # the training state's name before the weights file held the last epoch
 
 
+# ResNet's last stage is 1/32 of its input's side, rounded up. An input of at most 32 x 32
+# px leaves it one value per channel, from which a BatchNorm layer in training cannot
+# learn (torch refuses): a global batch of one image at that size, or the one patch of an
+# image that small in stage 2, which trains the local ResNet.
+RESNET_STRIDE = 32
+ONE_VALUE = ("at 32 x 32 px or less the ResNet's last stage holds one value per channel, from which BatchNorm "
+             "cannot learn")
+
+
 class ConfigError(ValueError):
     """Flags that cannot work (together)."""
 
 
-USER_ERRORS = (DataError, CheckpointError, ConfigError, helper.TrainingDiverged)
+USER_ERRORS = (DataError, CheckpointError, ConfigError, helper.TrainingDiverged, WriteError, InUseError)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -144,8 +158,10 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         for side in dict.fromkeys(getattr(args, flag)):  # one message for N, not one per side
             if side % 4:
                 problems.append(f"--{flag} {side} must be a multiple of 4 (the network's output stride), e.g. 508")
-    if min(args.size_g) < 32:
-        problems.append("--size_g must be at least 32 (ResNet's total stride)")
+    if min(args.size_g) < RESNET_STRIDE:
+        problems.append(f"--size_g must be at least {RESNET_STRIDE} (ResNet's total stride)")
+    elif not args.evaluation and max(args.size_g) <= RESNET_STRIDE:
+        problems.append(f"--size_g must be larger than {RESNET_STRIDE} for training: {ONE_VALUE}")
     if min(args.size_p) <= MIN_OVERLAP:
         problems.append(f"--size_p must be larger than {MIN_OVERLAP} (neighbouring patches overlap by {MIN_OVERLAP} px)")
     for flag in ("batch_size", "sub_batch_size", "num_epochs", "micro_batch_size"):
@@ -270,39 +286,6 @@ def epoch_order(n: int, seed: int, epoch: int, info: DistInfo) -> list[int]:
     per_rank = math.ceil(n / info.world_size)
     order = (order * (1 + per_rank * info.world_size // max(1, n)))[: per_rank * info.world_size]
     return shard(order, info)
-
-
-class RunLog:
-    """Tensorboard events and a plain-text log in <log_path>/<task_name>/ (rank 0 only)."""
-
-    def __init__(self, folder: Path, enabled: bool) -> None:
-        self.folder, self.enabled = folder, enabled
-        self.writer = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            folder.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(folder))
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            print(text, flush=True)
-            with open(self.folder / "log.txt", "a") as f:
-                f.write(text + "\n")
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
-            self.writer.flush()
-
-    def panel(self, tag: str, image: np.ndarray, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def format_table(scores: dict[str, dict[str, Any]], table: ClassTable) -> str:
@@ -442,6 +425,16 @@ def labelled_split(args: argparse.Namespace, split: str, table: ClassTable, augm
     return dataset
 
 
+def refuse_tiny_images(dataset: SegmentationDataset, sizes: list[tuple[int, int]], mode: int) -> None:
+    """A training local ResNet sees an image of at most 32 x 32 px as one patch that small."""
+    tiny = [f"{sample.image} ({h} x {w} px)" for sample, (h, w) in zip(dataset.samples, sizes)
+            if max(h, w) <= RESNET_STRIDE]
+    if tiny:
+        raise DataError(f"{tiny[0]}: training --mode {mode} trains the local branch on each image's patches, and "
+                        f"{ONE_VALUE}; remove the image from the train split or enlarge it"
+                        + (f" (and {len(tiny) - 1} more: {', '.join(tiny[1:])})" if len(tiny) > 1 else ""))
+
+
 @dataclass
 class Progress:
     """Where a run stands after its last finished epoch (-1: none yet)."""
@@ -508,6 +501,10 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
     val_set = labelled_split(args, "crossvali", table, augment=False)
     files = RunFiles.of(args)
     guard_outputs(args, files)
+    sizes = check_samples(train_set, str(Path(args.data_path) / "train"), args.num_workers)
+    check_samples(val_set, str(Path(args.data_path) / "crossvali"), args.num_workers)
+    if "resnet_local" in STAGES[session.stage].trains:
+        refuse_tiny_images(train_set, sizes, args.mode)
 
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / session.dist.world_size) / args.batch_size)
     optimizer = helper.build_optimizer(session.model, session.stage, args.lr)
@@ -557,7 +554,7 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, table: Cla
 
     def save(sample_id: str, preds: dict[str, Any]) -> None:
         if save_dir is not None:
-            Image.fromarray(table.colorize(preds[main_kind].cpu())).save(save_dir / f"{sample_id}_mask.png")
+            write_png(save_dir / f"{sample_id}_mask.png", table.colorize(preds[main_kind].cpu()))
 
     start = time.perf_counter()
     scores = helper.evaluate(session, loader, tta=args.tta, on_prediction=save, desc=f"eval {split}")
@@ -567,8 +564,8 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, table: Cla
             log.line(format_table(scores, table))
         else:
             log.line(f"{split} has no labels: nothing to score")
-        log.folder.mkdir(parents=True, exist_ok=True)
-        (log.folder / "metrics.json").write_text(json.dumps({"split": split, **_json_safe(scores)}, indent=2))
+        with writing(log.folder / "metrics.json") as file:
+            file.write(json.dumps({"split": split, **_json_safe(scores)}, indent=2).encode())
         if save_dir is not None:
             log.line(f"predictions written to {save_dir}")
     return scores
@@ -583,34 +580,57 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def claim_run(args: argparse.Namespace, held: contextlib.ExitStack) -> list[str]:
+    """Lock the run's names in --model_path and --log_path for as long as `held` is open,
+    so that no second run writes them meanwhile, and remove the temporary files of
+    interrupted writes an earlier run left. Returns lines for the log."""
+    notes = []
+    for flag, folder in (("--model_path", args.model_path), ("--log_path", args.log_path)):
+        lock = held.enter_context(RunLock(Path(folder) / args.task_name, f"--task_name {args.task_name} in {flag} {folder}",
+                                          "choose another --task_name"))
+        if lock.took_over:
+            notes.append(f"took over {lock.path}, left by a run that ended without releasing it ({lock.took_over})")
+    files = RunFiles.of(args)
+    removed = remove_temporaries(files.weights.parent, [p.name for p in (files.weights, files.best, files.state)])
+    if removed:
+        notes.append(f"removed the temporary files of interrupted writes: {', '.join(removed)}")
+    return notes
+
+
 def run(args: argparse.Namespace) -> int:
     table = load_table(args)
     check_args(args, table)
-    outputs = {"--log_path": args.log_path, "--model_path": None if args.evaluation else args.model_path,
-               "--save_predictions": args.save_predictions}
-    for flag, folder in outputs.items():
+    # The run's own log folder too: the user may have made an old one read-only.
+    outputs = [("--log_path", args.log_path), ("--log_path", Path(args.log_path) / args.task_name),
+               ("--model_path", None if args.evaluation else args.model_path),
+               ("--save_predictions", args.save_predictions)]
+    for flag, folder in outputs:
         if folder is not None:
             output_folder(folder, flag)
     info, device = init_distributed(args.device)
     try:
-        seed_everything(args.seed)
-        stage = Stage(args.mode)
-        model, frozen = stage_models(args, table.n_class, device)
-        session = helper.make_session(stage, model, frozen, table, args, device, dist=info, inference=args.evaluation)
-        log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
-        log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
-                 f"with {helper.environment_summary(device)}")
-        if frozen is not None and not args.evaluation and (differ := helper.frozen_context_differs(model, frozen)):
-            log.line(f"warning: --path_g {args.path_g} is not the stage-1 file that --path_g2l {args.path_g2l} was "
-                     f"trained with ({differ} of its global-branch tensors differ); stage 3 takes its frozen context "
-                     "from --path_g, as the authors' code did: pass the --path_g stage 2 used, unless this is meant")
-        try:
+        with contextlib.ExitStack() as held:
+            notes = [] if args.evaluation else on_main(lambda: claim_run(args, held), info) or []
+            seed_everything(args.seed)
+            stage = Stage(args.mode)
+            model, frozen = stage_models(args, table.n_class, device)
+            session = helper.make_session(stage, model, frozen, table, args, device, dist=info,
+                                          inference=args.evaluation)
+            log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
+            held.callback(log.close)
+            for note in notes:
+                log.line(note)
+            log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
+                     f"with {helper.environment_summary(device)}")
+            if frozen is not None and not args.evaluation and (differ := helper.frozen_context_differs(model, frozen)):
+                log.line(f"warning: --path_g {args.path_g} is not the stage-1 file that --path_g2l {args.path_g2l} "
+                         f"was trained with ({differ} of its global-branch tensors differ); stage 3 takes its frozen "
+                         "context from --path_g, as the authors' code did: pass the --path_g stage 2 used, unless "
+                         "this is meant")
             if args.evaluation:
                 run_evaluation(args, session, table, log)
             else:
                 train(args, session, table, log)
-        finally:
-            log.close()
     finally:
         cleanup(info)
     return 0
@@ -619,13 +639,16 @@ def run(args: argparse.Namespace) -> int:
 @reports_errors(*USER_ERRORS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    terminate_as_interrupt()
     if not args.evaluation:
         return_large_blocks_to_the_system()
     try:
         return run(args)
-    except KeyboardInterrupt:
-        print(f"interrupted: {interruption_note(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"{stop_word(interrupt)}: {interruption_note(args)}", file=sys.stderr)
+        return exit_status(interrupt)
+    except WriteError as error:
+        raise WriteError(f"{error}; {interruption_note(args)}") from None
 
 
 def interruption_note(args: argparse.Namespace) -> str:

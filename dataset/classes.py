@@ -4,6 +4,7 @@ The DeepGlobe and lung tables are defined here and nowhere else.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from utils.patches import class_dtype
 
 Colour = tuple[int, int, int]
 BINARY_THRESHOLD = 128  # DeepGlobe's official rule: a mask channel is "on" when >= 128
+TABLE_KEYS = ("classes", "ignore_in_metric")
+CLASS_KEYS = ("id", "name", "colour")
+TABLE_EXAMPLE = '{"classes": [{"id": 0, "name": ..., "colour": [r, g, b]}, ...], "ignore_in_metric": [...]}'
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
     `{"classes": [{"id": 0, "name": "background", "colour": [0, 0, 0]}, ...], "ignore_in_metric": [0]}`.
 
     Args:
-        path: the JSON file. Ids must be 0..n-1 (in any order), colours distinct.
+        path: the JSON file. Ids must be 0..n-1 (in any order), colours distinct; no other keys.
     Returns:
         The ClassTable.
     Raises:
@@ -135,6 +139,12 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
         data = path.read_bytes()
     try:
         spec = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file; pass a JSON class table (see README, 'Your own data')") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error}); fix the file") from None
+    _check_layout(path, spec)
+    try:
         classes = sorted(spec["classes"], key=lambda c: c["id"])
         ids = [c["id"] for c in classes]
         if ids != list(range(len(ids))):
@@ -144,14 +154,33 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
             colours=tuple(tuple(c["colour"]) for c in classes),
             ignore_in_metric=tuple(spec.get("ignore_in_metric", ())),
         )
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a text file; pass a JSON class table (see README, 'Your own data')") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error}); fix the file") from None
-    except (KeyError, TypeError, AttributeError) as error:
-        raise DataError(
-            f'{path}: expected {{"classes": [{{"id": 0, "name": ..., "colour": [r, g, b]}}, ...], '
-            f'"ignore_in_metric": [...]}} (problem: {error!r}); fix the file'
-        ) from None
+    except (KeyError, TypeError) as error:
+        raise DataError(f"{path}: expected {TABLE_EXAMPLE} (problem: {error!r}); fix the file") from None
     except DataError as error:
         raise DataError(f"{path}: {error}; fix the file") from None
+
+
+def _check_layout(path: Path, spec: object) -> None:
+    """Refuse a table that is not an object with a list of class objects, or that has a key
+    this code does not read: a misspelt key would otherwise be ignored without a word."""
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: the top level must be a JSON object; expected {TABLE_EXAMPLE}")
+    _check_keys(path, spec, TABLE_KEYS, "class table key")
+    classes = spec.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, dict) for c in classes):
+        raise DataError(f'{path}: "classes" must be a list of objects, one per class; expected {TABLE_EXAMPLE}')
+    for n, entry in enumerate(classes):
+        _check_keys(path, entry, CLASS_KEYS, "class key", f" in classes[{n}]")
+
+
+def _check_keys(path: Path, spec: dict, allowed: tuple[str, ...], what: str, where: str = "") -> None:
+    """Refuse the first key of `spec` not in `allowed`, suggesting the closest allowed one."""
+    for key in spec:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            advice = f'did you mean "{close[0]}"?' if close else "remove it"
+            listing = ", ".join(f'"{k}"' for k in allowed)
+            # json.dumps keeps the message one line whatever the key holds.
+            raise DataError(
+                f"{path}: {json.dumps(key, ensure_ascii=False)}{where} is not a {what}; {advice} (allowed: {listing})"
+            )

@@ -4,17 +4,19 @@ Every failure caused by the files themselves is a DataError naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import BinaryIO, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch import Tensor
 
 from dataset.classes import ClassTable
 from dataset.errors import DataError, opening
+from utils.files import replacing
 from utils.patches import class_dtype
 
 PathLike = Union[str, Path]
@@ -27,22 +29,31 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YC
 # First band of the grey modes ("1", "L", "LA", "I", "F", "I;16*"): such masks hold grey
 # values or class ids, never class colours. Palette masks ("P") are colours and are not here.
 GREY_BANDS = ("1", "L", "I", "F")
+# How to turn the stored pixels to show them as each EXIF orientation asks (ImageOps.exif_transpose's table;
+# 1, or no tag, keeps them). 5 to 8 are quarter turns, which swap height and width.
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+QUARTER_TURNS = (5, 6, 7, 8)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG chunks that can say how the image is oriented: EXIF, or XMP or ImageMagick's EXIF as text.
+PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
 
 
 class NotAColourMask(DataError):
     """A single-channel mask read as a colour mask (callers may reword the advice)."""
 
 
-def open_image(path: PathLike) -> Image.Image:
-    """Open and fully decode an image, so that truncated files fail here.
-
-    Args:
-        path: any format Pillow reads.
-    Returns:
-        The decoded PIL image.
-    Raises:
-        DataError: missing, unreadable, truncated or corrupt file, or a folder.
-    """
+@contextlib.contextmanager
+def _opened(path: PathLike) -> Iterator[Image.Image]:
+    """The image at `path`, its header parsed but its pixels not yet decoded. An OSError
+    in the body (Pillow's error for a truncated or corrupt file) becomes a DataError."""
     # Pillow refuses images over ~179 megapixels as possible decompression bombs, but
     # ultra-high-resolution images are what this code is for, and they are the user's own
     # files: lift the limit (set here, where every read of ours goes through).
@@ -52,12 +63,96 @@ def open_image(path: PathLike) -> Image.Image:
     # Pillow leaves a file it opened itself open when decoding fails; ours is closed here.
     with file:
         try:
-            image = Image.open(file)
-            image.load()
+            yield Image.open(file)
         except OSError as error:
             raise DataError(f"{path}: cannot read image ({error}); the file is truncated or corrupt, "
                             "re-download or re-export it") from None
-    return image
+
+
+@contextlib.contextmanager
+def _reading_exif(path: PathLike) -> Iterator[None]:
+    """Turn an EXIF block Pillow cannot parse into a DataError: its orientation is unknown,
+    so the pixels cannot be put the way viewers show them."""
+    try:
+        yield
+    except SyntaxError as error:  # what Pillow raises for a malformed EXIF block
+        raise DataError(f"{path}: cannot parse the image's EXIF metadata ({error}), which says how the image "
+                        "is oriented; re-save the image with its EXIF removed or repaired") from None
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """Open and fully decode an image, so that truncated files fail here, turned the way
+    its EXIF (or TIFF) Orientation tag asks.
+
+    Viewers and annotation tools show images turned so: an image and the mask drawn over it
+    line up only when both are read that way. Without the tag (or with 1) the pixels are as
+    stored.
+
+    Args:
+        path: any format Pillow reads.
+    Returns:
+        The decoded PIL image, of the file's mode (palette and 16-bit grey included).
+    Raises:
+        DataError: missing, unreadable, truncated or corrupt file, a folder, or EXIF
+            metadata that cannot be parsed.
+    """
+    with _opened(path) as image:
+        image.load()
+        with _reading_exif(path):
+            orientation = image.getexif().get(ExifTags.Base.Orientation)
+    # Not ImageOps.exif_transpose: after turning it re-encodes the EXIF without the tag, which
+    # fails on EXIF blocks that phones and cameras write and viewers read (Pillow issues 3973,
+    # 4037, 4665, 6882). transpose keeps the mode and the palette.
+    return image.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else image
+
+
+def image_size(path: PathLike) -> tuple[int, int]:
+    """The size of the image as read_image returns it (orientation applied), from the file's
+    header: the pixels are not decoded, except in a PNG with metadata chunks after its pixel
+    data, which Pillow reaches only by decoding it.
+
+    Args:
+        path: the image file.
+    Returns:
+        (H, W).
+    Raises:
+        DataError: as open_image, except that a truncated file may go unnoticed.
+    """
+    with _opened(path) as image:
+        width, height = image.size
+        if image.format == "TIFF" and ExifTags.Base.Orientation in image.tag_v2:
+            # Pillow gives a TIFF's size turned by this tag already, and turns its pixels as it loads them.
+            return height, width
+        with _reading_exif(path):
+            if image.format == "PNG" and not _png_has_metadata_after_pixels(path):
+                # Pillow's PNG getexif decodes the pixels to reach chunks after them; there are none.
+                exif = Image.Image.getexif(image)
+            else:
+                exif = image.getexif()
+    return (width, height) if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else (height, width)
+
+
+def _png_chunks(file: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """(type, length) of each chunk of a PNG, with the file at the chunk's data while the
+    caller holds it; nothing for a file that is not a PNG."""
+    if file.read(8) != PNG_SIGNATURE:
+        return
+    while len(header := file.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", header)
+        data = file.tell()
+        yield kind, length
+        file.seek(data + length + 4)  # past the data and the CRC
+
+
+def _png_has_metadata_after_pixels(path: PathLike) -> bool:
+    """Whether a PNG has, after its pixel data, a chunk that may hold its orientation."""
+    with open(path, "rb") as file:
+        after_pixels = False
+        for kind, _ in _png_chunks(file):
+            after_pixels = after_pixels or kind == b"IDAT"
+            if after_pixels and kind in PNG_METADATA_CHUNKS:
+                return True
+    return False
 
 
 def png_significant_bits(path: PathLike) -> Optional[int]:
@@ -66,18 +161,12 @@ def png_significant_bits(path: PathLike) -> Optional[int]:
     Pillow does not expose sBIT, so the chunks before the image data are read here.
     """
     with open(path, "rb") as file:
-        if file.read(8) != b"\x89PNG\r\n\x1a\n":
-            return None
-        while True:
-            header = file.read(8)
-            if len(header) < 8:
-                return None
-            length, kind = struct.unpack(">I4s", header)
+        for kind, length in _png_chunks(file):
             if kind == b"sBIT":
-                return file.read(length)[0]
+                return file.read(1)[0] if length else None
             if kind in (b"IDAT", b"IEND"):
                 return None
-            file.seek(length + 4, 1)  # the chunk's data and CRC
+    return None
 
 
 def read_image(path: PathLike) -> Tensor:
@@ -110,7 +199,8 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
         path: the mask file.
         table: the classes; ids must be below table.n_class.
         kind: "ids" for single-channel masks holding class ids (palette masks: the index is
-            the id), "colours" for RGB or palette masks drawn in the table's colours.
+            the id, see _check_palette_indices_are_ids), "colours" for RGB or palette masks
+            drawn in the table's colours.
     Returns:
         (H, W) class ids, of utils.patches.class_dtype (one byte up to 256 classes).
     Raises:
@@ -137,6 +227,8 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
             f"or pass --mask_kind colours to read it as a colour mask"
         )
     ids = np.asarray(image)
+    if image.mode == "P":
+        _check_palette_indices_are_ids(path, image, ids, table)
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.n_class):
         raise DataError(
             f"{path}: mask holds class ids {int(ids.min())}..{int(ids.max())} but the class table has "
@@ -146,8 +238,43 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
     return torch.from_numpy(ids.copy()).to(class_dtype(table.n_class))
 
 
+def _check_palette_indices_are_ids(path: PathLike, image: Image.Image, indices: np.ndarray, table: ClassTable) -> None:
+    """Refuse a palette mask, read as ids, whose used indices are all drawn in the table's
+    colours but some in another class's colour: its colours, not its indices, are the
+    classes, and reading the indices would silently swap classes. A mask whose palette
+    has a colour outside the table (e.g. PASCAL VOC's) keeps its index as the id."""
+    flat = image.getpalette() or []  # RGB triples, also for an RGBA palette
+    palette = [tuple(flat[k : k + 3]) for k in range(0, len(flat), 3)]
+    class_of = {colour: class_id for class_id, colour in enumerate(table.colours)}
+    # An index beyond a short palette has no colour, so it is not drawn in a class's colour.
+    drawn = {int(i): class_of.get(palette[i]) if i < len(palette) else None
+             for i in np.flatnonzero(np.bincount(indices.ravel(), minlength=256))}
+    if None in drawn.values():
+        return
+    for index, class_id in drawn.items():
+        if class_id != index:
+            raise DataError(
+                f"{path}: palette mask index {index} is drawn in {palette[index]}, the colour of class {class_id} "
+                f"{table.names[class_id]!r}, so its indices are not class ids; pass --mask_kind colours to read it "
+                f"by its colours (or re-save the mask with index = class id)"
+            )
+
+
+def save_png(path: PathLike, array: np.ndarray) -> None:
+    """Encode (H, W) uint8 grey or (H, W, 3) uint8 RGB as a PNG in a new file at `path`
+    (a temporary name of utils.files, so the format is not taken from the suffix)."""
+    with open(path, "xb") as file:
+        Image.fromarray(array).save(file, format="PNG")
+
+
+def write_png(path: PathLike, array: np.ndarray) -> None:
+    """save_png, replacing `path` whole (utils.files.replacing) and creating its folders."""
+    with replacing(path) as tmp:
+        save_png(tmp, array)
+
+
 def write_label(path: PathLike, label: Union[Tensor, np.ndarray]) -> None:
-    """Write class ids as a single-channel 8-bit PNG, creating parent folders.
+    """Write class ids as a single-channel 8-bit PNG (write_png).
 
     Args:
         path: the .png to write.
@@ -156,5 +283,4 @@ def write_label(path: PathLike, label: Union[Tensor, np.ndarray]) -> None:
     ids = label.detach().cpu().numpy() if isinstance(label, Tensor) else np.asarray(label)
     if ids.size and (ids.min() < 0 or ids.max() > 255):
         raise ValueError(f"class ids {ids.min()}..{ids.max()} do not fit an 8-bit PNG")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(ids.astype(np.uint8)).save(path)
+    write_png(path, ids.astype(np.uint8))

@@ -5,6 +5,7 @@ class table, class-id masks).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence, TypedDict
 
@@ -12,10 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from dataset.classes import DEEPGLOBE, ClassTable
 from dataset.errors import DataError
-from dataset.io import MaskKind, PathLike, read_image, read_mask
+from dataset.io import MaskKind, PathLike, image_size, read_image, read_mask
 from dataset.layouts import Sample, deep_globe_samples, folder_samples
 from dataset.transforms import augment as paired_augment
 
@@ -77,13 +79,15 @@ class SegmentationDataset(Dataset):
         image = read_image(sample.image)
         label = None if sample.mask is None else read_mask(sample.mask, self.table, self.mask_kind)
         if label is not None and tuple(label.shape) != tuple(image.shape[-2:]):
-            raise DataError(
-                f"{sample.mask}: mask is {tuple(label.shape)} (H, W) but its image {sample.image} is "
-                f"{tuple(image.shape[-2:])}; the mask must match the image pixel for pixel"
-            )
+            raise DataError(mismatch_message(sample, tuple(label.shape), tuple(image.shape[-2:])))
         if self.augment:
             image, label = paired_augment(image, label, self.generator(index))
         return {"id": sample.id, "image": image, "label": label}
+
+
+def mismatch_message(sample: Sample, mask: tuple[int, ...], image: tuple[int, ...]) -> str:
+    return (f"{sample.mask}: mask is {mask} (H, W) but its image {sample.image} is {image}; the mask must match "
+            "the image pixel for pixel")
 
 
 def collate(items: Sequence[Item]) -> dict[str, list[Any]]:
@@ -135,3 +139,38 @@ def build_dataset(
         raise DataError(f"{root}: the {kind!r} layout has no default class table; give one (e.g. a JSON file read by load_class_table)")
     samples = preset.samples(root, split)
     return SegmentationDataset(samples, table, mask_kind or preset.mask_kind, augment, seed)
+
+
+def check_samples(dataset: SegmentationDataset, where: str, threads: int = 1) -> list[tuple[int, int]]:
+    """Read every mask of `dataset` and the header of every image, as a run would read
+    them, and return the images' (H, W): a bad file found before a run starts costs
+    seconds, found during it an epoch.
+
+    Raises:
+        DataError: one line naming the first bad file, and how many others `where` (the
+            split's folder, for the message) holds.
+    """
+    def check(index: int) -> tuple[int, int]:
+        sample = dataset.samples[index]
+        size = image_size(sample.image)
+        if sample.mask is not None:
+            label = read_mask(sample.mask, dataset.table, dataset.mask_kind)
+            if tuple(label.shape) != size:
+                raise DataError(mismatch_message(sample, tuple(label.shape), size))
+        return size
+
+    sizes, errors, culprits = [], [], []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        futures = [pool.submit(check, index) for index in range(len(dataset))]
+        for sample, future in zip(dataset.samples, tqdm(futures, desc=f"check {where}", unit="file",
+                                                           dynamic_ncols=True, disable=None, leave=False)):
+            try:
+                sizes.append(future.result())
+            except DataError as error:
+                errors.append(str(error))
+                # Every message starts with the file it is about.
+                culprits.append(str(sample.mask if errors[-1].startswith(f"{sample.mask}:") else sample.image))
+    if errors:
+        more = f" (and {len(errors) - 1} more in {where}: {', '.join(culprits[1:])})" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+    return sizes

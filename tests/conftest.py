@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,32 @@ def parity_inputs():
     image = np.asarray(Image.open(FIXTURES / "parity_image.png").convert("RGB")).copy()
     label = np.asarray(Image.open(FIXTURES / "parity_label.png")).copy()
     return image, label
+
+
+# A training run small enough for a test: ResNet-18, tiny sizes, the CPU, no ImageNet file.
+TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",
+        "--sub_batch_size", "4", "--num_workers", "0", "--device", "cpu", "--pretrained", "none"]
+
+
+def tiny_args(data: Path, tmp: Path, *extra) -> list[str]:
+    """train_deep_globe's flags for a TINY run on `data`, writing under `tmp`."""
+    return ["--data_path", str(data), "--model_path", str(tmp / "models"), "--log_path", str(tmp / "logs"),
+            *TINY, *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A DeepGlobe-layout demo set (2 train, 1 crossvali, 1 test image of 128 x 128)."""
+    from dataset.make_demo import make_deep_globe_demo
+
+    root = tmp_path_factory.mktemp("pristine")
+    make_deep_globe_demo(root, n_train=2, n_val=1, n_test=1, size=128, seed=1)
+    return root
+
+
+@pytest.fixture
+def data(pristine, tmp_path) -> Path:
+    """A copy of `pristine` that the test may damage."""
+    root = tmp_path / "data"
+    shutil.copytree(pristine, root)
+    return root

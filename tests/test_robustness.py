@@ -18,32 +18,11 @@ from PIL import Image
 import helper
 import models.stages
 import train_deep_globe
-from dataset.make_demo import make_deep_globe_demo
 from models.glnet import GLNet
-from utils.checkpoint import interrupts_deferred, read_file, read_state_dict, save_weights
+from utils.checkpoint import read_file, read_state_dict, save_weights
+from utils.signals import interrupts_deferred
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",
-        "--sub_batch_size", "4", "--num_workers", "0", "--device", "cpu", "--pretrained", "none"]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pristine")
-    make_deep_globe_demo(root, n_train=2, n_val=1, n_test=1, size=128, seed=1)
-    return root
-
-
-@pytest.fixture
-def data(pristine, tmp_path) -> Path:
-    root = tmp_path / "data"
-    shutil.copytree(pristine, root)
-    return root
-
-
-def _args(data: Path, tmp: Path, *extra) -> list[str]:
-    return ["--data_path", str(data), "--model_path", str(tmp / "models"), "--log_path", str(tmp / "logs"),
-            *TINY, *map(str, extra)]
+from conftest import ROOT, tiny_args
 
 
 def _is_progress(line: str) -> bool:
@@ -69,38 +48,38 @@ def _first(folder: Path) -> Path:
 def test_colour_mask_where_ids_are_expected(data, tmp_path, capsys):
     mask = _first(data / "train" / "Label")
     Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(mask)
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(mask), "--mask_kind colours")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), str(mask), "--mask_kind colours")
 
 
 def test_class_id_beyond_n_class(data, tmp_path, capsys):
     mask = _first(data / "train" / "Label")
     Image.fromarray(np.full((128, 128), 9, np.uint8)).save(mask)
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(mask), "9")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), str(mask), "9")
 
 
 def test_image_and_mask_of_different_sizes(data, tmp_path, capsys):
     mask = _first(data / "train" / "Label")
     Image.fromarray(np.zeros((100, 128), np.uint8)).save(mask)
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(mask))
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), str(mask))
 
 
 def test_truncated_image(data, tmp_path, capsys):
     image = _first(data / "train" / "Sat")
     image.write_bytes(image.read_bytes()[:300])
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), str(image), "truncated or corrupt")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), str(image), "truncated or corrupt")
 
 
 def test_missing_and_empty_split_folders(data, tmp_path, capsys):
-    _fails(capsys, _args(tmp_path / "nowhere", tmp_path, "--num_epochs", 1), "nowhere", "no such split folder")
+    _fails(capsys, tiny_args(tmp_path / "nowhere", tmp_path, "--num_epochs", 1), "nowhere", "no such split folder")
     for f in (data / "train" / "Sat").iterdir():
         f.unlink()
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), "Sat", "no images")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "Sat", "no images")
 
 
 def test_errors_from_loader_workers_are_one_line_too(data, tmp_path):
     mask = _first(data / "train" / "Label")
     Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(mask)
-    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     argv[argv.index("--num_workers") + 1] = "1"
     proc = subprocess.run([sys.executable, "train_deep_globe.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
@@ -118,7 +97,7 @@ def test_small_and_non_square_images_train_in_every_stage(tmp_path):
         (root / split / "Label").mkdir(parents=True)
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / split / "Sat" / "a_sat.jpg")
         Image.fromarray(rng.integers(0, 7, size, dtype=np.uint8)).save(root / split / "Label" / "a_mask.png")
-    base = _args(root, tmp_path, "--num_epochs", 1)
+    base = tiny_args(root, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(["--mode", "1", *base]) == 0
     assert train_deep_globe.main(["--mode", "2", "--path_g", "fpn_deepglobe_global.pth", *base]) == 0
     assert train_deep_globe.main(["--mode", "3", "--path_g", "fpn_deepglobe_global.pth",
@@ -132,12 +111,12 @@ def models_dir(tmp_path) -> Path:
 
 def test_checkpoint_of_another_n_class(data, tmp_path, models_dir, capsys):
     save_weights(GLNet(2, "resnet18"), models_dir / "g.pth")
-    _fails(capsys, _args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "n_class=2")
+    _fails(capsys, tiny_args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "n_class=2")
 
 
 def test_checkpoint_of_another_architecture(data, tmp_path, models_dir, capsys):
     save_weights(GLNet(7, "resnet18"), models_dir / "g.pth")
-    argv = _args(data, tmp_path, "--mode", 2, "--path_g", "g.pth")
+    argv = tiny_args(data, tmp_path, "--mode", 2, "--path_g", "g.pth")
     argv[argv.index("--backbone") + 1] = "resnet50"
     _fails(capsys, argv, "g.pth", "does not match the model", "mis-shaped keys")
 
@@ -145,14 +124,14 @@ def test_checkpoint_of_another_architecture(data, tmp_path, models_dir, capsys):
 def test_not_a_checkpoint(data, tmp_path, models_dir, capsys):
     models_dir.mkdir()
     (models_dir / "g.pth").write_text("hello")
-    _fails(capsys, _args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "not a readable PyTorch checkpoint")
+    _fails(capsys, tiny_args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "not a readable PyTorch checkpoint")
 
 
 def test_stage_started_without_the_previous_stage(data, tmp_path, capsys):
-    _fails(capsys, _args(data, tmp_path, "--mode", 2), "needs --path_g", "stage 1")
-    _fails(capsys, _args(data, tmp_path, "--mode", 2, "--path_g", "fpn_deepglobe_global.pth"),
+    _fails(capsys, tiny_args(data, tmp_path, "--mode", 2), "needs --path_g", "stage 1")
+    _fails(capsys, tiny_args(data, tmp_path, "--mode", 2, "--path_g", "fpn_deepglobe_global.pth"),
            "fpn_deepglobe_global.pth: not found", "run that stage first")
-    _fails(capsys, _args(data, tmp_path, "--mode", 3, "--evaluation", "--path_g", "a.pth", "--path_g2l", "b.pth"),
+    _fails(capsys, tiny_args(data, tmp_path, "--mode", 3, "--evaluation", "--path_g", "a.pth", "--path_g2l", "b.pth"),
            "needs --path_l2g")
 
 
@@ -168,7 +147,7 @@ def test_stage_started_without_the_previous_stage(data, tmp_path, capsys):
     ],
 )
 def test_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
-    _fails(capsys, _args(data, tmp_path, *flags), fragment)
+    _fails(capsys, tiny_args(data, tmp_path, *flags), fragment)
 
 
 def _digest(path: Path) -> str:
@@ -176,7 +155,7 @@ def _digest(path: Path) -> str:
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
-    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
     files = [tmp_path / "models" / f"fpn_deepglobe_global{suffix}" for suffix in (".pth", ".best.pth", ".state.pth")]
     before = [_digest(f) for f in files]
@@ -188,10 +167,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsy
 
 
 def test_existing_run_is_never_overwritten_silently(data, tmp_path, capsys):
-    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
     _fails(capsys, argv, "fpn_deepglobe_global.pth", "already exist", "--resume", "--task_name")
-    _fails(capsys, _args(data, tmp_path, "--task_name", "other", "--resume"), "other.state.pth not found")
+    _fails(capsys, tiny_args(data, tmp_path, "--task_name", "other", "--resume"), "other.state.pth not found")
 
 
 def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
@@ -216,11 +195,11 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
 def test_sigkilled_training_resumes_to_the_uninterrupted_weights(data, tmp_path):
     args = ["--num_epochs", "4", "--lr", "1e-3"]
     straight = tmp_path / "straight"
-    assert train_deep_globe.main(_args(data, straight, *args)) == 0
+    assert train_deep_globe.main(tiny_args(data, straight, *args)) == 0
 
     killed = tmp_path / "killed"
     last = killed / "models" / "fpn_deepglobe_global.state.pth"
-    proc = subprocess.Popen([sys.executable, "train_deep_globe.py", *_args(data, killed, *args)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "train_deep_globe.py", *tiny_args(data, killed, *args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -230,31 +209,31 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_weights(data, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_file(last)["epoch"] in (0, 1, 2)
-    assert train_deep_globe.main(_args(data, killed, *args, "--resume")) == 0
+    assert train_deep_globe.main(tiny_args(data, killed, *args, "--resume")) == 0
     for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_global.best.pth", "fpn_deepglobe_global.state.pth"):
         a, b = read_state_dict(straight / "models" / name), read_state_dict(killed / "models" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_resuming_a_run_of_another_architecture(data, tmp_path, capsys):
-    assert train_deep_globe.main(_args(data, tmp_path, "--num_epochs", 1)) == 0
-    argv = _args(data, tmp_path, "--num_epochs", 2, "--resume")
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
+    argv = tiny_args(data, tmp_path, "--num_epochs", 2, "--resume")
     argv[argv.index("--backbone") + 1] = "resnet50"
     _fails(capsys, argv, "fpn_deepglobe_global.state.pth", "backbone resnet18 (now resnet50)")
 
 
 def test_class_tables_that_cannot_work(data, tmp_path, capsys):
-    _fails(capsys, _args(data, tmp_path, "--classes", tmp_path), str(tmp_path), "is a folder")
+    _fails(capsys, tiny_args(data, tmp_path, "--classes", tmp_path), str(tmp_path), "is a folder")
     mask = _first(data / "train" / "Label")
-    _fails(capsys, _args(data, tmp_path, "--classes", mask), str(mask), "not a text file")
+    _fails(capsys, tiny_args(data, tmp_path, "--classes", mask), str(mask), "not a text file")
     table = tmp_path / "all_ignored.json"
     table.write_text('{"classes": [{"id": 0, "name": "a", "colour": [0, 0, 0]}, '
                      '{"id": 1, "name": "b", "colour": [255, 255, 255]}], "ignore_in_metric": [0, 1]}')
-    _fails(capsys, _args(data, tmp_path, "--classes", table), str(table), "mean IoU would be undefined")
+    _fails(capsys, tiny_args(data, tmp_path, "--classes", table), str(table), "mean IoU would be undefined")
 
 
 def test_id_masks_read_as_colours(data, tmp_path, capsys):
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1, "--mask_kind", "colours"), "single grey channel", "--mask_kind ids")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1, "--mask_kind", "colours"), "single grey channel", "--mask_kind ids")
 
 
 def _training_state(path: Path) -> dict:
@@ -264,8 +243,8 @@ def _training_state(path: Path) -> dict:
 
 
 def test_resuming_with_other_run_settings_is_refused(data, tmp_path, capsys):
-    assert train_deep_globe.main(_args(data, tmp_path, "--num_epochs", 1)) == 0
-    argv = _args(data, tmp_path, "--num_epochs", 2, "--resume", "--lr", "0.1")
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
+    argv = tiny_args(data, tmp_path, "--num_epochs", 2, "--resume", "--lr", "0.1")
     argv[argv.index("--batch_size") + 1] = "1"
     _fails(capsys, argv, "fpn_deepglobe_global.state.pth", "other settings", "batch_size 2 (now 1)", "lr 5e-05 (now 0.1)",
            "steps_per_epoch 1 (now 2)")
@@ -273,12 +252,12 @@ def test_resuming_with_other_run_settings_is_refused(data, tmp_path, capsys):
 
 def test_resuming_from_a_weights_file_is_refused(data, tmp_path, capsys):
     save_weights(GLNet(7, "resnet18"), tmp_path / "models" / "fpn_deepglobe_global.state.pth")
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1, "--resume"), "not a training state")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1, "--resume"), "not a training state")
 
 
 def test_resume_rewrites_the_weights_files_a_kill_left_behind(data, tmp_path):
     # The best epoch's training state was written, its weights files were not.
-    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
     state = _training_state(tmp_path / "models" / "fpn_deepglobe_global.state.pth")
     assert state["best_epoch"] == state["epoch"] == 0
@@ -292,12 +271,12 @@ def test_resume_rewrites_the_weights_files_a_kill_left_behind(data, tmp_path):
 
 
 def test_resume_repairs_the_last_epochs_file_and_keeps_an_older_best(data, tmp_path, monkeypatch):
-    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
     real_evaluate = helper.evaluate
     monkeypatch.setattr(helper, "evaluate", lambda *a, **k: {kind: {**s, "miou": -1.0}
                                                                for kind, s in real_evaluate(*a, **k).items()})
-    argv = _args(data, tmp_path, "--num_epochs", 2)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 2)
     assert train_deep_globe.main([*argv, "--resume"]) == 0
     state = _training_state(tmp_path / "models" / "fpn_deepglobe_global.state.pth")
     assert (state["epoch"], state["best_epoch"]) == (1, 0)
@@ -312,7 +291,7 @@ def test_resume_repairs_the_last_epochs_file_and_keeps_an_older_best(data, tmp_p
 
 def test_a_run_saved_by_an_earlier_version_says_how_to_resume_it(data, tmp_path, capsys):
     save_weights(GLNet(7, "resnet18"), tmp_path / "models" / "fpn_deepglobe_global.last.pth")
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1, "--resume"), "fpn_deepglobe_global.last.pth",
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1, "--resume"), "fpn_deepglobe_global.last.pth",
            "earlier version", "rename fpn_deepglobe_global.pth to fpn_deepglobe_global.best.pth")
 
 
@@ -326,7 +305,7 @@ def test_ctrl_c_is_held_until_the_block_ends():
 
 
 def test_ctrl_c_in_the_first_epoch_leaves_nothing_to_resume(data, tmp_path, capsys, monkeypatch):
-    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1)
 
     def interrupted(*args):
         raise KeyboardInterrupt
@@ -346,7 +325,7 @@ def test_ctrl_c_in_evaluation_does_not_advise_resume(data, tmp_path, capsys, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(helper, "evaluate", interrupted)
-    assert train_deep_globe.main(_args(data, tmp_path, "--evaluation", "--path_g", tmp_path / "g.pth")) == 130
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--evaluation", "--path_g", tmp_path / "g.pth")) == 130
     err = capsys.readouterr().err
     assert "evaluation stopped" in err and "--resume" not in err
 
@@ -356,7 +335,7 @@ def test_output_folders_are_checked_before_training(data, tmp_path, capsys, flag
     monkeypatch.setattr(helper, "train_one_epoch", lambda *args: pytest.fail("trained before checking outputs"))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    argv = _args(data, tmp_path, "--num_epochs", 1)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     argv[argv.index(flag) + 1] = str(blocker)
     _fails(capsys, argv, f"{flag} {blocker}: a file is in the way")
     argv[argv.index(flag) + 1] = str(blocker / "below")
@@ -366,7 +345,7 @@ def test_output_folders_are_checked_before_training(data, tmp_path, capsys, flag
 @pytest.mark.parametrize("split", ["train", "crossvali"])
 def test_training_needs_labelled_splits(data, tmp_path, capsys, split):
     shutil.rmtree(data / split / "Label")
-    _fails(capsys, _args(data, tmp_path, "--num_epochs", 1), f"{split}: no masks", "training needs labelled")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), f"{split}: no masks", "training needs labelled")
 
 
 @pytest.mark.parametrize(
@@ -381,7 +360,7 @@ def test_training_needs_labelled_splits(data, tmp_path, capsys, split):
     ],
 )
 def test_more_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
-    argv = _args(data, tmp_path, "--num_epochs", 1, *flags)
+    argv = tiny_args(data, tmp_path, "--num_epochs", 1, *flags)
     if "--path_g" in flags:
         argv = ["--mode", "2", *argv]
     _fails(capsys, argv, fragment)

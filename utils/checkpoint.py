@@ -7,17 +7,15 @@ this project and the authors' code (pinned to torch 0.4.1).
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import shutil
-import signal
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from utils.files import replacing, writing
 
 PREFIX = "module."
 OPTIONAL_SUFFIX = "num_batches_tracked"
@@ -39,59 +37,32 @@ def strip_prefix(state: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, An
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-@contextlib.contextmanager
-def _replacing(path: str | Path) -> Iterator[Path]:
-    """A free temporary name in `path`'s folder, renamed over `path` when the block ends
-    and removed if it raises: a crash or kill at any moment leaves the old file or the new
-    one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+class _PythonWrites:
+    """A file seen without its descriptor: torch's legacy writer would write storages to
+    the descriptor itself and report a failure as a RuntimeError without its errno;
+    through Python's write the OSError (disk full, ...) reaches `replacing`."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.write, self.flush = file.write, file.flush
 
 
 def atomic_save(obj: Any, path: str | Path, legacy_container: bool = False) -> None:
-    """torch.save to `path` atomically (_replacing), synced to disk before the rename.
-    legacy_container: torch's format before 1.6 instead of its zip container."""
-    with _replacing(path) as tmp, open(tmp, "xb") as f:
-        torch.save(obj, f, _use_new_zipfile_serialization=not legacy_container)
-        f.flush()
-        os.fsync(f.fileno())
+    """torch.save to `path` atomically (utils.files.writing); a failed write is a
+    WriteError. legacy_container: torch's format before 1.6 instead of its zip container."""
+    with writing(path) as file:
+        torch.save(obj, _PythonWrites(file), _use_new_zipfile_serialization=not legacy_container)
 
 
 def atomic_link(src: str | Path, dst: str | Path) -> None:
     """Make `dst` name the file `src` (a hard link: no second copy on disk), atomically
-    (_replacing); a copy where the file system has no hard links. Files written here are
-    replaced by renaming, never rewritten in place, so the names part when `src` is next
-    written."""
-    with _replacing(dst) as tmp:
+    (utils.files.replacing); a copy where the file system has no hard links. Files written
+    here are replaced by renaming, never rewritten in place, so the names part when `src`
+    is next written."""
+    with replacing(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: files that
-    belong together are written together. An interrupt inside torch.save would otherwise
-    surface as a RuntimeError from its C++ writer. Only the main thread receives signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def read_file(path: str | Path) -> Any:

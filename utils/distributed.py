@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,24 @@ def average_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -> N
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def on_main(work: Callable[[], T], info: DistInfo) -> Optional[T]:
+    """Run `work` on rank 0 alone and return its result there (None elsewhere). An
+    exception it raises is raised on every rank, so none waits for a rank that stopped."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then raised
+            error = e
+    if info.enabled:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier(info: DistInfo) -> None:

@@ -1,0 +1,70 @@
+"""A training run's log: lines on stdout and in log.txt, scalars and images in a
+tensorboard event file, all in <log_path>/<task_name>/ and written by rank 0 only."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import RecordWriter
+from tensorboardX.summary import image, scalar
+
+from utils.files import append_line, cannot_write
+
+
+class EventFile:
+    """A tensorboard event file written in the calling thread, created with its first
+    event. tensorboardX's SummaryWriter writes from a thread of its own, where a full disk
+    ends the thread with a traceback and later calls block once its queue fills; here the
+    failure is a WriteError where the event was logged."""
+
+    def __init__(self, folder: Path) -> None:
+        # The pid keeps two processes of one host and second apart (tensorboard's names
+        # only need to contain "tfevents").
+        self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.writer: Optional[RecordWriter] = None
+
+    def add(self, summaries: list[Summary], step: int) -> None:
+        try:
+            if self.writer is None:
+                self.writer = RecordWriter(str(self.path))
+                self.writer.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+            for summary in summaries:
+                self.writer.write(Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
+            self.writer.flush()
+        except OSError as error:
+            raise cannot_write(self.path, error) from None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class RunLog:
+    """Lines, scalars and image panels of one run in `folder` (nothing when not enabled)."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.folder, self.enabled = folder, enabled
+        self.events = EventFile(folder)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+            append_line(self.folder / "log.txt", text)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            self.events.add([scalar(tag, value) for tag, value in values.items()], step)
+
+    def panel(self, tag: str, picture: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 image."""
+        if self.enabled:
+            self.events.add([image(tag, picture, dataformats="HWC")], step)
+
+    def close(self) -> None:
+        self.events.close()
