@@ -39,6 +39,7 @@ from models.stages import (  # noqa: E402
 )
 from predict import default_checkpoint, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
+from utils.files import writing  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.parity import apply_rule_weights  # noqa: E402
 import train_deep_globe  # noqa: E402
@@ -450,7 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Row by row, and the JSON rewritten after each case: long runs keep what they measured.
             print(format_row(records[-1]), flush=True)
             if args.json:
-                Path(args.json).write_text(json.dumps([record_to_json(r) for r in records], indent=2))
+                with writing(args.json) as file:
+                    file.write(json.dumps([record_to_json(r) for r in records], indent=2).encode())
     if records:
         print(f"({records[0].environment['device_name']}, peak: {records[0].peak_of})")
     return 0

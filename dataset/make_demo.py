@@ -20,10 +20,11 @@ from PIL import Image, ImageDraw
 
 from dataset.classes import DEEPGLOBE
 from dataset.errors import reports_data_errors
-from dataset.io import write_label
+from dataset.io import write_label, write_png
 from dataset.layouts import DEEP_GLOBE
 from dataset.prepare_common import SPLITS, claim_destination
 from dataset.prepare_lung import MONTGOMERY_IMAGES, MONTGOMERY_MASK_DIR, MONTGOMERY_MASKS
+from utils.files import replacing
 
 URBAN = DEEPGLOBE.names.index("urban")
 # Per class: mean RGB, per-pixel noise and stripe strength. Stripes mark agriculture's
@@ -92,8 +93,8 @@ def make_deep_globe_demo(dst: Path, n_train: int = 4, n_val: int = 2, n_test: in
             label = land_cover_label(rng, size)
             sample_id = f"demo{split}{i:03d}"
             image_path = DEEP_GLOBE.image_path(dst / split, sample_id)
-            image_path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(land_cover_image(rng, label)).save(image_path, quality=92)
+            with replacing(image_path) as tmp:
+                Image.fromarray(land_cover_image(rng, label)).save(tmp, format="JPEG", quality=92)
             write_label(DEEP_GLOBE.mask_path(dst / split, sample_id), label)
 
 
@@ -131,8 +132,7 @@ def make_synthetic_xrays(dst: Path, n: int, size: tuple[int, int] = (1024, round
         files = {MONTGOMERY_IMAGES: (pixels * 65535).astype(np.uint16)}
         files.update({folder: lung.astype(np.uint8) * 255 for folder, lung in zip(MONTGOMERY_MASKS, lungs)})
         for folder, array in files.items():
-            (dst / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(dst / folder / name)
+            write_png(dst / folder / name, array)
 
 
 @reports_data_errors

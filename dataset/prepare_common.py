@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from dataset.errors import DataError
 from dataset.io import open_image
+from utils.files import replacing
 
 SPLITS = ("train", "crossvali", "test")
 EMPTY_SPLIT = 1  # exit status when a split ends up with no samples
@@ -90,7 +91,7 @@ def copy_image(src: Path, dst: Path, label_size: tuple[int, int], mask: str) -> 
 
     Args:
         src: the image to copy.
-        dst: where to put it; parent folders are created.
+        dst: where to put it, replaced whole (utils.files.replacing); parent folders are created.
         label_size: (H, W) of the label prepared for it.
         mask: the mask file(s) the label came from, for the message.
     Raises:
@@ -99,5 +100,5 @@ def copy_image(src: Path, dst: Path, label_size: tuple[int, int], mask: str) -> 
     width, height = open_image(src).size
     if (height, width) != tuple(label_size):
         raise DataError(f"{src}: image is {(height, width)} (H, W) but its mask {mask} is {tuple(label_size)}; re-export one of them")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    with replacing(dst) as tmp:
+        shutil.copyfile(src, tmp)

@@ -265,6 +265,17 @@ def test_one_pixel_images_train_where_batchnorm_can_and_are_refused_at_once_wher
         assert np.asarray(Image.open(out / "a_sat_ids.png")).shape == (1, 1)
 
 
+def test_thin_images_train_in_every_stage(tmp_path):
+    root = _one_image_data(tmp_path / "data", (1, 40))
+    torch.manual_seed(0)
+    save_weights(GLNet(7, "resnet18"), tmp_path / "g2l.pth")
+    base = tiny_args(root, tmp_path, "--num_epochs", 1)
+    assert train_deep_globe.main(["--mode", "1", *base]) == 0
+    assert train_deep_globe.main(["--mode", "2", "--path_g", "fpn_deepglobe_global.pth", *base]) == 0
+    assert train_deep_globe.main(["--mode", "3", "--path_g", "fpn_deepglobe_global.pth",
+                                  "--path_g2l", str(tmp_path / "g2l.pth"), *base]) == 0
+
+
 def test_a_global_size_batchnorm_cannot_train_on_is_refused(data, tmp_path, capsys):
     argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     argv[argv.index("--size_g") + 1] = "32"
