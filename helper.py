@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import math
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -51,6 +52,7 @@ class Session:
     dist: DistInfo = DistInfo()
     amp: Optional[torch.dtype] = None  # autocast dtype (bf16/fp16) on CUDA, None for fp32
     micro_batch_size: Optional[int] = None  # None: default_micro_batch_size
+    on_patches: Optional[Callable[[int], None]] = None  # told the patches of each local pass done (progress)
 
     @property
     def predictions(self) -> tuple[str, ...]:
@@ -77,6 +79,7 @@ class Session:
                 lamb_fmreg=self.lamb_fmreg,
                 backward=backward,
                 micro_batch_size=self.micro_batch,
+                on_patches=self.on_patches,
             )
 
 
@@ -425,6 +428,17 @@ def evaluate(
                     on_prediction(sample_id, preds)
             bar.set_postfix(miou=f"{confusions[main_kind].miou(session.table.ignore_in_metric):.3f}")
     return _scores(session, confusions)
+
+
+def code_version() -> str:
+    """This checkout's commit (git describe, "-dirty" when files differ from it), or
+    "unknown" outside a git checkout or without git."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                             text=True, timeout=30, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def environment_summary(device: torch.device) -> str:

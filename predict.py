@@ -9,7 +9,9 @@ Images that cannot be read are skipped, named, and make the exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -26,10 +28,11 @@ from dataset.errors import USAGE_ERROR, DataError, reports_errors
 from dataset.io import read_image, save_png
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
-from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, Stage
-from train_deep_globe import USER_ERRORS, checkpoint_paths, load_table, parse_size
+from models.stages import CHECKPOINT_FLAGS, Stage
+from train_deep_globe import USER_ERRORS, checkpoint_paths, parse_size
 from utils.files import RunLock, remove_temporaries, replacing_together
 from utils.folders import output_folder
+from utils.patches import PatchGrid
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
 
 
@@ -49,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model_path", default="saved_models", help="folder of the checkpoints; --path_* names are taken inside it")
     for flag, stage in CHECKPOINT_FLAGS.items():
         a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
-    a("--size_g", type=parse_size, default=AUTHORS_SIZE, help="global image size the model was trained with: N or H,W")
-    a("--size_p", type=parse_size, default=AUTHORS_SIZE, help="local patch size the model was trained with: N or H,W")
+    a("--size_g", type=parse_size, default=None, help="global image size: N or H,W (default: the one the checkpoint "
+      "was trained with, as its facts say, else 508)")
+    a("--size_p", type=parse_size, default=None, help="local patch size: N or H,W (default: the checkpoint's, else 508)")
     a("--micro_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
       "speed; results do not depend on it; default: 1 on the CPU, 6 on a GPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -58,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels_last", action="store_true", help="run the convolutions in channels-last memory format")
     train_deep_globe.add_cuda_math_flag(p)
     a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower)")
-    a("--classes", default=None, help="class table JSON (default: DeepGlobe's 7 classes)")
-    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="must match the checkpoints")
+    a("--classes", default=None, help="class table JSON (default: the checkpoint's, else DeepGlobe's 7 classes)")
+    a("--backbone", choices=["resnet50", "resnet18"], default=None, help="must match the checkpoints (default: "
+      "the checkpoint's, else resnet50)")
     return p
 
 
@@ -140,8 +145,11 @@ def read_ahead(
 
 def run(args: argparse.Namespace) -> int:
     args = as_trainer_args(args)
-    table = load_table(args)
+    settled = train_deep_globe.settle_flags(args)
+    table = settled.table
     train_deep_globe.check_args(args, table)
+    for note in settled.notes:
+        print(note, file=sys.stderr)
     images = find_images(Path(args.input))
     session = build_session(args, table)
     output = output_folder(args.output, "--output")
@@ -155,6 +163,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {error}", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def patch_bar(session: helper.Session, image: Tensor, tta: bool, name: str) -> tqdm:
+    """A bar over the patches of one image (every transform of it under --tta), shown on a
+    terminal while an image takes more than one pass."""
+    patches = 0 if session.stage is Stage.GLOBAL else len(PatchGrid.build(image.shape[-2:], session.size_p))
+    total = patches * (len(helper.TTA_TRANSFORMS) if tta else 1)
+    return tqdm(total=total, desc=name, unit="patch", leave=False, position=1, dynamic_ncols=True,
+                disable=None if total > session.micro_batch else True)
 
 
 def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,
@@ -172,14 +189,18 @@ def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTab
         # disable=None: a bar only on a terminal, not in logs and pipes.
         bar = tqdm(read_ahead(reader, images), total=len(images), desc="predict", unit="image",
                    dynamic_ncols=True, disable=None)
-        for path, image in bar:
+        for k, (path, image) in enumerate(bar):
             if isinstance(image, DataError):
                 if len(images) == 1:
                     raise image
                 skipped.append(image)
                 bar.write(f"skipped: {image}", file=sys.stderr)
                 continue
-            ids = predict_image(session, image, tta)
+            start = time.perf_counter()
+            with patch_bar(session, image, tta, path.name) as passes:
+                ids = predict_image(dataclasses.replace(session, on_patches=passes.update), image, tta)
+            if bar.disable:  # no bars in a log or a pipe: a line per image instead
+                print(f"{path.name}: {time.perf_counter() - start:.1f} s ({k + 1}/{len(images)})", file=sys.stderr)
             if written is not None:
                 written.result()  # the previous outputs are on disk, or their error is raised here
             written = writer.submit(write_prediction, ids, table, output, path.stem)

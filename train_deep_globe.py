@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import multiprocessing.context
+import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +24,18 @@ import torch
 from PIL import Image
 
 import helper
-from dataset.classes import NAMED_TABLES, ClassTable, load_class_table
-from dataset.errors import DataError, reports_errors
+from dataset.classes import NAMED_TABLES, ClassTable, load_class_table, table_from_json, table_to_json
+from dataset.errors import MESSAGES_ENV, DataError, report, reports_errors
 from dataset.io import write_png
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, check_samples, collate
 from models.glnet import GLNet, GlobalBranch
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
-from utils.checkpoint import (CheckpointError, atomic_link, atomic_save, authors_layout, load_state, read_file,
-                              read_state_dict, state_dict_of, strip_prefix, write_weights)
+from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, facts_path, link_weights, load_state,
+                              read_facts, read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
 from utils.cuda_math import CUDA_MATH
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main, shard
-from utils.files import InUseError, RunLock, WriteError, remove_temporaries, writing
+from utils.files import InUseError, RunLock, WriteError, remove_temporaries, write_new
 from utils.folders import output_folder
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import MIN_OVERLAP
@@ -96,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
       "change results: every pass in evaluation; in training, stage 2's FPN head and losses and stage 3's frozen "
       "local branch (only a training backbone's BatchNorm couples patches). Memory vs speed; default: 1 on the "
       "CPU (fastest and leanest there), --sub_batch_size on a GPU")
-    a("--size_g", type=parse_size, default=AUTHORS_SIZE, help="global image size: N or H,W")
-    a("--size_p", type=parse_size, default=AUTHORS_SIZE, help="local patch size: N or H,W")
+    a("--size_g", type=parse_size, default=None, help="global image size: N or H,W (default: the checkpoint's, "
+      "else 508)")
+    a("--size_p", type=parse_size, default=None, help="local patch size: N or H,W (default: the checkpoint's, else 508)")
     for flag, stage in CHECKPOINT_FLAGS.items():
         a(f"--{flag}", default=None, help=f"stage-{int(stage)} checkpoint (read by {checkpoint_uses(flag)})")
     a("--lamb_fmreg", type=float, default=LAMB_FMREG, help="weight of the feature-map regularisation (mode 2)")
@@ -106,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=None, help="default per mode: 5e-5, 2e-5, 5e-5")
     a("--num_workers", type=int, default=2, help="data loading processes")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    a("--nproc_per_node", type=int, default=None, metavar="N", help="run in N processes on this machine, one per "
+      "GPU, started by torchrun (see README, 'Several GPUs')")
     a("--seed", type=int, default=0, help="seed of data order and augmentation")
     a("--resume", action="store_true", help="continue the run from <model_path>/<task_name>.state.pth")
     a("--pretrained", default="auto", help="torchvision's ImageNet weights for the backbones training starts from "
@@ -115,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_predictions", default=None, metavar="DIR", help="write a colour PNG per evaluated image")
     a("--test", action="store_true", help="evaluate the test split (scored where it has labels)")
     a("--dataset", choices=["deep_globe", "folder"], default="deep_globe", help="data layout (see README)")
-    a("--classes", default=None, help="class table: a JSON file, or deep_globe / lung (default: the dataset's own)")
+    a("--classes", default=None, help="class table: a JSON file, or deep_globe / lung (default: the checkpoint's, "
+      "else the dataset's own)")
     a("--mask_kind", choices=["ids", "colours"], default="ids", help="masks hold class ids or class colours")
-    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50",
-      help="resnet50 is GLNet; resnet18 only for quick experiments and tests")
+    a("--backbone", choices=["resnet50", "resnet18"], default=None,
+      help="resnet50 is GLNet; resnet18 only for quick experiments and tests (default: the checkpoint's, else resnet50)")
     a("--amp", choices=sorted(helper.AMP_DTYPES), default=None,
       help="autocast on CUDA: bf16 (training and evaluation) or fp16 (evaluation)")
     a("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs, and on CPUs once warmed up)")
@@ -294,11 +302,17 @@ def format_table(scores: dict[str, dict[str, Any]], table: ClassTable) -> str:
     lines = ["class".ljust(width) + "".join(k.rjust(10) for k in kinds)]
     for c, name in enumerate(table.names):
         mark = " *" if c in table.ignore_in_metric else ""
-        lines.append((name + mark).ljust(width) + "".join(f"{scores[k]['iou'][c]:10.4f}" for k in kinds))
-    lines.append("mIoU".ljust(width) + "".join(f"{scores[k]['miou']:10.4f}" for k in kinds))
+        lines.append((name + mark).ljust(width) + "".join(_cell(scores[k]["iou"][c]) for k in kinds))
+    lines.append("mIoU".ljust(width) + "".join(_cell(scores[k]["miou"]) for k in kinds))
     if table.ignore_in_metric:
         lines.append("(* not counted in the mIoU)")
+    if any(math.isnan(score) for k in kinds for score in scores[k]["iou"]):
+        lines.append("(- absent from both truth and prediction; a class the mIoU counts scores 0 there)")
     return "\n".join(lines)
+
+
+def _cell(score: float) -> str:
+    return f"{'-':>10}" if math.isnan(score) else f"{score:10.4f}"
 
 
 def prediction_panel(session: helper.Session, samples: dict[str, list[Any]], max_side: int = 512) -> np.ndarray:
@@ -404,14 +418,83 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_table(args: argparse.Namespace) -> ClassTable:
+# Flags whose value a run takes from its checkpoint's facts when not given, and otherwise
+# the authors' value; the class table (--classes) is taken the same way.
+FROM_FACTS = {"size_g": AUTHORS_SIZE, "size_p": AUTHORS_SIZE, "backbone": "resnet50"}
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A run's class table, the facts of the checkpoints it reads (by flag, the file it
+    starts from first), and one line per flag whose value differs from a checkpoint's."""
+
+    table: ClassTable
+    facts: dict[str, dict[str, Any]]
+    notes: list[str]
+
+
+def settle_flags(args: argparse.Namespace) -> Settled:
+    """Fill the flags left out (FROM_FACTS, --classes) from the facts of the checkpoints the
+    run reads, and refuse a checkpoint of another stage, or, in training, of another class
+    table. Files without facts leave the authors' defaults."""
+    stage = Stage(args.mode)
+    paths = checkpoint_paths(args)
+    facts = {flag: found for flag in STAGES[stage].reads(not args.evaluation)
+             if paths[flag] is not None and (found := read_facts(paths[flag])) is not None}
+    for flag, found in facts.items():
+        if found.get("stage") != int(CHECKPOINT_FLAGS[flag]):
+            wanted = CHECKPOINT_FLAGS[flag]
+            raise CheckpointError(f"{paths[flag]}: a stage-{found.get('stage')} checkpoint, but --{flag} takes a "
+                                  f"stage-{int(wanted)} ({STAGES[wanted].name}) one; pass the file that stage wrote")
+    source = next(iter(facts), None)  # the flag of the file the run starts from
+    notes = []
+    for flag, default in FROM_FACTS.items():
+        known = _as_flag(facts[source].get(flag)) if source else None
+        given = getattr(args, flag)
+        if given is None:
+            setattr(args, flag, known if known is not None else default)
+        elif known is not None and given != known:
+            notes.append(f"note: --{flag} {_shown(given)} is used; {paths[source]} was trained with {_shown(known)}")
+    table = load_table(args, facts, paths, notes)
+    return Settled(table, facts, notes)
+
+
+def _as_flag(value: Any) -> Any:
+    """A flag's value as the parser gives it (sizes are tuples, JSON has lists)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _shown(value: Any) -> str:
+    """A value as the command line writes it: a size N,N as N."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, dict.fromkeys(value)))
+    return str(value)
+
+
+def load_table(args: argparse.Namespace, facts: dict[str, dict[str, Any]], paths: dict[str, Optional[Path]],
+               notes: list[str]) -> ClassTable:
+    """--classes, else the class table of the checkpoint the run starts from, else the
+    dataset's own. A table other than a checkpoint's is refused in training (the weights
+    learnt other classes) and noted in evaluation."""
+    known = {flag: table_from_json(found["class_table"], facts_path(paths[flag]))  # type: ignore[arg-type]
+             for flag, found in facts.items() if "class_table" in found}
     if args.classes in NAMED_TABLES:
-        return NAMED_TABLES[args.classes]
-    if args.classes:
-        return load_class_table(args.classes)
-    table = PRESETS[args.dataset].table
-    if table is None:
+        table = NAMED_TABLES[args.classes]
+    elif args.classes:
+        table = load_class_table(args.classes)
+    elif known:
+        table = next(iter(known.values()))
+    elif (table := PRESETS[args.dataset].table) is None:
         raise ConfigError(f"--dataset {args.dataset} needs --classes, a class table JSON (see README, 'Your own data')")
+    for flag, theirs in known.items():
+        if theirs != table:
+            if not args.evaluation:
+                raise ConfigError(
+                    f"{paths[flag]} was trained for the classes {', '.join(theirs.names)}, this run has "
+                    f"{', '.join(table.names)}: chain from a file trained on this data and class table (--{flag})"
+                )
+            notes.append(f"note: the class table {', '.join(table.names)} is used; {paths[flag]} was trained with "
+                         f"classes {', '.join(theirs.names)}")
     return table
 
 
@@ -448,9 +531,9 @@ def resume(state: dict[str, Any], session: helper.Session, optimizer: torch.opti
            scheduler: torch.optim.lr_scheduler.LRScheduler, files: RunFiles) -> Progress:
     """Restore the model, optimizer, schedule and random state of a checked training state."""
     if session.dist.is_main:
-        restore_weights(state["model"], files.weights)
+        restore_weights(state["model"], files.weights, state.get("facts"))
         if state.get("best_epoch") == state["epoch"]:
-            restore_weights(state["model"], files.best)
+            restore_weights(state["model"], files.best, state.get("facts"))
     load_state(session.model, state_dict_of(state, files.state), files.state)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -458,24 +541,25 @@ def resume(state: dict[str, Any], session: helper.Session, optimizer: torch.opti
     return Progress(int(state["epoch"]), float(state["best_score"]), state.get("best_epoch"))
 
 
-def restore_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Write the weights of a training state to `path` unless it holds them already: a kill
-    between an epoch's writes leaves an older file (or none) behind the state."""
+def restore_weights(weights: dict[str, torch.Tensor], path: Path, facts: Optional[dict[str, Any]]) -> None:
+    """Write the weights of a training state, and their facts, to `path` unless it holds
+    them already: a kill between an epoch's writes leaves an older file (or none) behind
+    the state."""
     wanted = strip_prefix(weights)
     try:
         held = read_state_dict(path)
     except CheckpointError:
         held = {}
     if held.keys() != wanted.keys() or not all(torch.equal(held[k], wanted[k]) for k in held):
-        write_weights(weights, path)
+        write_weights(weights, path, facts)
 
 
 def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, settings: dict[str, Any],
-               files: RunFiles) -> None:
+               files: RunFiles, facts: dict[str, Any]) -> None:
     """The training state, then the epoch's weights, then the best weights if this epoch is
-    the best, with Ctrl-C held until all are on disk. After a kill between the writes, the
-    state lets --resume rewrite the weights files."""
+    the best, each weights file with its facts, with Ctrl-C held until all are on disk.
+    After a kill between the writes, the state lets --resume rewrite the weights files."""
     weights = authors_layout(session.model)
     with interrupts_deferred():
         atomic_save(
@@ -488,15 +572,55 @@ def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
                 "best_epoch": progress.best_epoch,
                 "rng": rng_state(),
                 "run": settings,
+                "facts": facts,
             },
             files.state,
         )
-        write_weights(weights, files.weights)
+        write_weights(weights, files.weights, facts)
         if progress.best_epoch == progress.epoch:
-            atomic_link(files.weights, files.best)
+            link_weights(files.weights, files.best)
 
 
-def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> None:
+def data_identity(args: argparse.Namespace, train_set: SegmentationDataset) -> dict[str, Any]:
+    """What identifies a run's data in its facts: the training images by id (a moved
+    folder is the same data, another dataset is not)."""
+    ids = "\n".join(sorted(sample.id for sample in train_set.samples))
+    return {"dataset": args.dataset, "data_path": str(Path(args.data_path).resolve()), "mask_kind": args.mask_kind,
+            "train_images": len(train_set), "train_ids_sha256": hashlib.sha256(ids.encode()).hexdigest()}
+
+
+def refuse_other_data(data: dict[str, Any], facts: dict[str, dict[str, Any]], paths: dict[str, Optional[Path]]) -> None:
+    """A stage chains only from files trained on the same training images."""
+    for flag, found in facts.items():
+        theirs = found.get("data", {})
+        if theirs.get("train_ids_sha256") not in (None, data["train_ids_sha256"]):
+            raise ConfigError(
+                f"{paths[flag]} was trained on other data ({theirs.get('train_images')} training images in "
+                f"{theirs.get('data_path')}; this run has {data['train_images']} in {data['data_path']}): chain from "
+                f"a file trained on this data (--{flag})"
+            )
+
+
+def run_facts(args: argparse.Namespace, table: ClassTable, data: dict[str, Any]) -> dict[str, Any]:
+    """The facts every weights file of this run carries (utils.checkpoint.write_weights);
+    save_epoch adds the epoch and its validation scores."""
+    stage = Stage(args.mode)
+    paths = checkpoint_paths(args)
+    initialised = {f"--{flag}": str(paths[flag].resolve()) for flag in STAGES[stage].reads(training=True)}  # type: ignore[union-attr]
+    if STAGES[stage].imagenet and not args.resume:
+        initialised["--pretrained"] = str(path.resolve()) if (path := pretrained_path(args)) else "none"
+    return {
+        "stage": int(stage), "stage_name": STAGES[stage].name, "task_name": args.task_name,
+        "size_g": list(args.size_g), "size_p": list(args.size_p), "sub_batch_size": args.sub_batch_size,
+        "backbone": args.backbone, "class_table": table_to_json(table), "data": data,
+        "training": {"lr": args.lr, "batch_size": args.batch_size, "num_epochs": args.num_epochs,
+                     "seed": args.seed, "lamb_fmreg": args.lamb_fmreg},
+        "initialised_from": initialised, "code_version": helper.code_version(),
+    }
+
+
+def train(args: argparse.Namespace, session: helper.Session, settled: Settled, log: RunLog) -> None:
+    table = settled.table
     train_set = labelled_split(args, "train", table, augment=True)
     val_set = labelled_split(args, "crossvali", table, augment=False)
     files = RunFiles.of(args)
@@ -505,16 +629,21 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
     check_samples(val_set, str(Path(args.data_path) / "crossvali"), args.num_workers)
     if "resnet_local" in STAGES[session.stage].trains:
         refuse_tiny_images(train_set, sizes, args.mode)
+    data = data_identity(args, train_set)
+    refuse_other_data(data, settled.facts, checkpoint_paths(args))
 
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / session.dist.world_size) / args.batch_size)
     optimizer = helper.build_optimizer(session.model, session.stage, args.lr)
     scheduler = helper.poly_schedule(optimizer, args.num_epochs * steps_per_epoch)
     settings = run_settings(args, table, steps_per_epoch)
     progress = Progress()
+    facts = run_facts(args, table, data)
     if args.resume:
         state = read_file(files.state)
         check_resumable(state, files.state, settings)
         progress = resume(state, session, optimizer, scheduler, files)
+        # The files it started from, read when it started (a resumed run reads no ImageNet file).
+        facts["initialised_from"] = state.get("facts", {}).get("initialised_from", facts["initialised_from"])
         log.line(f"resuming {args.task_name} after epoch {progress.epoch + 1} (best val mIoU {progress.best_score:.4f})")
     main_kind = session.predictions[-1]
     val_loader = make_loader(val_set, args, shard(range(len(val_set)), session.dist))
@@ -535,7 +664,8 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
         if val[main_kind]["miou"] > progress.best_score:
             progress.best_score, progress.best_epoch = val[main_kind]["miou"], epoch
         if session.dist.is_main:
-            save_epoch(session, optimizer, scheduler, progress, settings, files)
+            epoch_facts = {**facts, "epoch": epoch + 1, "val_miou": {k: s["miou"] for k, s in val.items()}}
+            save_epoch(session, optimizer, scheduler, progress, settings, files, epoch_facts)
             if progress.best_epoch == epoch:
                 log.line(f"  new best {main_kind} val mIoU {progress.best_score:.4f}: saved {files.best}")
             log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])), epoch + 1)
@@ -545,7 +675,10 @@ def train(args: argparse.Namespace, session: helper.Session, table: ClassTable, 
              f"in {files.best}")
 
 
-def run_evaluation(args: argparse.Namespace, session: helper.Session, table: ClassTable, log: RunLog) -> dict[str, Any]:
+def run_evaluation(args: argparse.Namespace, session: helper.Session, settled: Settled, log: RunLog) -> dict[str, Any]:
+    """Score the split, print the table and write the scores to a file of their own:
+    <log_path>/<task_name>/eval-<split>-mode<M>[-tta]-<date>-<time>.json."""
+    table = settled.table
     split = "test" if args.test else "crossvali"
     dataset = build_dataset(args.dataset, args.data_path, split, table, args.mask_kind, augment=False, seed=args.seed)
     loader = make_loader(dataset, args, shard(range(len(dataset)), session.dist))
@@ -564,8 +697,15 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, table: Cla
             log.line(format_table(scores, table))
         else:
             log.line(f"{split} has no labels: nothing to score")
-        with writing(log.folder / "metrics.json") as file:
-            file.write(json.dumps({"split": split, **_json_safe(scores)}, indent=2).encode())
+        paths = checkpoint_paths(args)
+        result = {"split": split, "mode": args.mode, "tta": args.tta, "data_path": str(Path(args.data_path).resolve()),
+                  "checkpoints": {f"--{flag}": str(paths[flag].resolve())  # type: ignore[union-attr]
+                                  for flag in STAGES[session.stage].reads(training=False)},
+                  "checkpoint_epochs": {f"--{flag}": found.get("epoch") for flag, found in settled.facts.items()},
+                  "scores": _json_safe(scores)}
+        name = f"eval-{split}-mode{args.mode}{'-tta' if args.tta else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        written = write_new(log.folder / name, json.dumps(result, indent=2).encode())
+        log.line(f"scores written to {written}")
         if save_dir is not None:
             log.line(f"predictions written to {save_dir}")
     return scores
@@ -598,7 +738,8 @@ def claim_run(args: argparse.Namespace, held: contextlib.ExitStack) -> list[str]
 
 
 def run(args: argparse.Namespace) -> int:
-    table = load_table(args)
+    settled = settle_flags(args)
+    table = settled.table
     check_args(args, table)
     # The run's own log folder too: the user may have made an old one read-only.
     outputs = [("--log_path", args.log_path), ("--log_path", Path(args.log_path) / args.task_name),
@@ -618,7 +759,7 @@ def run(args: argparse.Namespace) -> int:
                                           inference=args.evaluation)
             log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
             held.callback(log.close)
-            for note in notes:
+            for note in settled.notes + notes:
                 log.line(note)
             log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
                      f"with {helper.environment_summary(device)}")
@@ -628,9 +769,9 @@ def run(args: argparse.Namespace) -> int:
                          "context from --path_g, as the authors' code did: pass the --path_g stage 2 used, unless "
                          "this is meant")
             if args.evaluation:
-                run_evaluation(args, session, table, log)
+                run_evaluation(args, session, settled, log)
             else:
-                train(args, session, table, log)
+                train(args, session, settled, log)
     finally:
         cleanup(info)
     return 0
@@ -639,16 +780,52 @@ def run(args: argparse.Namespace) -> int:
 @reports_errors(*USER_ERRORS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        return launch(args.nproc_per_node, [str(word) for word in (sys.argv[1:] if argv is None else argv)])
     terminate_as_interrupt()
     if not args.evaluation:
         return_large_blocks_to_the_system()
     try:
         return run(args)
     except KeyboardInterrupt as interrupt:
-        print(f"{stop_word(interrupt)}: {interruption_note(args)}", file=sys.stderr)
+        report(f"{stop_word(interrupt)}: {interruption_note(args)}")
         return exit_status(interrupt)
     except WriteError as error:
         raise WriteError(f"{error}; {interruption_note(args)}") from None
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """Run this command in `processes` processes under torchrun on this machine. Their
+    one-line messages (a user's mistake, an interruption) are printed once, not once per
+    process followed by torchrun's report of failed workers, and the exit status is theirs."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    if processes < 1:
+        raise ConfigError(f"--nproc_per_node must be at least 1, got {processes}")
+    # torchrun's own log lines repeat what the processes say, or what a crash's report says.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ[MESSAGES_ENV] = folder
+        failure: Optional[ChildFailedError] = None
+        try:
+            torchrun(["--standalone", "--nproc_per_node", str(processes), __file__, *argv])
+            status = 0
+        except ChildFailedError as error:
+            failure, status = error, max(f.exitcode for f in error.failures.values())
+        except (KeyboardInterrupt, SignalException):
+            status = exit_status(KeyboardInterrupt())
+        finally:
+            del os.environ[MESSAGES_ENV]
+        messages = list(dict.fromkeys(path.read_text() for path in sorted(Path(folder).iterdir())))
+    for line in messages:
+        print(line, file=sys.stderr)
+    if failure is not None and not messages:
+        raise failure  # a crash: torchrun's report names the process and its traceback
+    return status
 
 
 def interruption_note(args: argparse.Namespace) -> str:

@@ -2,19 +2,18 @@
 # Stage 1: the global branch alone on downsampled images; both ResNets start from ImageNet
 # (--pretrained, by default torchvision's cached file).
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
-# (relative overrides are taken from the current directory).
+# (relative overrides are taken from the current directory). RUN_NAME=... (default fpn_deepglobe)
+# names the run: its stages are <RUN_NAME>_global, <RUN_NAME>_global2local, <RUN_NAME>_local2global,
+# and each script reads the files of the earlier stages of the same RUN_NAME.
 # Extra arguments are passed on to train_deep_globe.py (e.g. --pretrained none).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 python "$here/train_deep_globe.py" \
-    --n_class 7 \
     --data_path "${DATA:-$here/data/deep_globe}" \
     --model_path "${MODELS:-$here/saved_models}" \
     --log_path "${LOGS:-$here/runs}" \
-    --task_name "fpn_deepglobe_global" \
+    --task_name "${RUN_NAME:-fpn_deepglobe}_global" \
     --mode 1 \
     --batch_size 6 \
     --sub_batch_size 6 \
-    --size_g 508 \
-    --size_p 508 \
     "$@"

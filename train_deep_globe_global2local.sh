@@ -5,20 +5,19 @@
 # The stages chain from the last epoch's weights, as the authors' did; for stage 1's best
 # validation epoch instead, add --path_g fpn_deepglobe_global.best.pth.
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
-# (relative overrides are taken from the current directory).
+# (relative overrides are taken from the current directory). RUN_NAME=... (default fpn_deepglobe)
+# names the run: its stages are <RUN_NAME>_global, <RUN_NAME>_global2local, <RUN_NAME>_local2global,
+# and each script reads the files of the earlier stages of the same RUN_NAME.
 # Extra arguments are passed on to train_deep_globe.py.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 python "$here/train_deep_globe.py" \
-    --n_class 7 \
     --data_path "${DATA:-$here/data/deep_globe}" \
     --model_path "${MODELS:-$here/saved_models}" \
     --log_path "${LOGS:-$here/runs}" \
-    --task_name "fpn_deepglobe_global2local" \
+    --task_name "${RUN_NAME:-fpn_deepglobe}_global2local" \
     --mode 2 \
     --batch_size 6 \
     --sub_batch_size 6 \
-    --size_g 508 \
-    --size_p 508 \
-    --path_g "fpn_deepglobe_global.pth" \
+    --path_g "${RUN_NAME:-fpn_deepglobe}_global.pth" \
     "$@"

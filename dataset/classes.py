@@ -143,24 +143,36 @@ def load_class_table(path: Union[str, Path]) -> ClassTable:
         raise DataError(f"{path}: not a text file; pass a JSON class table (see README, 'Your own data')") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error}); fix the file") from None
-    _check_layout(path, spec)
+    return table_from_json(spec, path)
+
+
+def table_from_json(spec: object, source: Union[str, Path]) -> ClassTable:
+    """The ClassTable of a parsed class table JSON (see load_class_table) read from `source`."""
+    _check_layout(source, spec)
     try:
-        classes = sorted(spec["classes"], key=lambda c: c["id"])
+        classes = sorted(spec["classes"], key=lambda c: c["id"])  # type: ignore[index]
         ids = [c["id"] for c in classes]
         if ids != list(range(len(ids))):
             raise DataError(f"class ids must be 0..n-1 with no gaps or repeats, got {ids}")
         return ClassTable(
             names=tuple(str(c["name"]) for c in classes),
             colours=tuple(tuple(c["colour"]) for c in classes),
-            ignore_in_metric=tuple(spec.get("ignore_in_metric", ())),
+            ignore_in_metric=tuple(spec.get("ignore_in_metric", ())),  # type: ignore[union-attr]
         )
     except (KeyError, TypeError) as error:
-        raise DataError(f"{path}: expected {TABLE_EXAMPLE} (problem: {error!r}); fix the file") from None
+        raise DataError(f"{source}: expected {TABLE_EXAMPLE} (problem: {error!r}); fix the file") from None
     except DataError as error:
-        raise DataError(f"{path}: {error}; fix the file") from None
+        raise DataError(f"{source}: {error}; fix the file") from None
 
 
-def _check_layout(path: Path, spec: object) -> None:
+def table_to_json(table: ClassTable) -> dict:
+    """The class table JSON of `table` (load_class_table's format)."""
+    return {"classes": [{"id": i, "name": name, "colour": list(colour)}
+                        for i, (name, colour) in enumerate(zip(table.names, table.colours))],
+            "ignore_in_metric": list(table.ignore_in_metric)}
+
+
+def _check_layout(path: Union[str, Path], spec: object) -> None:
     """Refuse a table that is not an object with a list of class objects, or that has a key
     this code does not read: a misspelt key would otherwise be ignored without a word."""
     if not isinstance(spec, dict):
@@ -173,7 +185,7 @@ def _check_layout(path: Path, spec: object) -> None:
         _check_keys(path, entry, CLASS_KEYS, "class key", f" in classes[{n}]")
 
 
-def _check_keys(path: Path, spec: dict, allowed: tuple[str, ...], what: str, where: str = "") -> None:
+def _check_keys(path: Union[str, Path], spec: dict, allowed: tuple[str, ...], what: str, where: str = "") -> None:
     """Refuse the first key of `spec` not in `allowed`, suggesting the closest allowed one."""
     for key in spec:
         if key not in allowed:

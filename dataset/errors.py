@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses for bad flags
+# Set by a launcher of several processes (train_deep_globe.py --nproc_per_node): each
+# process leaves its one-line message in this folder, and the launcher prints it once.
+MESSAGES_ENV = "LUNGSEG_MESSAGES"
 
 Main = Callable[[Optional[Sequence[str]]], int]
 
@@ -51,12 +55,22 @@ def reports_errors(*types: type[BaseException]) -> Callable[[Main], Main]:
             try:
                 return main(argv)
             except types as error:
-                print(f"error: {user_message(error)}", file=sys.stderr)
+                report(f"error: {user_message(error)}")
                 return USAGE_ERROR
 
         return wrapped
 
     return decorate
+
+
+def report(line: str) -> None:
+    """Print a one-line message on stderr; under a launcher, leave it for the launcher,
+    which prints the processes' messages once instead of once per process."""
+    folder = os.environ.get(MESSAGES_ENV)
+    if folder is None:
+        print(line, file=sys.stderr)
+        return
+    (Path(folder) / f"rank{os.environ.get('RANK', '0')}").write_text(line)
 
 
 reports_data_errors = reports_errors(DataError)

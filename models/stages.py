@@ -60,6 +60,13 @@ class StageSpec:
     imagenet: tuple[str, ...] = ()
     frozen_global: Optional[str] = None  # flag of the file holding the frozen stage-1 global branch
 
+    def reads(self, training: bool) -> tuple[str, ...]:
+        """The checkpoint flags a run of this stage reads, the file it starts from first."""
+        flags = [load.flag for load in (self.train_loads if training else self.eval_loads)]
+        if self.frozen_global:
+            flags.append(self.frozen_global)
+        return tuple(dict.fromkeys(flags))
+
 
 GLOBAL_GROUPS = ("resnet_global", "fpn_global", "ensemble_conv")
 LOCAL_GROUPS = ("resnet_local", "fpn_local", "ensemble_conv")
@@ -193,6 +200,7 @@ def run_stage(
     lamb_fmreg: float = LAMB_FMREG,
     backward: bool = False,
     micro_batch_size: Optional[int] = None,
+    on_patches: Optional[Callable[[int], None]] = None,
 ) -> StageResult:
     """Run one stage on a batch: logits for every image, loss terms when labels are given,
     and, with backward=True, gradients accumulated in the model (no optimizer step).
@@ -200,7 +208,8 @@ def run_stage(
     Branch train/eval modes are the caller's (see set_branch_modes); evaluation callers
     wrap this in torch.inference_mode(). micro_batch_size: patches per pass of the parts
     that no BatchNorm statistics couple (stage 2's head and losses, stage 3's frozen local
-    branch); None for the whole sub-batch.
+    branch); None for the whole sub-batch. on_patches: told how many patches each pass of
+    the local branch finished, for progress.
     """
     if backward and batch.labels is None:
         raise ValueError("training needs labels")
@@ -217,6 +226,7 @@ def run_stage(
         losses=_Losses(result, backward),
         frozen_global=frozen_global,
         lamb_fmreg=lamb_fmreg,
+        on_patches=on_patches or (lambda n: None),
     )
     result.images = _RUNNERS[stage](run)
     return result
@@ -235,6 +245,7 @@ class _Run:
     losses: _Losses
     frozen_global: Optional[GlobalBranch]
     lamb_fmreg: float
+    on_patches: Callable[[int], None]
 
 
 def _run_global(run: _Run) -> list[ImageResult]:
@@ -249,11 +260,11 @@ def _run_global2local(run: _Run) -> list[ImageResult]:
     images = []
     for i, (image, label, grid) in enumerate(zip(run.batch.images, run.labels, run.grids)):
         context = glob.image(i)
-        outputs = [
-            _global2local_step(run.model, image, label, grid, idx, context, run.losses, run.lamb_fmreg,
-                               run.micro_batch_size)
-            for idx in grid.batches(run.sub_batch_size)
-        ]
+        outputs = []
+        for idx in grid.batches(run.sub_batch_size):
+            outputs.append(_global2local_step(run.model, image, label, grid, idx, context, run.losses,
+                                              run.lamb_fmreg, run.micro_batch_size))
+            run.on_patches(len(idx))
         local_logits, ensemble_logits = (torch.cat(o) for o in zip(*outputs))
         images.append(ImageResult(glob.logits[i : i + 1], grid, local_logits, ensemble_logits))
     return images
@@ -280,6 +291,7 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
             logits = _PerPatch(len(grid))
             for idx in grid.batches(run.micro_batch_size):
                 _local2global_pass(model, image, grid, idx, context, canvases, logits, terms, keep_ps3=backward)
+                run.on_patches(len(idx))
             merged.append(normalise_context(canvases, grid))
             kept.append(terms)
             local_logits.append(logits.tensor)

@@ -22,12 +22,14 @@ from utils.checkpoint import (
     KEY_FILTERS,
     PREFIX,
     CheckpointError,
-    atomic_link,
     atomic_save,
+    link_weights,
     load_imagenet_backbones,
     load_weights,
+    read_facts,
     read_state_dict,
     save_weights,
+    write_weights,
 )
 
 N_CLASS = 4
@@ -215,7 +217,7 @@ def test_mismatched_file_lists_every_problem(tmp_path, saved):
 def test_n_class_hint(tmp_path):
     path = tmp_path / "seven.pth"
     save_weights(_model(1, n_class=7), path)
-    with pytest.raises(CheckpointError, match=r"trained for n_class=7, the model has 4"):
+    with pytest.raises(CheckpointError, match=r"trained for 7 classes, the class table has 4: pass the table it was trained with to --classes"):
         load_weights(_model(2), path)
 
 
@@ -356,17 +358,37 @@ def test_atomic_save_replaces_and_creates_folders(tmp_path):
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
-def test_atomic_link_names_the_same_weights_until_the_source_is_rewritten(tmp_path, monkeypatch, hard_links):
+def test_link_weights_names_the_same_weights_and_facts_until_the_source_is_rewritten(tmp_path, monkeypatch,
+                                                                                     hard_links):
     if not hard_links:
         monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
     src, dst = tmp_path / "w.pth", tmp_path / "w.best.pth"
-    atomic_save({"w": torch.ones(2)}, src)
-    atomic_save({"w": torch.zeros(2)}, dst)
-    atomic_link(src, dst)
+    write_weights({"w": torch.ones(2)}, src, {"epoch": 1})
+    write_weights({"w": torch.zeros(2)}, dst, {"epoch": 0})
+    link_weights(src, dst)
     assert os.path.samefile(src, dst) == hard_links
-    atomic_save({"w": torch.full((2,), 2.0)}, src)
+    write_weights({"w": torch.full((2,), 2.0)}, src, {"epoch": 2})
     assert torch.equal(torch.load(dst, weights_only=True)["w"], torch.ones(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.best.pth", "w.pth"]
+    assert read_facts(dst)["epoch"] == 1 and read_facts(src)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.best.pth", "w.best.pth.json", "w.pth", "w.pth.json"]
+
+
+def test_weights_written_without_facts_lose_the_old_facts(tmp_path):
+    path = tmp_path / "w.pth"
+    write_weights({"w": torch.ones(2)}, path, {"epoch": 1})
+    write_weights({"w": torch.zeros(2)}, path)
+    assert read_facts(path) is None and not (tmp_path / "w.pth.json").exists()
+
+
+def test_facts_that_are_not_ours_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "w.pth"
+    write_weights({"w": torch.ones(2)}, path)
+    (tmp_path / "w.pth.json").write_text('{"something": "else"}')
+    with pytest.raises(CheckpointError, match="w.pth.json: not the facts of a weights file"):
+        read_facts(path)
+    (tmp_path / "w.pth.json").write_text("{")
+    with pytest.raises(CheckpointError, match="w.pth.json: unreadable facts"):
+        read_facts(path)
 
 
 # --------------------------------------------------------------------------- ImageNet backbones

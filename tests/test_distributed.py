@@ -49,14 +49,22 @@ def test_distributed_evaluation_equals_a_single_process(data, tmp_path):
     proc = _torchrun(*argv, "--log_path", str(tmp_path / "dist"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    single = json.loads((tmp_path / "single" / "fpn_deepglobe_global2local" / "metrics.json").read_text())
-    dist = json.loads((tmp_path / "dist" / "fpn_deepglobe_global2local" / "metrics.json").read_text())
+    (single,) = (tmp_path / "single" / "fpn_deepglobe_global2local").glob("eval-crossvali-mode2-*.json")
+    (dist,) = (tmp_path / "dist" / "fpn_deepglobe_global2local").glob("eval-crossvali-mode2-*.json")
+    single, dist = (json.loads(path.read_text())["scores"] for path in (single, dist))
     assert single["ensemble"]["pixels"] == 3 * 128 * 128
     assert dist == single
 
 
+def _launched(*argv: str) -> subprocess.CompletedProcess:
+    """train_deep_globe.py --nproc_per_node 2: the command starts torchrun itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train_deep_globe.py", "--nproc_per_node", "2", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_distributed_training_writes_one_run(data, tmp_path):
-    proc = _torchrun("--mode", "1", "--num_epochs", "2", "--data_path", str(data),
+    proc = _launched("--mode", "1", "--num_epochs", "2", "--data_path", str(data),
                      "--model_path", str(tmp_path / "models"), "--log_path", str(tmp_path / "logs"), *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = read_file(tmp_path / "models" / "fpn_deepglobe_global.state.pth")
@@ -65,6 +73,14 @@ def test_distributed_training_writes_one_run(data, tmp_path):
     assert state["scheduler"]["last_epoch"] == 2
     log = (tmp_path / "logs" / "fpn_deepglobe_global" / "log.txt").read_text()
     assert log.count("epoch 2/2") == 1
+
+
+def test_a_users_mistake_in_several_processes_is_one_line_and_status_2(data, tmp_path):
+    proc = _launched("--mode", "2", "--path_g", "missing.pth", "--data_path", str(data),
+                     "--model_path", str(tmp_path / "models"), "--log_path", str(tmp_path / "logs"), *TINY)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing.pth: not found" in lines[0], lines
 
 
 def _average_worker(rank: int, port: int, out: str) -> None:

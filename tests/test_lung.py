@@ -54,8 +54,8 @@ def test_lung_scripts_train_three_stages_and_evaluate(lung_data, tmp_path):
     _script("eval.sh", tmp_path, lung_data, "--test")
     for name in ("lung_global", "lung_global2local", "lung_local2global"):
         assert (tmp_path / "models" / f"{name}.pth").is_file()
-    metrics = json.loads((tmp_path / "logs" / "lung_local2global" / "metrics.json").read_text())
-    ensemble = metrics["ensemble"]
+    (result,) = (tmp_path / "logs" / "lung_local2global").glob("eval-test-mode3-*.json")
+    ensemble = json.loads(result.read_text())["scores"]["ensemble"]
     assert len(ensemble["iou"]) == 2
     # No class is left out of the lung score: the mean is over background and lung.
     iou = [0.0 if v is None else v for v in ensemble["iou"]]

@@ -79,15 +79,26 @@ def test_three_stages_and_evaluation(data, tmp_path):
     assert all(k.startswith("module.") for k in read_file(models / "fpn_deepglobe_local2global.pth"))
 
     predictions = tmp_path / "predictions"
+    logs = tmp_path / "logs" / "fpn_deepglobe_local2global"
+    events = sorted(logs.glob("events.*"))
     assert _run("--mode", 3, "--evaluation", "--test", "--path_g", "fpn_deepglobe_global.pth",
                 "--path_g2l", "fpn_deepglobe_global2local.pth", "--path_l2g", "fpn_deepglobe_local2global.pth",
                 "--save_predictions", predictions, *common) == 0
-    metrics = json.loads((tmp_path / "logs" / "fpn_deepglobe_local2global" / "metrics.json").read_text())
-    assert metrics["split"] == "test"
+    (result,) = logs.glob("eval-test-mode3-*.json")
+    metrics = json.loads(result.read_text())
+    assert (metrics["split"], metrics["mode"], metrics["tta"]) == ("test", 3, False)
+    assert metrics["checkpoints"]["--path_l2g"] == str(models / "fpn_deepglobe_local2global.pth")
+    assert metrics["checkpoint_epochs"] == {"--path_l2g": 1, "--path_g": 1}
     for kind in ("global", "local", "ensemble"):
-        assert len(metrics[kind]["iou"]) == 7
-        assert 0.0 <= metrics[kind]["miou"] <= 1.0
+        assert len(metrics["scores"][kind]["iou"]) == 7
+        assert 0.0 <= metrics["scores"][kind]["miou"] <= 1.0
     assert [p.name for p in predictions.iterdir()] == ["demotest000_mask.png"]
+    # Another evaluation in the same folder writes a file of its own, and no event file.
+    assert _run("--mode", 3, "--evaluation", "--test", "--path_g", "fpn_deepglobe_global.pth",
+                "--path_g2l", "fpn_deepglobe_global2local.pth", "--path_l2g", "fpn_deepglobe_local2global.pth",
+                *common) == 0
+    assert len(list(logs.glob("eval-test-mode3-*.json"))) == 2 and result.read_text() == json.dumps(metrics, indent=2)
+    assert sorted(logs.glob("events.*")) == events
 
 
 def _losses(log: Path) -> list[float]:
@@ -126,6 +137,7 @@ def _script_args(script: Path) -> list[str]:
     line = next(l for l in text.splitlines() if l.startswith("python "))
     words = shlex.split(line.split('train_deep_globe.py"', 1)[1])
     words = [re.sub(r"\$\{\w+:-\$here/([^}]*)\}", r"\1", w) for w in words if w != "$@"]
+    words = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", w) for w in words]
     return words
 
 
@@ -143,9 +155,10 @@ def _script_args(script: Path) -> list[str]:
 )
 def test_scripts_use_the_authors_settings(script, mode, evaluation, paths):
     args = train_deep_globe.parse_args(_script_args(ROOT / script))
+    table = train_deep_globe.settle_flags(args).table  # no checkpoint there: the authors' defaults
     assert (args.mode, args.evaluation) == (mode, evaluation)
     assert (args.batch_size, args.sub_batch_size, args.size_g, args.size_p) == (6, 6, (508, 508), (508, 508))
-    assert (args.n_class, args.data_path, args.model_path) == (7, "data/deep_globe", "saved_models")
+    assert (table.n_class, args.data_path, args.model_path) == (7, "data/deep_globe", "saved_models")
     for flag in ("path_g", "path_g2l", "path_l2g"):
         assert getattr(args, flag) == paths.get(flag)
     # Each training stage writes the file the next stage's script reads.

@@ -1,4 +1,6 @@
 """predict.py end to end on tiny generated images with ResNet-18 checkpoints."""
+import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +130,28 @@ def test_only_the_image_crosses_to_the_device_once_tables_are_made(mode):
         ids = predict.predict_image(session, image)
     assert ids.device.type == "meta" and ids.shape == (150, 200)
     assert transfers.copies == ["aten._to_copy.default"]
+
+
+@pytest.mark.parametrize("mode, tta", [(2, False), (3, False), (3, True)])
+def test_progress_hears_of_every_patch_of_every_pass(mode, tta):
+    stage = Stage(mode)
+    model, frozen = GLNet(DEEPGLOBE.n_class, "resnet18"), GlobalBranch(DEEPGLOBE.n_class, "resnet18")
+    args = predict.as_trainer_args(predict.parse_args(["--input", "-", "--output", "-", *SIZES]))
+    session = helper.make_session(stage, model, frozen if mode == 3 else None, DEEPGLOBE, args, torch.device("cpu"),
+                                  inference=True)
+    told: list[int] = []
+    image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
+    predict.predict_image(dataclasses.replace(session, on_patches=told.append), image, tta)
+    # 150 x 200 in 96-px patches overlapping by at least 50 px: 3 rows x 4 columns.
+    assert sum(told) == 12 * (8 if tta else 1)
+    assert told == [4] * len(told)  # --micro_batch_size 4 patches per pass
+
+
+def test_without_a_terminal_each_image_gets_a_line(models, images, tmp_path, capsys):
+    assert run(models, "--mode", "2", "--input", str(images), "--output", str(tmp_path)) == 0
+    err = capsys.readouterr().err
+    for k, name in enumerate(sorted(p.name for p in images.iterdir() if p.suffix != ".txt")):
+        assert re.search(rf"^{re.escape(name)}: \d+\.\d s \({k + 1}/3\)$", err, re.MULTILINE), err
 
 
 def test_use_channels_last_converts_both_networks():

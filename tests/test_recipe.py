@@ -99,11 +99,18 @@ def _args(folder: Path, mode: int, evaluation: bool, *extra: str) -> list[str]:
             "--pretrained", str(folder / FILES[IMAGENET]), *flags, *extra]
 
 
+def _parsed(argv: list[str]):
+    """The trainer's flags as a run settles them (the defaults a checkpoint's facts give)."""
+    args = train_deep_globe.parse_args(argv)
+    train_deep_globe.settle_flags(args)
+    return args
+
+
 @pytest.mark.parametrize("mode", [1, 2, 3])
 @pytest.mark.parametrize("phase", ["train", "eval"])
 def test_every_tensor_comes_from_the_authors_source(markers, mode, phase):
     folder, states = markers
-    args = train_deep_globe.parse_args(_args(folder, mode, phase == "eval"))
+    args = _parsed(_args(folder, mode, phase == "eval"))
     model, frozen = train_deep_globe.stage_models(args, N_CLASS)
     expected = RECIPE[(mode, phase)]
     found = _sources(model.state_dict(), states)
@@ -118,7 +125,7 @@ def test_every_tensor_comes_from_the_authors_source(markers, mode, phase):
 
 def test_pretrained_none_starts_stage_2s_local_resnet_from_random_weights(markers):
     folder, states = markers
-    args = train_deep_globe.parse_args([*_args(folder, 2, False), "--pretrained", "none"])
+    args = _parsed([*_args(folder, 2, False), "--pretrained", "none"])
     model, _ = train_deep_globe.stage_models(args, N_CLASS)
     assert _sources(model.state_dict(), states)["resnet_local"] == {FRESH}
 
@@ -128,10 +135,10 @@ def test_stage_2_looks_up_imagenet_weights_like_stage_1(markers, tmp_path, monke
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     argv = [*_args(folder, 2, False), "--pretrained", "auto"]
     with pytest.raises(helper.CheckpointError, match=f"no ImageNet resnet18 weights in {tmp_path / 'hub'}"):
-        train_deep_globe.stage_models(train_deep_globe.parse_args(argv), N_CLASS)
+        train_deep_globe.stage_models(_parsed(argv), N_CLASS)
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes((folder / FILES[IMAGENET]).read_bytes())
-    model, _ = train_deep_globe.stage_models(train_deep_globe.parse_args(argv), N_CLASS)
+    model, _ = train_deep_globe.stage_models(_parsed(argv), N_CLASS)
     assert _sources(model.state_dict(), states)["resnet_local"] == {IMAGENET}
 
 
@@ -144,7 +151,7 @@ def test_auto_takes_only_the_imagenet_weights_the_authors_used(tmp_path, monkeyp
     v1 = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url).name
     v2 = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url).name
     (hub / v2).touch()
-    args = train_deep_globe.parse_args([])
+    args = _parsed([])
     with pytest.raises(helper.CheckpointError, match=f"{v2}: not torchvision's IMAGENET1K_V1 resnet50 weights"):
         train_deep_globe.pretrained_path(args)
     (hub / v1).touch()
@@ -154,7 +161,7 @@ def test_auto_takes_only_the_imagenet_weights_the_authors_used(tmp_path, monkeyp
 def test_a_resumed_run_needs_no_imagenet_file(markers):
     folder, _ = markers
     argv = [*_args(folder, 2, False), "--pretrained", str(folder / "missing.pth"), "--resume"]
-    model, _ = train_deep_globe.stage_models(train_deep_globe.parse_args(argv), N_CLASS)
+    model, _ = train_deep_globe.stage_models(_parsed(argv), N_CLASS)
     assert isinstance(model, GLNet)  # its weights come from the training state, loaded later
 
 
@@ -243,7 +250,7 @@ def _flags() -> tuple[bool, bool, bool]:
 ])
 def test_sessions_run_true_fp32_unless_asked_for_speed(cuda_flags, argv, flags):
     set_cuda_math("fast" if flags[2] else "strict")  # start from the other setting
-    args = train_deep_globe.parse_args(argv)
+    args = _parsed(argv)
     helper.make_session(train_deep_globe.Stage(1), GLNet(N_CLASS, "resnet18"), None, NAMED_TABLES["deep_globe"], args,
                         torch.device("cpu"), inference=args.evaluation)
     assert _flags() == flags

@@ -111,7 +111,7 @@ def models_dir(tmp_path) -> Path:
 
 def test_checkpoint_of_another_n_class(data, tmp_path, models_dir, capsys):
     save_weights(GLNet(2, "resnet18"), models_dir / "g.pth")
-    _fails(capsys, tiny_args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "n_class=2")
+    _fails(capsys, tiny_args(data, tmp_path, "--mode", 2, "--path_g", "g.pth"), "g.pth", "trained for 2 classes")
 
 
 def test_checkpoint_of_another_architecture(data, tmp_path, models_dir, capsys):

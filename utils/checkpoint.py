@@ -7,17 +7,20 @@ this project and the authors' code (pinned to torch 0.4.1).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from utils.files import replacing, writing
+from utils.files import replacing_together, writing
 
 PREFIX = "module."
+FACTS_SUFFIX = ".json"
+FACTS_KEY, FACTS_VERSION = "lungseg_facts", 1  # marks (and versions) a facts file
 OPTIONAL_SUFFIX = "num_batches_tracked"
 
 KEY_FILTERS: dict[str, Callable[[str], bool]] = {
@@ -53,16 +56,43 @@ def atomic_save(obj: Any, path: str | Path, legacy_container: bool = False) -> N
         torch.save(obj, _PythonWrites(file), _use_new_zipfile_serialization=not legacy_container)
 
 
-def atomic_link(src: str | Path, dst: str | Path) -> None:
-    """Make `dst` name the file `src` (a hard link: no second copy on disk), atomically
-    (utils.files.replacing); a copy where the file system has no hard links. Files written
+def link_weights(src: str | Path, dst: str | Path) -> None:
+    """Make `dst` and its facts (facts_path) name the files of `src` (hard links: no second
+    copy on disk; copies where the file system has none), replaced together. Files written
     here are replaced by renaming, never rewritten in place, so the names part when `src`
     is next written."""
-    with replacing(dst) as tmp:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
+    src, dst = Path(src), Path(dst)
+    with replacing_together([dst, facts_path(dst)]) as temporaries:
+        for source, tmp in zip((src, facts_path(src)), temporaries):
+            if source.exists():
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)
+
+
+def facts_path(weights: str | Path) -> Path:
+    """Where the facts of a weights file are: `<file>.json` beside it. The weights file stays
+    a plain state dict, which the authors' strict loader requires."""
+    weights = Path(weights)
+    return weights.with_name(weights.name + FACTS_SUFFIX)
+
+
+def read_facts(weights: str | Path) -> Optional[dict[str, Any]]:
+    """The facts of the run that wrote a weights file, or None for a file without them
+    (the authors' files, files of earlier versions)."""
+    path = facts_path(weights)
+    if not Path(weights).is_file() or not path.is_file():
+        return None
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable facts of {Path(weights).name} ({error}); delete the file to use "
+                              "the weights without them") from None
+    if not isinstance(facts, dict) or facts.get(FACTS_KEY) != FACTS_VERSION:
+        raise CheckpointError(f"{path}: not the facts of a weights file written by this project; delete it, or move "
+                              "it away from the weights")
+    return facts
 
 
 def read_file(path: str | Path) -> Any:
@@ -125,7 +155,8 @@ def _describe(path: str | Path, missing: list[str], unexpected: list[str], shape
 def _n_class_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
     for key in ("fpn_global.classify.weight", "fpn_local.classify.weight"):
         if key in state and key in expected and state[key].shape[0] != expected[key].shape[0]:
-            return f" (the file was trained for n_class={state[key].shape[0]}, the model has {expected[key].shape[0]})"
+            return (f" (the file was trained for {state[key].shape[0]} classes, the class table has "
+                    f"{expected[key].shape[0]}: pass the table it was trained with to --classes)")
     return ""
 
 
@@ -165,11 +196,19 @@ def authors_layout(model: nn.Module) -> dict[str, Tensor]:
     return {PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def write_weights(weights: Mapping[str, Tensor], path: str | Path) -> None:
-    """Write a state dict in the authors' layout (authors_layout) atomically, in torch's
-    legacy container: torch 0.4.1, which the authors' code pins, cannot read the zip
-    container torch.save writes by default since torch 1.6."""
-    atomic_save(dict(weights), path, legacy_container=True)
+def write_weights(weights: Mapping[str, Tensor], path: str | Path, facts: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a state dict in the authors' layout (authors_layout) in torch's legacy
+    container, which torch 0.4.1 (pinned by the authors' code) reads, and its facts as
+    JSON beside it (facts_path), the two replaced together (a file without facts loses any
+    old facts file)."""
+    with replacing_together([path, facts_path(path)]) as (weights_tmp, facts_tmp):
+        with open(weights_tmp, "xb") as file:
+            torch.save(dict(weights), _PythonWrites(file), _use_new_zipfile_serialization=False)
+            file.flush()
+            os.fsync(file.fileno())
+        if facts is not None:
+            with open(facts_tmp, "x") as file:
+                json.dump({FACTS_KEY: FACTS_VERSION, **facts}, file, indent=2)
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

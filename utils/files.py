@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import secrets
 import shutil
@@ -100,18 +101,22 @@ def writing(path: str | Path) -> Iterator[BinaryIO]:
 
 @contextlib.contextmanager
 def replacing_together(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
-    """Temporary names for files that belong together (an image's outputs), written in
-    order by the block. Once all are written, the old files but the first are removed and
-    the new ones renamed in order: a kill at any moment leaves only old files, or only new
-    ones, some possibly missing, never a mix."""
+    """Temporary names for files that belong together (an image's outputs, weights and
+    their facts), written in order by the block; it must write the first, and a later one
+    it leaves unwritten is removed. Once the block ends, the old files but the first are
+    removed and the new ones renamed in order: a kill at any moment leaves only old files,
+    or only new ones, some possibly missing, never a mix."""
     paths = [Path(p) for p in paths]
     temporaries = [temporary_name(p) for p in paths]
     try:
+        for folder in dict.fromkeys(p.parent for p in paths):
+            folder.mkdir(parents=True, exist_ok=True)
         yield temporaries
         for path in paths[1:]:
             path.unlink(missing_ok=True)
         for tmp, path in zip(temporaries, paths):
-            os.replace(tmp, path)
+            if path == paths[0] or tmp.exists():
+                os.replace(tmp, path)
     except BaseException as error:
         # The file being written when the error came is the last one begun.
         begun = [path for tmp, path in zip(temporaries, paths) if tmp.exists()]
@@ -122,6 +127,36 @@ def replacing_together(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
         if cause is not None and not isinstance(error, WriteError):
             raise cannot_write((begun or paths[:1])[-1], cause) from None
         raise
+
+
+def write_new(path: str | Path, data: bytes) -> Path:
+    """Write `data` whole under `path`, or, where a file of that name exists, under the
+    first free `<stem>-2<suffix>`, `<stem>-3<suffix>`, ...: never over another file.
+    Returns the name written."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "xb") as file:
+            file.write(data)
+        for n in itertools.count(1):
+            name = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                os.link(tmp, name)  # a link, unlike a rename, never replaces a file
+                return name
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here: claim the name, then fill it by renaming
+                try:
+                    os.close(os.open(name, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, name)
+                return name
+    except OSError as error:
+        raise cannot_write(path, error) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def append_line(path: str | Path, text: str) -> None:
