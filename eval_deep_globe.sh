@@ -2,7 +2,7 @@
 # Evaluate the full GLNet (stage 3) on the crossvali split, without test-time augmentation
 # as in the paper. Add --test to predict and score the test split, --tta for test-time
 # augmentation, --save_predictions DIR for colour PNGs, and
-# --path_l2g fpn_deepglobe_local2global.best.pth for stage 3's best validation epoch.
+# --path_l2g <RUN_NAME>_local2global.best.pth for stage 3's best validation epoch.
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
 # (relative overrides are taken from the current directory). RUN_NAME=... (default fpn_deepglobe)
 # names the run: its stages are <RUN_NAME>_global, <RUN_NAME>_global2local, <RUN_NAME>_local2global,

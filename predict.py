@@ -168,8 +168,12 @@ def run(args: argparse.Namespace) -> int:
 def patch_bar(session: helper.Session, image: Tensor, tta: bool, name: str) -> tqdm:
     """A bar over the patches of one image (every transform of it under --tta), shown on a
     terminal while an image takes more than one pass."""
-    patches = 0 if session.stage is Stage.GLOBAL else len(PatchGrid.build(image.shape[-2:], session.size_p))
-    total = patches * (len(helper.TTA_TRANSFORMS) if tta else 1)
+    def patches(height: int, width: int) -> int:
+        return 0 if session.stage is Stage.GLOBAL else len(PatchGrid.build((height, width), session.size_p))
+
+    h, w = image.shape[-2:]
+    # Under --tta half the transforms turn the image a quarter, and H x W becomes W x H.
+    total = 4 * (patches(h, w) + patches(w, h)) if tta else patches(h, w)
     return tqdm(total=total, desc=name, unit="patch", leave=False, position=1, dynamic_ncols=True,
                 disable=None if total > session.micro_batch else True)
 

@@ -34,7 +34,7 @@ from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SU
 from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, facts_path, link_weights, load_state,
                               read_facts, read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
 from utils.cuda_math import CUDA_MATH
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main, shard
+from utils.distributed import DistInfo, cleanup, init_distributed, on_main, shard
 from utils.files import InUseError, RunLock, WriteError, remove_temporaries, write_new
 from utils.folders import output_folder
 from utils.memory import return_large_blocks_to_the_system
@@ -454,6 +454,8 @@ def settle_flags(args: argparse.Namespace) -> Settled:
         if given is None:
             setattr(args, flag, known if known is not None else default)
         elif known is not None and given != known:
+            if flag == "backbone":  # the weights fit only their own architecture
+                raise ConfigError(f"--backbone {given}: {paths[source]} was trained with {known}; drop --backbone")
             notes.append(f"note: --{flag} {_shown(given)} is used; {paths[source]} was trained with {_shown(known)}")
     table = load_table(args, facts, paths, notes)
     return Settled(table, facts, notes)
@@ -488,10 +490,10 @@ def load_table(args: argparse.Namespace, facts: dict[str, dict[str, Any]], paths
         raise ConfigError(f"--dataset {args.dataset} needs --classes, a class table JSON (see README, 'Your own data')")
     for flag, theirs in known.items():
         if theirs != table:
-            if not args.evaluation:
+            if not args.evaluation or theirs.n_class != table.n_class:
                 raise ConfigError(
                     f"{paths[flag]} was trained for the classes {', '.join(theirs.names)}, this run has "
-                    f"{', '.join(table.names)}: chain from a file trained on this data and class table (--{flag})"
+                    f"{', '.join(table.names)}: drop --classes, or use a file trained with this class table (--{flag})"
                 )
             notes.append(f"note: the class table {', '.join(table.names)} is used; {paths[flag]} was trained with "
                          f"classes {', '.join(theirs.names)}")
@@ -547,10 +549,10 @@ def restore_weights(weights: dict[str, torch.Tensor], path: Path, facts: Optiona
     the state."""
     wanted = strip_prefix(weights)
     try:
-        held = read_state_dict(path)
+        held, held_facts = read_state_dict(path), read_facts(path)
     except CheckpointError:
-        held = {}
-    if held.keys() != wanted.keys() or not all(torch.equal(held[k], wanted[k]) for k in held):
+        held, held_facts = {}, None
+    if held_facts != facts or held.keys() != wanted.keys() or not all(torch.equal(held[k], wanted[k]) for k in held):
         write_weights(weights, path, facts)
 
 
@@ -663,13 +665,17 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
         progress.epoch = epoch
         if val[main_kind]["miou"] > progress.best_score:
             progress.best_score, progress.best_epoch = val[main_kind]["miou"], epoch
-        if session.dist.is_main:
-            epoch_facts = {**facts, "epoch": epoch + 1, "val_miou": {k: s["miou"] for k, s in val.items()}}
+        epoch_facts = {**facts, "epoch": epoch + 1, "val_miou": {k: s["miou"] for k, s in val.items()}}
+
+        def write_epoch() -> None:
             save_epoch(session, optimizer, scheduler, progress, settings, files, epoch_facts)
             if progress.best_epoch == epoch:
                 log.line(f"  new best {main_kind} val mIoU {progress.best_score:.4f}: saved {files.best}")
-            log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])), epoch + 1)
-        barrier(session.dist)
+            log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])),
+                      epoch + 1)
+
+        # Rank 0 writes; a failure there (a full disk) stops every rank, none left waiting.
+        on_main(write_epoch, session.dist)
     log.line(f"done: the last epoch's weights are in {files.weights} (the next stage's scripts read this file); "
              f"the best {main_kind} val mIoU, {progress.best_score:.4f} at epoch {(progress.best_epoch or 0) + 1}, "
              f"in {files.best}")
@@ -725,8 +731,11 @@ def claim_run(args: argparse.Namespace, held: contextlib.ExitStack) -> list[str]
     so that no second run writes them meanwhile, and remove the temporary files of
     interrupted writes an earlier run left. Returns lines for the log."""
     notes = []
+    folders: dict[Path, tuple[str, str]] = {}
     for flag, folder in (("--model_path", args.model_path), ("--log_path", args.log_path)):
-        lock = held.enter_context(RunLock(Path(folder) / args.task_name, f"--task_name {args.task_name} in {flag} {folder}",
+        folders.setdefault(Path(folder).resolve(), (flag, folder))  # one lock per folder
+    for resolved, (flag, folder) in folders.items():
+        lock = held.enter_context(RunLock(resolved / args.task_name, f"--task_name {args.task_name} in {flag} {folder}",
                                           "choose another --task_name"))
         if lock.took_over:
             notes.append(f"took over {lock.path}, left by a run that ended without releasing it ({lock.took_over})")
@@ -788,7 +797,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt as interrupt:
-        report(f"{stop_word(interrupt)}: {interruption_note(args)}")
+        if os.environ.get("RANK", "0") == "0":  # every process is stopped; one says what is saved
+            report(f"{stop_word(interrupt)}: {interruption_note(args)}")
         return exit_status(interrupt)
     except WriteError as error:
         raise WriteError(f"{error}; {interruption_note(args)}") from None
@@ -816,8 +826,10 @@ def launch(processes: int, argv: list[str]) -> int:
             status = 0
         except ChildFailedError as error:
             failure, status = error, max(f.exitcode for f in error.failures.values())
-        except (KeyboardInterrupt, SignalException):
+        except KeyboardInterrupt:
             status = exit_status(KeyboardInterrupt())
+        except SignalException as signalled:
+            status = 128 + int(signalled.sigval)
         finally:
             del os.environ[MESSAGES_ENV]
         messages = list(dict.fromkeys(path.read_text() for path in sorted(Path(folder).iterdir())))

@@ -3,7 +3,7 @@
 # (--path_g, written by train_deep_globe_global.sh) as frozen context. Its local ResNet
 # starts from ImageNet (--pretrained), as in the authors' code.
 # The stages chain from the last epoch's weights, as the authors' did; for stage 1's best
-# validation epoch instead, add --path_g fpn_deepglobe_global.best.pth.
+# validation epoch instead, add --path_g <RUN_NAME>_global.best.pth.
 # Paths default to folders inside the repo; override with DATA=... MODELS=... LOGS=...
 # (relative overrides are taken from the current directory). RUN_NAME=... (default fpn_deepglobe)
 # names the run: its stages are <RUN_NAME>_global, <RUN_NAME>_global2local, <RUN_NAME>_local2global,

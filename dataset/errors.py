@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
+from utils.files import WriteError
+
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses for bad flags
 # Set by a launcher of several processes (train_deep_globe.py --nproc_per_node): each
 # process leaves its one-line message in this folder, and the launcher prints it once.
@@ -73,4 +75,5 @@ def report(line: str) -> None:
     (Path(folder) / f"rank{os.environ.get('RANK', '0')}").write_text(line)
 
 
-reports_data_errors = reports_errors(DataError)
+# The data tools' mistakes: bad files in, and files that cannot be written out.
+reports_data_errors = reports_errors(DataError, WriteError)

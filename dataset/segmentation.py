@@ -160,7 +160,8 @@ def check_samples(dataset: SegmentationDataset, where: str, threads: int = 1) ->
         return size
 
     sizes, errors, culprits = [], [], []
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    pool = ThreadPoolExecutor(max(1, threads))
+    try:
         futures = [pool.submit(check, index) for index in range(len(dataset))]
         for sample, future in zip(dataset.samples, tqdm(futures, desc=f"check {where}", unit="file",
                                                            dynamic_ncols=True, disable=None, leave=False)):
@@ -170,6 +171,8 @@ def check_samples(dataset: SegmentationDataset, where: str, threads: int = 1) ->
                 errors.append(str(error))
                 # Every message starts with the file it is about.
                 culprits.append(str(sample.mask if errors[-1].startswith(f"{sample.mask}:") else sample.image))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after Ctrl-C, the files not yet checked are not
     if errors:
         more = f" (and {len(errors) - 1} more in {where}: {', '.join(culprits[1:])})" if len(errors) > 1 else ""
         raise DataError(errors[0] + more)

@@ -380,6 +380,15 @@ def test_weights_written_without_facts_lose_the_old_facts(tmp_path):
     assert read_facts(path) is None and not (tmp_path / "w.pth.json").exists()
 
 
+def test_facts_of_weights_that_were_replaced_since_are_refused(tmp_path):
+    path = tmp_path / "w.pth"
+    write_weights({"w": torch.ones(2)}, path, {"size_g": [64, 64]})
+    save_weights(_model(1), tmp_path / "other.pth")
+    (tmp_path / "other.pth").replace(path)  # someone's file copied over ours; our facts stay
+    with pytest.raises(CheckpointError, match="w.pth.json: the facts of other weights than w.pth holds now"):
+        read_facts(path)
+
+
 def test_facts_that_are_not_ours_are_refused_in_one_line(tmp_path):
     path = tmp_path / "w.pth"
     write_weights({"w": torch.ones(2)}, path)

@@ -57,8 +57,7 @@ def test_every_weights_file_carries_its_runs_facts(trained, pristine):
     assert stage2["initialised_from"] == {"--path_g": str(models / "fpn_deepglobe_global.pth"), "--pretrained": "none"}
     # The best epoch's file and the training state carry the same facts.
     assert read_facts(models / "fpn_deepglobe_global.best.pth") == facts
-    assert read_file(models / "fpn_deepglobe_global.state.pth")["facts"] == \
-        {k: v for k, v in facts.items() if k != "lungseg_facts"}
+    assert read_file(models / "fpn_deepglobe_global.state.pth")["facts"] == facts
     # The weights file itself stays a plain state dict of tensors, as the authors' loader needs.
     weights = read_file(models / "fpn_deepglobe_global.pth")
     assert all(isinstance(v, torch.Tensor) and k.startswith("module.") for k, v in weights.items())
@@ -123,6 +122,7 @@ def test_a_stage_does_not_chain_from_another_class_table(trained, pristine, tmp_
     assert train_deep_globe.main(["--mode", "2", "--path_g", str(trained / "models" / f"{TASKS[1]}.pth"), *args]) == 2
     line = _error_line(capsys)
     assert "was trained for the classes unknown, urban" in line and "this run has u, urban" in line
+    assert "drop --classes" in line
 
 
 def test_a_stage_does_not_chain_from_another_datasets_file(trained, pristine, tmp_path, capsys):
@@ -166,13 +166,21 @@ def test_own_data_chains_its_class_table_through_the_stages(tmp_path, capsys):
     assert "--classes" not in capsys.readouterr().err
 
 
-def test_a_weights_file_without_facts_still_loads_with_the_authors_defaults(trained, tmp_path):
+def test_a_weights_file_without_facts_takes_the_flags_or_the_authors_defaults(trained, pristine, tmp_path):
     """The authors' released files have no facts: the flags, or their defaults, decide."""
     models = tmp_path / "models"
     models.mkdir()
     shutil.copyfile(trained / "models" / f"{TASKS[2]}.pth", models / "g2l.pth")
-    args = train_deep_globe.parse_args(["--mode", "2", "--evaluation", "--path_g2l", "g2l.pth", "--model_path",
-                                        str(models)])
+    argv = ["--mode", "2", "--evaluation", "--path_g2l", "g2l.pth", "--model_path", str(models), "--data_path",
+            str(pristine), "--log_path", str(tmp_path / "logs"), "--num_workers", "0", "--device", "cpu"]
+    args = train_deep_globe.parse_args(argv)
     settled = train_deep_globe.settle_flags(args)
     assert (args.size_g, args.size_p, args.backbone, settled.table) == ((508, 508), (508, 508), "resnet50", DEEPGLOBE)
     assert settled.facts == {} and settled.notes == []
+    assert train_deep_globe.main([*argv, "--backbone", BACKBONE, "--size_g", "64", "--size_p", "96"]) == 0
+
+
+def test_a_backbone_flag_other_than_the_checkpoints_is_one_line(trained, pristine, tmp_path, capsys):
+    assert predict.main(_predict(trained, tmp_path, pristine / "test" / "Sat", "--backbone", "resnet50")) == 2
+    line = _error_line(capsys)
+    assert f"--backbone resnet50: {trained / 'models' / TASKS[2]}.pth was trained with resnet18; drop --backbone" in line

@@ -3,6 +3,7 @@ tiny images, bad files found late. Each ends in one line and loses nothing writt
 from __future__ import annotations
 
 import errno
+import re
 import os
 import resource
 import signal
@@ -32,9 +33,10 @@ TASK = "fpn_deepglobe_global"
 
 
 def _error_lines(text: str) -> list[str]:
-    """stderr without progress bars."""
+    """stderr without progress: bars, and predict.py's line per image where there is no terminal."""
     return [line for line in text.replace("\r", "\n").splitlines()
-            if line.strip() and "it/s" not in line and "%|" not in line and "s/it" not in line]
+            if line.strip() and "it/s" not in line and "%|" not in line and "s/it" not in line
+            and not re.fullmatch(r"\S+: \d+\.\d s \(\d+/\d+\)", line)]
 
 
 def _one_line(text: str, *fragments: str) -> str:
@@ -83,6 +85,12 @@ def test_a_second_run_on_the_same_task_stops_at_once_naming_the_first(data, tmp_
     _one_line(err, "terminated: ")
     assert not lock.exists() and not (tmp_path / "logs" / f"{TASK}.lock").exists()
     assert not _temporaries(tmp_path)
+
+
+def test_one_folder_for_checkpoints_and_logs_is_one_lock(data, tmp_path):
+    args = tiny_args(data, tmp_path, "--num_epochs", 1)
+    args[args.index("--log_path") + 1] = str(tmp_path / "models")
+    assert train_deep_globe.main(args) == 0
 
 
 def _hold_lock_and_die(path: Path) -> int:
@@ -381,6 +389,16 @@ def test_a_second_predict_into_the_same_folder_is_refused(tmp_path, weights, cap
         assert predict.main(_predict(weights[0], images, tmp_path / "out")) == 2
     _one_line(capsys.readouterr().err, f"--output {tmp_path / 'out'} is in use by process {os.getpid()}",
               "choose another --output")
+
+
+def test_an_event_file_that_cannot_be_written_is_one_error_and_closes_quietly(tmp_path):
+    from utils.run_log import EventFile
+
+    events = EventFile(tmp_path)
+    events.path = Path("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    with pytest.raises(utils.files.WriteError, match="/dev/full: cannot write \\(No space left on device"):
+        events.add([], 1)
+    events.close()
 
 
 # The event file

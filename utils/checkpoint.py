@@ -7,6 +7,7 @@ this project and the authors' code (pinned to torch 0.4.1).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from utils.files import replacing_together, writing
 PREFIX = "module."
 FACTS_SUFFIX = ".json"
 FACTS_KEY, FACTS_VERSION = "lungseg_facts", 1  # marks (and versions) a facts file
+SHA256_KEY = "weights_sha256"  # ties the facts to the bytes of their weights file
 OPTIONAL_SUFFIX = "num_batches_tracked"
 
 KEY_FILTERS: dict[str, Callable[[str], bool]] = {
@@ -49,11 +51,10 @@ class _PythonWrites:
         self.write, self.flush = file.write, file.flush
 
 
-def atomic_save(obj: Any, path: str | Path, legacy_container: bool = False) -> None:
-    """torch.save to `path` atomically (utils.files.writing); a failed write is a
-    WriteError. legacy_container: torch's format before 1.6 instead of its zip container."""
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` atomically (utils.files.writing); a failed write is a WriteError."""
     with writing(path) as file:
-        torch.save(obj, _PythonWrites(file), _use_new_zipfile_serialization=not legacy_container)
+        torch.save(obj, _PythonWrites(file))
 
 
 def link_weights(src: str | Path, dst: str | Path) -> None:
@@ -80,7 +81,8 @@ def facts_path(weights: str | Path) -> Path:
 
 def read_facts(weights: str | Path) -> Optional[dict[str, Any]]:
     """The facts of the run that wrote a weights file, or None for a file without them
-    (the authors' files, files of earlier versions)."""
+    (the authors' files, files of earlier versions). Facts written for other bytes than the
+    file now holds (a file copied over it) are refused: they would describe another model."""
     path = facts_path(weights)
     if not Path(weights).is_file() or not path.is_file():
         return None
@@ -89,10 +91,21 @@ def read_facts(weights: str | Path) -> Optional[dict[str, Any]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: unreadable facts of {Path(weights).name} ({error}); delete the file to use "
                               "the weights without them") from None
-    if not isinstance(facts, dict) or facts.get(FACTS_KEY) != FACTS_VERSION:
+    if not isinstance(facts, dict) or facts.pop(FACTS_KEY, None) != FACTS_VERSION:
         raise CheckpointError(f"{path}: not the facts of a weights file written by this project; delete it, or move "
                               "it away from the weights")
+    if facts.pop(SHA256_KEY, None) != _sha256(weights):
+        raise CheckpointError(f"{path}: the facts of other weights than {Path(weights).name} holds now (the file was "
+                              f"replaced); delete {path.name} to use the weights without facts")
     return facts
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_file(path: str | Path) -> Any:
@@ -208,7 +221,9 @@ def write_weights(weights: Mapping[str, Tensor], path: str | Path, facts: Option
             os.fsync(file.fileno())
         if facts is not None:
             with open(facts_tmp, "x") as file:
-                json.dump({FACTS_KEY: FACTS_VERSION, **facts}, file, indent=2)
+                json.dump({FACTS_KEY: FACTS_VERSION, SHA256_KEY: _sha256(weights_tmp), **facts}, file, indent=2)
+                file.flush()
+                os.fsync(file.fileno())
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -90,11 +90,6 @@ def on_main(work: Callable[[], T], info: DistInfo) -> Optional[T]:
     return result
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

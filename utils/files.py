@@ -222,8 +222,11 @@ class RunLock:
             self.took_over = _read(fd) or None
             self.fd = fd
             holder = f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (holder + " ".join([sys.executable, *sys.argv])).encode(), 0)
+            # The lock is the flock; the holder line only names it, and a full disk (perhaps
+            # full of a killed run's temporary files, removed next) must not stop the run.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (holder + " ".join([sys.executable, *sys.argv])).encode(), 0)
         return self
 
     def release(self) -> None:

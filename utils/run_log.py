@@ -2,6 +2,7 @@
 tensorboard event file, all in <log_path>/<task_name>/ and written by rank 0 only."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -38,11 +39,15 @@ class EventFile:
                 self.writer.write(Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
             self.writer.flush()
         except OSError as error:
+            self.close()  # what the failed flush left in the buffer is dropped, not written again
             raise cannot_write(self.path, error) from None
 
     def close(self) -> None:
+        """Close the file; a failure here (the last buffered bytes) loses at most those bytes."""
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            with contextlib.suppress(OSError):
+                writer.close()
 
 
 class RunLog:
