@@ -24,12 +24,12 @@ from tqdm import tqdm
 import helper
 import train_deep_globe
 from dataset.classes import ClassTable
-from dataset.errors import USAGE_ERROR, DataError, reports_errors
 from dataset.io import read_image, save_png
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.transforms import global_image
 from models.stages import CHECKPOINT_FLAGS, Stage
 from train_deep_globe import USER_ERRORS, checkpoint_paths, parse_size
+from utils.errors import USAGE_ERROR, DataError, reports_errors
 from utils.files import RunLock, remove_temporaries, replacing_together
 from utils.folders import output_folder
 from utils.patches import PatchGrid

@@ -25,7 +25,6 @@ from PIL import Image
 
 import helper
 from dataset.classes import NAMED_TABLES, ClassTable, load_class_table, table_from_json, table_to_json
-from dataset.errors import MESSAGES_ENV, DataError, report, reports_errors
 from dataset.io import write_png
 from dataset.transforms import to_unit_float
 from dataset.segmentation import PRESETS, SegmentationDataset, build_dataset, check_samples, collate
@@ -35,6 +34,7 @@ from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, fact
                               read_facts, read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
 from utils.cuda_math import CUDA_MATH
 from utils.distributed import DistInfo, cleanup, init_distributed, on_main, shard
+from utils.errors import MESSAGES_ENV, DataError, report, reports_errors
 from utils.files import InUseError, RunLock, WriteError, remove_temporaries, write_new
 from utils.folders import output_folder
 from utils.memory import return_large_blocks_to_the_system

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dataset.errors import DataError, opening
+from utils.errors import DataError, opening
 from utils.patches import class_dtype
 
 Colour = tuple[int, int, int]

@@ -15,7 +15,7 @@ from PIL import ExifTags, Image
 from torch import Tensor
 
 from dataset.classes import ClassTable
-from dataset.errors import DataError, opening
+from utils.errors import DataError, opening
 from utils.files import replacing
 from utils.patches import class_dtype
 

@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dataset.classes import DEEPGLOBE
-from dataset.errors import reports_data_errors
 from dataset.io import write_label, write_png
 from dataset.layouts import DEEP_GLOBE
 from dataset.prepare_common import SPLITS, claim_destination
 from dataset.prepare_lung import MONTGOMERY_IMAGES, MONTGOMERY_MASK_DIR, MONTGOMERY_MASKS
+from utils.errors import reports_data_errors
 from utils.files import replacing
 
 URBAN = DEEPGLOBE.names.index("urban")

@@ -9,8 +9,8 @@ from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from dataset.errors import DataError
 from dataset.io import open_image
+from utils.errors import DataError
 from utils.files import replacing
 
 SPLITS = ("train", "crossvali", "test")

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dataset.classes import DEEPGLOBE
-from dataset.errors import DataError, reports_data_errors
 from dataset.io import NotAColourMask, read_mask, write_label
 from dataset.layouts import DEEP_GLOBE, index_files
 from dataset.prepare_common import SPLITS, MissingSample, claim_destination, copy_image, prepare_splits
+from utils.errors import DataError, reports_data_errors
 
 SPLIT_LIST_DIR = Path(__file__).resolve().parent / "splits"
 SOURCE_IMAGE, SOURCE_MASK = "_sat.jpg", "_mask.png"  # the official download's names

@@ -21,10 +21,10 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from dataset.classes import LUNG
-from dataset.errors import DataError, reports_data_errors
 from dataset.io import ID_MODES, open_image, write_label
 from dataset.layouts import FOLDER, IMAGE_SUFFIXES, index_files
 from dataset.prepare_common import SPLITS, MissingSample, claim_destination, copy_image, prepare_splits
+from utils.errors import DataError, reports_data_errors
 
 MONTGOMERY_IMAGES = "CXR_png"
 MONTGOMERY_MASK_DIR = "ManualMask"

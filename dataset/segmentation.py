@@ -16,10 +16,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dataset.classes import DEEPGLOBE, ClassTable
-from dataset.errors import DataError
 from dataset.io import MaskKind, PathLike, image_size, read_image, read_mask
 from dataset.layouts import Sample, deep_globe_samples, folder_samples
 from dataset.transforms import augment as paired_augment
+from utils.errors import DataError
 
 
 class Item(TypedDict):

@@ -12,11 +12,11 @@ from PIL import Image
 
 import dataset.io
 from dataset.classes import DEEPGLOBE, LUNG, ClassTable, load_class_table
-from dataset.errors import DataError
 from dataset.io import open_image, png_significant_bits, read_image, read_mask, write_label
 from dataset.layouts import deep_globe_samples, folder_samples
 from dataset.segmentation import SegmentationDataset, build_dataset, collate
 from dataset.transforms import augment
+from utils.errors import DataError
 
 RNG = np.random.default_rng(0)
 

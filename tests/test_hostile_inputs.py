@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from dataset.classes import DEEPGLOBE, LUNG, load_class_table
-from dataset.errors import DataError
 from dataset.io import image_size, open_image, read_image, read_mask
+from utils.errors import DataError
 
 RNG = np.random.default_rng(0)
 ORIENTATION = 0x0112

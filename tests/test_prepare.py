@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from dataset.classes import DEEPGLOBE, LUNG
-from dataset.errors import DataError
 from dataset.io import read_mask
 from dataset.layouts import deep_globe_samples, folder_samples
 from dataset.make_demo import make_synthetic_xrays
@@ -17,6 +16,7 @@ from dataset.prepare_deep_globe import split_ids
 from dataset.prepare_lung import main as prepare_lung
 from dataset.prepare_lung import split_names
 from dataset.segmentation import build_dataset
+from utils.errors import DataError
 
 RNG = np.random.default_rng(0)
 SIZE = (20, 24)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dataset.errors import DataError
+from utils.errors import DataError
 
 
 def output_folder(path: str | Path, flag: str) -> Path:
