@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from dataset.io import open_image
 from utils.errors import DataError
-from utils.files import replacing
+from utils.files import replacing, writing
 
 SPLITS = ("train", "crossvali", "test")
 EMPTY_SPLIT = 1  # exit status when a split ends up with no samples
@@ -41,17 +41,20 @@ class MissingSample(DataError):
     """A sample's source file is absent: reported with the other absent ones, not alone."""
 
 
-def prepare_splits(splits: Mapping[str, Sequence[str]], prepare_one: Callable[[str, str], None], source: Path) -> int:
+def prepare_splits(splits: Mapping[str, Sequence[str]], prepare_one: Callable[[str, str], None], source: Path,
+                   dst: Path) -> int:
     """Call `prepare_one(split, name)` for every name of every split and report.
 
     A DataError from `prepare_one` skips that sample and the rest go on, so one bad file
-    does not cost the whole preparation. Absent samples (MissingSample) are named in one
-    warning per split; other failures get one warning each, with their own message.
+    does not cost the whole preparation. Absent samples (MissingSample) are counted in one
+    warning per split and listed in `dst`/missing_<split>.txt (a partial download misses
+    hundreds); other failures get one warning each, with their own message.
 
     Args:
         splits: split -> sample names.
         prepare_one: writes one sample; raises DataError for a missing or unusable one.
         source: the source folder, for the warnings.
+        dst: the prepared dataset's folder, for the lists of missing samples.
     Returns:
         Exit status: 0, or EMPTY_SPLIT when some split has no prepared sample.
     """
@@ -69,8 +72,14 @@ def prepare_splits(splits: Mapping[str, Sequence[str]], prepare_one: Callable[[s
                 unusable.append(f"{split}/{name}: {error}")
         done = len(names) - len(missing) - len(unusable)
         print(f"{split}: prepared {done} of {len(names)} ({len(missing)} missing, {len(unusable)} unusable)")
+        listing = dst / f"missing_{split}.txt"
         if missing:
-            warnings.append(f"{split}: {len(missing)} samples missing from {source}, skipped: {' '.join(missing)}")
+            with writing(listing) as file:
+                file.write("".join(f"{name}\n" for name in missing).encode())
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            warnings.append(f"{split}: {len(missing)} samples missing from {source}, skipped ({shown}; all in {listing})")
+        else:
+            listing.unlink(missing_ok=True)  # an earlier run's list
         warnings += [f"skipped {message}" for message in unusable]
         if done == 0:
             empty.append(split if names else f"{split} (no samples assigned)")

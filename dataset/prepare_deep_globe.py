@@ -4,8 +4,8 @@
 
 Uses GLNet's split lists (dataset/splits/deep_globe_{train,crossvali,test}.txt) and writes
 <dst>/<split>/Sat/<id>_sat.jpg (the downloaded bytes) and <dst>/<split>/Label/<id>_mask.png
-(class ids, from the RGB masks binarised at 128). Ids missing from the download are named
-and skipped; the exit status is 1 if a whole split ends up empty, 2 for unusable arguments.
+(class ids, from the RGB masks binarised at 128). Ids missing from the download are
+counted, listed in <dst>/missing_<split>.txt and skipped; the exit status is 1 if a whole split ends up empty, 2 for unusable arguments.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def prepare_deep_globe(src: Path, dst: Path, force: bool = False) -> int:
         copy_image(image, DEEP_GLOBE.image_path(dst / split, sample_id), tuple(label.shape), str(mask))
         write_label(DEEP_GLOBE.mask_path(dst / split, sample_id), label)
 
-    return prepare_splits({split: split_ids(split) for split in SPLITS}, prepare_one, src)
+    return prepare_splits({split: split_ids(split) for split in SPLITS}, prepare_one, src, dst)
 
 
 @reports_data_errors

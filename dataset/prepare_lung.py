@@ -135,7 +135,7 @@ def prepare_lung(src: Path, dst: Path, layout: str = "montgomery", val_fraction:
                    " + ".join(str(m) for m in source.masks))
         write_label(FOLDER.mask_path(dst / split, name), label)
 
-    return prepare_splits(splits, prepare_one, src)
+    return prepare_splits(splits, prepare_one, src, dst)
 
 
 @reports_data_errors
