@@ -145,6 +145,12 @@ def _produced_by(flag: str) -> str:
     return f"stage {int(stage)} ({STAGES[stage].name})"
 
 
+def require_checkpoints(stage: Stage, training: bool, paths: dict[str, Optional[Path]]) -> None:
+    """Refuse, in one line, a run of `stage` whose checkpoint files are not named or not there."""
+    for flag in STAGES[stage].reads(training):
+        _required(paths, flag, stage, training)
+
+
 def _required(paths: dict[str, Optional[Path]], flag: str, stage: Stage, training: bool) -> Path:
     path = paths.get(flag)
     what = "training" if training else "evaluating"

@@ -121,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips")
     a("--save_predictions", default=None, metavar="DIR", help="write a colour PNG per evaluated image")
     a("--test", action="store_true", help="evaluate the test split (scored where it has labels)")
-    a("--dataset", choices=["deep_globe", "folder"], default="deep_globe", help="data layout (see README)")
+    a("--dataset", choices=["deep_globe", "folder"], default=None,
+      help="data layout (see README; default: the checkpoint's, else deep_globe)")
     a("--classes", default=None, help="class table: a JSON file, or deep_globe / lung (default: the checkpoint's, "
       "else the dataset's own)")
-    a("--mask_kind", choices=["ids", "colours"], default="ids", help="masks hold class ids or class colours")
+    a("--mask_kind", choices=["ids", "colours"], default=None,
+      help="masks hold class ids or class colours (default: the checkpoint's, else ids)")
     a("--backbone", choices=["resnet50", "resnet18"], default=None,
       help="resnet50 is GLNet; resnet18 only for quick experiments and tests (default: the checkpoint's, else resnet50)")
     a("--amp", choices=sorted(helper.AMP_DTYPES), default=None,
@@ -420,7 +422,8 @@ def seed_everything(seed: int) -> None:
 
 # Flags whose value a run takes from its checkpoint's facts when not given, and otherwise
 # the authors' value; the class table (--classes) is taken the same way.
-FROM_FACTS = {"size_g": AUTHORS_SIZE, "size_p": AUTHORS_SIZE, "backbone": "resnet50"}
+FROM_FACTS = {"size_g": AUTHORS_SIZE, "size_p": AUTHORS_SIZE, "backbone": "resnet50", "dataset": "deep_globe",
+              "mask_kind": "ids"}
 
 
 @dataclass(frozen=True)
@@ -439,8 +442,10 @@ def settle_flags(args: argparse.Namespace) -> Settled:
     table. Files without facts leave the authors' defaults."""
     stage = Stage(args.mode)
     paths = checkpoint_paths(args)
+    # A missing file first: without its facts, the run would ask for what they hold.
+    helper.require_checkpoints(stage, not args.evaluation, paths)
     facts = {flag: found for flag in STAGES[stage].reads(not args.evaluation)
-             if paths[flag] is not None and (found := read_facts(paths[flag])) is not None}
+             if (found := read_facts(paths[flag])) is not None}  # type: ignore[arg-type]
     for flag, found in facts.items():
         if found.get("stage") != int(CHECKPOINT_FLAGS[flag]):
             wanted = CHECKPOINT_FLAGS[flag]
@@ -449,7 +454,8 @@ def settle_flags(args: argparse.Namespace) -> Settled:
     source = next(iter(facts), None)  # the flag of the file the run starts from
     notes = []
     for flag, default in FROM_FACTS.items():
-        known = _as_flag(facts[source].get(flag)) if source else None
+        # The data layout flags are kept under "data".
+        known = _as_flag(facts[source].get(flag, facts[source].get("data", {}).get(flag))) if source else None
         given = getattr(args, flag)
         if given is None:
             setattr(args, flag, known if known is not None else default)
@@ -736,7 +742,7 @@ def claim_run(args: argparse.Namespace, held: contextlib.ExitStack) -> list[str]
         folders.setdefault(Path(folder).resolve(), (flag, folder))  # one lock per folder
     for resolved, (flag, folder) in folders.items():
         lock = held.enter_context(RunLock(resolved / args.task_name, f"--task_name {args.task_name} in {flag} {folder}",
-                                          "choose another --task_name"))
+                                          "choose another --task_name (RUN_NAME with the stage scripts)"))
         if lock.took_over:
             notes.append(f"took over {lock.path}, left by a run that ended without releasing it ({lock.took_over})")
     files = RunFiles.of(args)

@@ -8,7 +8,7 @@
 # Extra arguments are passed on to train_deep_globe.py (e.g. --pretrained none).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-python "$here/train_deep_globe.py" \
+exec python "$here/train_deep_globe.py" \
     --data_path "${DATA:-$here/data/deep_globe}" \
     --model_path "${MODELS:-$here/saved_models}" \
     --log_path "${LOGS:-$here/runs}" \

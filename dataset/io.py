@@ -11,7 +11,7 @@ from typing import BinaryIO, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torch import Tensor
 
 from dataset.classes import ClassTable
@@ -64,6 +64,9 @@ def _opened(path: PathLike) -> Iterator[Image.Image]:
     with file:
         try:
             yield Image.open(file)
+        except UnidentifiedImageError:
+            raise DataError(f"{path}: not an image in a format Pillow reads; convert it, or move it out of the "
+                            "folder") from None
         except OSError as error:
             raise DataError(f"{path}: cannot read image ({error}); the file is truncated or corrupt, "
                             "re-download or re-export it") from None

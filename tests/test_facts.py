@@ -143,7 +143,8 @@ def test_a_stage_does_not_chain_from_another_datasets_file(trained, pristine, tm
 
 
 def test_own_data_chains_its_class_table_through_the_stages(tmp_path, capsys):
-    """Only stage 1 names the class table; stages 2 and 3 take it from the file they start from."""
+    """Only stage 1 names the layout and class table; stages 2 and 3 take them from the file
+    they start from."""
     rng = np.random.default_rng(0)
     for split in ("train", "crossvali"):
         for k in range(2):
@@ -154,8 +155,9 @@ def test_own_data_chains_its_class_table_through_the_stages(tmp_path, capsys):
     table = tmp_path / "classes.json"
     table.write_text(json.dumps({"classes": [{"id": 0, "name": "ground", "colour": [0, 0, 0]},
                                              {"id": 1, "name": "roof", "colour": [255, 0, 0]}]}))
-    args = [*tiny_args(tmp_path / "d", tmp_path, "--num_epochs", 1), "--dataset", "folder"]
-    assert train_deep_globe.main(["--mode", "1", "--classes", str(table), "--task_name", "r_global", *args]) == 0
+    args = tiny_args(tmp_path / "d", tmp_path, "--num_epochs", 1)
+    assert train_deep_globe.main(["--mode", "1", "--dataset", "folder", "--classes", str(table), "--task_name",
+                                  "r_global", *args]) == 0
     assert train_deep_globe.main(["--mode", "2", "--path_g", "r_global.pth", "--task_name", "r_global2local",
                                   *args]) == 0
     assert train_deep_globe.main(["--mode", "3", "--path_g", "r_global.pth", "--path_g2l", "r_global2local.pth",
@@ -164,6 +166,7 @@ def test_own_data_chains_its_class_table_through_the_stages(tmp_path, capsys):
     assert facts["class_table"]["classes"] == [{"id": 0, "name": "ground", "colour": [0, 0, 0]},
                                                {"id": 1, "name": "roof", "colour": [255, 0, 0]}]
     assert "--classes" not in capsys.readouterr().err
+    assert read_facts(tmp_path / "models" / "r_global2local.pth")["data"]["dataset"] == "folder"
 
 
 def test_a_weights_file_without_facts_takes_the_flags_or_the_authors_defaults(trained, pristine, tmp_path):

@@ -250,7 +250,7 @@ def _flags() -> tuple[bool, bool, bool]:
 ])
 def test_sessions_run_true_fp32_unless_asked_for_speed(cuda_flags, argv, flags):
     set_cuda_math("fast" if flags[2] else "strict")  # start from the other setting
-    args = _parsed(argv)
+    args = train_deep_globe.parse_args([*argv, "--size_g", "64", "--size_p", "96", "--backbone", "resnet18"])
     helper.make_session(train_deep_globe.Stage(1), GLNet(N_CLASS, "resnet18"), None, NAMED_TABLES["deep_globe"], args,
                         torch.device("cpu"), inference=args.evaluation)
     assert _flags() == flags

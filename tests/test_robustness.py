@@ -363,4 +363,5 @@ def test_more_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
     argv = tiny_args(data, tmp_path, "--num_epochs", 1, *flags)
     if "--path_g" in flags:
         argv = ["--mode", "2", *argv]
+        (tmp_path / "models").mkdir()  # "." inside it: a folder where a file should be
     _fails(capsys, argv, fragment)
