@@ -193,7 +193,7 @@ def test_image_size_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="is a folder, not an image file"):
         image_size(tmp_path)
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(DataError, match="cannot read image") as error:
+    with pytest.raises(DataError, match="not an image in a format Pillow reads") as error:
         image_size(tmp_path / "notes.png")
     one_line_naming(error, tmp_path / "notes.png")
 
