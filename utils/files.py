@@ -73,20 +73,10 @@ def temporary_name(path: Path) -> Path:
 @contextlib.contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """A free temporary name beside `path`, renamed over `path` when the block ends and
-    removed if it raises. An OSError (disk full, permission, ...) becomes a WriteError."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    removed if it raises (replacing_together of one file). An OSError (disk full,
+    permission, ...) becomes a WriteError."""
+    with replacing_together([path]) as (tmp,):
         yield tmp
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        cause = os_error_in(error) if isinstance(error, Exception) else None
-        if cause is not None and not isinstance(error, WriteError):
-            raise cannot_write(path, cause) from None
-        raise
 
 
 @contextlib.contextmanager
