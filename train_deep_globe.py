@@ -438,8 +438,9 @@ class Settled:
 
 def settle_flags(args: argparse.Namespace) -> Settled:
     """Fill the flags left out (FROM_FACTS, --classes) from the facts of the checkpoints the
-    run reads, and refuse a checkpoint of another stage, or, in training, of another class
-    table. Files without facts leave the authors' defaults."""
+    run reads, and refuse, in one line, a missing checkpoint, one of another stage or
+    backbone, or of another class table (in evaluation: another class count). Files
+    without facts leave the authors' defaults."""
     stage = Stage(args.mode)
     paths = checkpoint_paths(args)
     # A missing file first: without its facts, the run would ask for what they hold.
