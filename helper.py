@@ -328,6 +328,17 @@ def predict(
     return [predictions_of(r, kinds, img.shape[-2:]) for r, img in zip(result.images, samples["image"])]
 
 
+def predict_image(session: Session, image: Tensor, tta: bool = False) -> Tensor:
+    """The stage's final prediction (GLNet's ensemble; the global one in mode 1) for one
+    image as read from disk, (3, H, W) uint8 (float in [0, 1] for deeper sources): (H, W)
+    class ids (uint8 up to 256 classes) on the session's device. The image moves to the
+    device first, so its global image is resized there."""
+    image = image.to(session.device)
+    samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
+    final = session.predictions[-1]
+    return predict(session, samples, tta, kinds=(final,))[0][final]
+
+
 @torch.inference_mode()
 def tta_scores(session: Session, samples: dict[str, list[Any]], kinds: Sequence[str]) -> list[dict[str, Tensor]]:
     """Test-time augmentation's summed logits (K, H, W) per image and kind: the whole method

@@ -21,24 +21,19 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+import config
 import helper
-import train_deep_globe
+from config import (USER_ERRORS, add_device_flags, check_args, checkpoint_paths, default_checkpoint, parse_size,
+                    settle_flags)
 from dataset.classes import ClassTable
 from dataset.io import read_image, save_png
 from dataset.layouts import IMAGE_SUFFIXES, index_files
-from dataset.transforms import global_image
 from models.stages import CHECKPOINT_FLAGS, Stage
-from train_deep_globe import USER_ERRORS, checkpoint_paths, parse_size
 from utils.errors import USAGE_ERROR, DataError, reports_errors
 from utils.files import RunLock, remove_temporaries, replacing_together
 from utils.folders import output_folder
 from utils.patches import PatchGrid
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
-
-
-def default_checkpoint(stage: Stage) -> str:
-    """The file training writes for a stage under its default task name."""
-    return train_deep_globe.default_task_name(stage) + ".pth"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
       "of those names are overwritten)")
     a("--mode", type=int, choices=[1, 2, 3], default=3, help="stage whose weights predict: 1 global, 2 global-to-local, "
       "3 local-to-global (GLNet) (default: 3)")
-    a("--model_path", default="saved_models", help="folder of the checkpoints; --path_* names are taken inside it")
+    a("--model_path", default="saved_models", help="folder of the checkpoints; --path_* names are taken inside it "
+      "(default: saved_models)")
     for flag, stage in CHECKPOINT_FLAGS.items():
         a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
     a("--size_g", type=parse_size, default=None, help="global image size: N or H,W (default: the one the checkpoint "
@@ -57,10 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--size_p", type=parse_size, default=None, help="local patch size: N or H,W (default: the checkpoint's, else 508)")
     a("--micro_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
       "speed; results do not depend on it; default: 1 on the CPU, 6 on a GPU)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast to bf16 or fp16 (CUDA only)")
-    a("--channels_last", action="store_true", help="run the convolutions in channels-last memory format")
-    train_deep_globe.add_cuda_math_flag(p)
+    add_device_flags(p)
     a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower)")
     a("--classes", default=None, help="class table JSON (default: the checkpoint's, else DeepGlobe's 7 classes)")
     a("--backbone", choices=["resnet50", "resnet18"], default=None, help="must match the checkpoints (default: "
@@ -75,7 +68,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def as_trainer_args(args: argparse.Namespace) -> argparse.Namespace:
     """predict's flags over the trainer's evaluation defaults. The flags both have mean the
     same, so the trainer's own checks and class-table choice apply to predict unchanged."""
-    return argparse.Namespace(**{**vars(train_deep_globe.parse_args(["--evaluation"])), **vars(args)})
+    return argparse.Namespace(**{**vars(config.parse_args(["--evaluation"])), **vars(args)})
 
 
 def find_images(path: Path) -> list[Path]:
@@ -102,16 +95,6 @@ def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session
     model, frozen = helper.build_models(stage, table.n_class, training=False, paths=checkpoint_paths(args),
                                         backbone=args.backbone, device=torch.device(args.device))
     return helper.make_session(stage, model, frozen, table, args, torch.device(args.device), inference=True)
-
-
-def predict_image(session: helper.Session, image: Tensor, tta: bool = False) -> Tensor:
-    """The stage's final prediction (GLNet's ensemble; the global one in mode 1) for one
-    image (3, H, W), uint8 or float in [0, 1]: (H, W) class ids (uint8 up to 256 classes) on the session's device.
-    The image moves to the device first, so the global image is resized there."""
-    image = image.to(session.device)
-    samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
-    final = session.predictions[-1]
-    return helper.predict(session, samples, tta, kinds=(final,))[0][final]
 
 
 def output_names(stem: str) -> tuple[str, str]:
@@ -145,9 +128,9 @@ def read_ahead(
 
 def run(args: argparse.Namespace) -> int:
     args = as_trainer_args(args)
-    settled = train_deep_globe.settle_flags(args)
+    settled = settle_flags(args)
     table = settled.table
-    train_deep_globe.check_args(args, table)
+    check_args(args, table)
     for note in settled.notes:
         print(note, file=sys.stderr)
     images = find_images(Path(args.input))
@@ -201,7 +184,7 @@ def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTab
                 continue
             start = time.perf_counter()
             with patch_bar(session, image, tta, path.name) as passes:
-                ids = predict_image(dataclasses.replace(session, on_patches=passes.update), image, tta)
+                ids = helper.predict_image(dataclasses.replace(session, on_patches=passes.update), image, tta)
             if bar.disable:  # no bars in a log or a pipe: a line per image instead
                 print(f"{path.name}: {time.perf_counter() - start:.1f} s ({k + 1}/{len(images)})", file=sys.stderr)
             if written is not None:

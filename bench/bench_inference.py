@@ -4,7 +4,7 @@ with --train, one training step on one image. See bench/README.md for the protoc
     python bench/bench_inference.py --sizes 2448 --modes 3 --device cpu --repeat 1 --json out.json
     python bench/bench_inference.py --via-cli --sizes 2448 --modes 3 --device cpu
 
-Weights are deterministic random ones (utils.parity's rule), so no checkpoint is needed.
+Weights are deterministic random ones (tests/weight_rule.py), so no checkpoint is needed.
 Every case runs in a fresh process, so its peak memory is its own.
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import config  # noqa: E402
 import helper  # noqa: E402
+from config import default_checkpoint  # noqa: E402
 from dataset.classes import DEEPGLOBE  # noqa: E402
 from dataset.make_demo import make_deep_globe_demo  # noqa: E402
 from dataset.transforms import global_image  # noqa: E402
@@ -37,12 +39,10 @@ from models.glnet import GLNet, GlobalBranch  # noqa: E402
 from models.stages import (  # noqa: E402
     AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Batch, Stage, set_branch_modes,
 )
-from predict import default_checkpoint, predict_image  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
 from utils.files import writing  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
-from utils.parity import apply_rule_weights  # noqa: E402
-import train_deep_globe  # noqa: E402
+from tests.weight_rule import apply_rule_weights  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
 from bench.op_count import OpCount  # noqa: E402
 from bench.tensor_peak import TensorPeak, module_tensors  # noqa: E402
@@ -142,7 +142,7 @@ def random_image(size: int, generator: torch.Generator) -> torch.Tensor:
 
 def eval_step(session: helper.Session, image: torch.Tensor) -> Callable[[], None]:
     """Segment the image as predict.py does, from the uint8 tensor to the class map."""
-    return lambda: predict_image(session, image)
+    return lambda: helper.predict_image(session, image)
 
 
 def train_step(session: helper.Session, image: torch.Tensor, generator: torch.Generator) -> Callable[[], None]:
@@ -379,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help=f"the trainer's --sub_batch_size (default: {SUB_BATCH_SIZE})")
     a("--micro_batch_size", type=int, default=None, help="the trainer's --micro_batch_size (default: its default, "
       "1 on the CPU and --sub_batch_size on a GPU)")
-    a("--size_g", type=train_deep_globe.parse_size, default=AUTHORS_SIZE, help=f"global image size (default: {AUTHORS_SIZE[0]})")
-    a("--size_p", type=train_deep_globe.parse_size, default=AUTHORS_SIZE, help=f"patch size (default: {AUTHORS_SIZE[0]})")
+    a("--size_g", type=config.parse_size, default=AUTHORS_SIZE, help=f"global image size (default: {AUTHORS_SIZE[0]})")
+    a("--size_p", type=config.parse_size, default=AUTHORS_SIZE, help=f"patch size (default: {AUTHORS_SIZE[0]})")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="(default: resnet50)")
     a("--profile", action="store_true", help="print the top operators of one more run of each case")
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
       "tensors, weights included (any device; slower)")
     a("--count_ops", action="store_true", help="one more evaluation run counting the operator calls per image "
       "(each costs host time on a GPU; any device)")
-    train_deep_globe.add_cuda_math_flag(p)
+    config.add_cuda_math_flag(p)
     a("--json", default=None, metavar="OUT", help="write every record to this JSON file")
     a("--one-case", default=None, help=argparse.SUPPRESS)
     return p
@@ -423,8 +423,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.micro_batch_size is not None:
         shared += ["--micro_batch_size", str(args.micro_batch_size)]
     try:
-        train_deep_globe.check_args(train_deep_globe.parse_args(shared), DEEPGLOBE)
-    except train_deep_globe.ConfigError as error:
+        config.check_args(config.parse_args(shared), DEEPGLOBE)
+    except config.ConfigError as error:
         problems.append(str(error))
     if args.amp is not None and torch.device(args.device).type != "cuda" and (args.amp != "bf16" or args.via_cli):
         problems.append(f"--amp {args.amp} needs a CUDA device, got --device {args.device} "

@@ -182,7 +182,7 @@ def read_image(path: PathLike) -> Tensor:
     Returns:
         (3, H, W) uint8 for 8-bit sources, or float32 in [0, 1] for 16-bit grey, divided
         by 2**bits - 1 where bits is the depth the PNG declares in its sBIT chunk (12-bit
-        X-rays are often stored so), else by 65535 -- see dataset.transforms.to_unit_float.
+        X-rays are often stored so), else by 65535 -- see utils.images.to_unit_float.
     """
     image = open_image(path)
     if image.mode in SIXTEEN_BIT_MODES:

@@ -5,35 +5,13 @@ ones. Inputs are only scaled to [0, 1]; GLNet uses no mean/std normalisation.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from utils.images import to_unit_float
 from utils.resample import pil_bilinear
-
-
-@functools.lru_cache(maxsize=16)
-def _byte_max(device: torch.device) -> Tensor:
-    """255 as a tensor on `device`, made once per device. CUDA divides by a Python number
-    as a multiplication by its reciprocal, which can be an ulp off the true quotient; by a
-    tensor it divides, as the CPU, NumPy and the authors' code do."""
-    with torch.inference_mode(False):
-        return torch.tensor(255.0, device=device)
-
-
-def _bytes_to_unit(image: Tensor) -> Tensor:
-    return image.float().div_(_byte_max(image.device))
-
-
-def to_unit_float(image: Tensor) -> Tensor:
-    """Scale an image tensor to float32 in [0, 1] (uint8 / 255; float images pass through)."""
-    if image.dtype == torch.uint8:
-        return _bytes_to_unit(image)
-    if not image.is_floating_point():
-        raise TypeError(f"expected a uint8 or float image tensor, got {image.dtype}")
-    return image.float()
 
 
 def global_image(image: Tensor, size: Sequence[int]) -> Tensor:
@@ -47,7 +25,7 @@ def global_image(image: Tensor, size: Sequence[int]) -> Tensor:
     """
     out = pil_bilinear(image, size)
     if image.dtype == torch.uint8:
-        return _bytes_to_unit(out)
+        return to_unit_float(out)
     return out.clamp_(0.0, 1.0)
 
 

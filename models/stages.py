@@ -12,15 +12,15 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from dataset.transforms import to_unit_float
 from models.fpn import Context, Levels
 from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context, paste_context
+from utils.images import to_unit_float
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
 from utils.resample import resize_labels
 
 
-# The authors' run (GLNET_SPEC.md, section 5), the defaults of every command-line tool.
+# The authors' run (docs/authors_behaviour.md, section 5), the defaults of every command-line tool.
 AUTHORS_SIZE = (508, 508)  # size_g and size_p
 SUB_BATCH_SIZE = 6
 LAMB_FMREG = 0.15
@@ -56,7 +56,7 @@ class StageSpec:
     # Backbones that training starts from torchvision's ImageNet weights (--pretrained). The
     # authors' network constructor loads ImageNet into both ResNets every time and their
     # loader lays a checkpoint's keys over it, so a backbone no train_loads covers keeps
-    # ImageNet: both in stage 1, the local one in stage 2 (GLNET_SPEC.md, section 1).
+    # ImageNet: both in stage 1, the local one in stage 2 (docs/authors_behaviour.md, section 1).
     imagenet: tuple[str, ...] = ()
     frozen_global: Optional[str] = None  # flag of the file holding the frozen stage-1 global branch
 

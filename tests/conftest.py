@@ -1,3 +1,4 @@
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,43 @@ def parity_inputs():
     image = np.asarray(Image.open(FIXTURES / "parity_image.png").convert("RGB")).copy()
     label = np.asarray(Image.open(FIXTURES / "parity_label.png")).copy()
     return image, label
+
+
+@contextlib.contextmanager
+def exact_cuda_math(device: str):
+    """Disable TF32 on CUDA: the authors' numbers are float32 math."""
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(scope="session")
+def parity_run(parity_inputs):
+    """parity_run(impl, device, mode): the parity arrays of the fixtures' protocol (seed 0,
+    size_g = size_p = 256, sub-batch 4) from "reference" (models/reference.py) or "engine"
+    (models/stages.py, whole sub-batches per pass), computed once per session."""
+    from parity import engine_arrays, reference_arrays
+
+    image, label = parity_inputs
+    cache: dict[tuple[str, str, int], dict] = {}
+
+    def get(impl: str, device: str, mode: int) -> dict:
+        if (impl, device, mode) not in cache:
+            args = (0, image, label, (256, 256), (256, 256), 4, mode)
+            with exact_cuda_math(device):
+                if impl == "reference":
+                    cache[impl, device, mode] = reference_arrays(*args, device=device)
+                else:
+                    cache[impl, device, mode] = engine_arrays(*args, device=device)
+        return cache[impl, device, mode]
+
+    return get
 
 
 # A training run small enough for a test: ResNet-18, tiny sizes, the CPU, no ImageNet file.

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import predict
 import train_deep_globe
 from conftest import tiny_args
@@ -176,8 +177,8 @@ def test_a_weights_file_without_facts_takes_the_flags_or_the_authors_defaults(tr
     shutil.copyfile(trained / "models" / f"{TASKS[2]}.pth", models / "g2l.pth")
     argv = ["--mode", "2", "--evaluation", "--path_g2l", "g2l.pth", "--model_path", str(models), "--data_path",
             str(pristine), "--log_path", str(tmp_path / "logs"), "--num_workers", "0", "--device", "cpu"]
-    args = train_deep_globe.parse_args(argv)
-    settled = train_deep_globe.settle_flags(args)
+    args = config.parse_args(argv)
+    settled = config.settle_flags(args)
     assert (args.size_g, args.size_p, args.backbone, settled.table) == ((508, 508), (508, 508), "resnet50", DEEPGLOBE)
     assert settled.facts == {} and settled.notes == []
     assert train_deep_globe.main([*argv, "--backbone", BACKBONE, "--size_g", "64", "--size_p", "96"]) == 0

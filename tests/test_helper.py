@@ -12,11 +12,11 @@ from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
 from models.stages import STAGES, Stage
 from utils import metrics
-from utils.parity import apply_rule_weights
+from weight_rule import apply_rule_weights
 from utils.metrics import ConfusionMatrix
 
 
-# The authors' optimizer (GLNET_SPEC.md, section 3): Adam, weight decay 5e-4, one group per
+# The authors' optimizer (docs/authors_behaviour.md, section 3): Adam, weight decay 5e-4, one group per
 # module in state-dict order; the branch a stage does not train gets lr 0, the ensemble
 # convolution learns in every stage.
 AUTHORS_LEARNING_GROUPS = {

@@ -24,7 +24,7 @@ from models.fpn import FPN, _concat_resized
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch, crop_context
 from models.stages import Batch, Stage, run_stage, set_branch_modes
 from utils.layout import memory_format_of
-from utils.parity import apply_rule_weights, rule_tensor
+from weight_rule import apply_rule_weights, rule_tensor
 from utils.patches import PatchGrid, crop_to_patches, extract_patches
 from utils.resample import resize
 
@@ -62,7 +62,7 @@ def test_state_dict_matches_the_authors_key_table(glnet50):
         assert value.numel() == int(row["numel"]), key
 
 
-# Reference README section 4: (parameter tensors, parameters, buffer tensors, buffer elements, keys).
+# docs/authors_behaviour.md, section 7.3: (parameter tensors, parameters, buffer tensors, buffer elements, keys).
 PARAMETER_TABLE = {
     "resnet_global": (159, 23_508_032, 159, 53_173, 318),
     "resnet_local": (159, 23_508_032, 159, 53_173, 318),

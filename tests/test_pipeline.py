@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import helper
 import train_deep_globe
 from dataset.make_demo import make_deep_globe_demo
@@ -154,13 +155,13 @@ def _script_args(script: Path) -> list[str]:
     ],
 )
 def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, tmp_path):
-    args = train_deep_globe.parse_args(_script_args(ROOT / script))
+    args = config.parse_args(_script_args(ROOT / script))
     assert (args.data_path, args.model_path) == ("data/deep_globe", "saved_models")
     # Checkpoints without facts (as the authors' are): what the scripts leave out is the authors' default.
     args.model_path = str(tmp_path)
     for name in paths.values():
         (tmp_path / name).touch()
-    table = train_deep_globe.settle_flags(args).table
+    table = config.settle_flags(args).table
     assert (args.mode, args.evaluation) == (mode, evaluation)
     assert (args.batch_size, args.sub_batch_size, args.size_g, args.size_p) == (6, 6, (508, 508), (508, 508))
     assert (table.n_class, args.backbone) == (7, "resnet50")

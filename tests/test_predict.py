@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import config
 import helper
 import predict
 from dataset.classes import DEEPGLOBE
@@ -30,7 +31,7 @@ def models(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = GLNet(DEEPGLOBE.n_class, "resnet18")
     for stage in Stage:
-        save_weights(model, folder / predict.default_checkpoint(stage))
+        save_weights(model, folder / config.default_checkpoint(stage))
     return folder
 
 
@@ -125,9 +126,9 @@ def test_only_the_image_crosses_to_the_device_once_tables_are_made(mode):
     session = helper.make_session(stage, model, frozen if mode == 3 else None, DEEPGLOBE, args, torch.device("meta"),
                                   inference=True)
     image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
-    predict.predict_image(session, image)
+    helper.predict_image(session, image)
     with _HostToDevice() as transfers:
-        ids = predict.predict_image(session, image)
+        ids = helper.predict_image(session, image)
     assert ids.device.type == "meta" and ids.shape == (150, 200)
     assert transfers.copies == ["aten._to_copy.default"]
 
@@ -141,7 +142,7 @@ def test_progress_hears_of_every_patch_of_every_pass(mode, tta):
                                   inference=True)
     told: list[int] = []
     image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
-    predict.predict_image(dataclasses.replace(session, on_patches=told.append), image, tta)
+    helper.predict_image(dataclasses.replace(session, on_patches=told.append), image, tta)
     # 150 x 200 in 96-px patches overlapping by at least 50 px: 3 rows x 4 columns.
     assert sum(told) == 12 * (8 if tta else 1)
     assert told == [4] * len(told)  # --micro_batch_size 4 patches per pass

@@ -3,7 +3,7 @@ every stage comes from, which file the next stage reads, and fp32 that is fp32.
 
 Every checkpoint and the ImageNet file are marker files here: random tensors of their own,
 so each tensor a stage ends up with names the file it came from. The expectations are the
-table of GLNET_SPEC.md, section 1 (the authors' create_model_load_weights), written out
+table of docs/authors_behaviour.md, section 1 (the authors' create_model_load_weights), written out
 below, not read from models/stages.py.
 """
 from __future__ import annotations
@@ -14,11 +14,13 @@ import pytest
 import torch
 import torchvision
 
+import config
 import helper
 import train_deep_globe
 from dataset.classes import NAMED_TABLES
 from dataset.make_demo import make_deep_globe_demo
 from models.glnet import GLNet
+from models.stages import Stage
 from utils.checkpoint import read_file, read_state_dict
 from utils.cuda_math import set_cuda_math
 
@@ -101,8 +103,8 @@ def _args(folder: Path, mode: int, evaluation: bool, *extra: str) -> list[str]:
 
 def _parsed(argv: list[str]):
     """The trainer's flags as a run settles them (the defaults a checkpoint's facts give)."""
-    args = train_deep_globe.parse_args(argv)
-    train_deep_globe.settle_flags(args)
+    args = config.parse_args(argv)
+    config.settle_flags(args)
     return args
 
 
@@ -190,7 +192,7 @@ def test_each_stage_trains_from_the_authors_sources(markers, data, tmp_path, cap
     assert _train(data, tmp_path, *_args(folder, mode, False), "--num_epochs", "1", "--lr", "1e-30") == 0
     # The marker path_g is not the file the marker path_g2l was trained from.
     assert ("warning: --path_g" in capsys.readouterr().out) == (mode == 3)
-    name = train_deep_globe.default_task_name(train_deep_globe.Stage(mode))
+    name = config.default_task_name(Stage(mode))
     written = read_state_dict(tmp_path / f"{name}.pth")
     trained = {1: "resnet_global", 2: "resnet_local", 3: "resnet_global"}[mode]
     moving = frozenset(k for k in written if k.startswith(trained + ".") and (".running_" in k or "num_batches" in k))
@@ -250,8 +252,8 @@ def _flags() -> tuple[bool, bool, bool]:
 ])
 def test_sessions_run_true_fp32_unless_asked_for_speed(cuda_flags, argv, flags):
     set_cuda_math("fast" if flags[2] else "strict")  # start from the other setting
-    args = train_deep_globe.parse_args([*argv, "--size_g", "64", "--size_p", "96", "--backbone", "resnet18"])
-    helper.make_session(train_deep_globe.Stage(1), GLNet(N_CLASS, "resnet18"), None, NAMED_TABLES["deep_globe"], args,
+    args = config.parse_args([*argv, "--size_g", "64", "--size_p", "96", "--backbone", "resnet18"])
+    helper.make_session(Stage(1), GLNet(N_CLASS, "resnet18"), None, NAMED_TABLES["deep_globe"], args,
                         torch.device("cpu"), inference=args.evaluation)
     assert _flags() == flags
     if not flags[0]:  # torch's newer per-operator settings agree: nothing runs in TF32

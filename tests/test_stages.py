@@ -317,7 +317,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(stage):
 def test_micro_batches_give_the_sub_batch_losses_gradients_and_statistics(stage, checkpointing):
     """Stage 2's head and losses and stage 3's frozen local passes run micro-batch by
     micro-batch; only the summation order of gradients may differ from whole sub-batches."""
-    batch = _batch(sizes=((80, 100),))
+    batch = _batch(sizes=((80, 70),))
     runs = []
     for micro in (None, 1, 3):
         model = _model()
@@ -326,7 +326,7 @@ def test_micro_batches_give_the_sub_batch_losses_gradients_and_statistics(stage,
         result = _run(stage, model, batch, sub_batch_size=4, backward=True, micro_batch_size=micro)
         runs.append((result, dict(model.named_parameters()), model.state_dict()))
     whole, params, state = runs[0]
-    n_sub = len(PatchGrid.build((80, 100), SIZE_P).batches(4))
+    n_sub = len(PatchGrid.build((80, 70), SIZE_P).batches(4))
     assert n_sub > 1 and len(whole.totals) == (n_sub if stage is Stage.GLOBAL2LOCAL else n_sub + 1)
     for result, params_mb, state_mb in runs[1:]:
         for values in ("criteria", "fmreg", "totals"):

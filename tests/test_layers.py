@@ -1,0 +1,72 @@
+"""Imports point down the layers: utils/ at the bottom; dataset/ and models/ on it, neither
+importing the other; helper.py over them, config.py (the shared flags and run set-up) over
+helper; the entry points train_deep_globe.py, predict.py and bench/ on top, each importing
+no other. The rule is written out here, not read from the code."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each part of the code (a package or a top-level module) and the parts it may import.
+LOWER = {"utils": set(), "dataset": {"utils"}, "models": {"utils"}, "helper": {"utils", "dataset", "models"}}
+LOWER["config"] = {"helper", *LOWER["helper"]}
+ENTRY_POINTS = ("train_deep_globe", "predict", "bench")
+LOWER.update({entry: {"config", *LOWER["config"]} for entry in ENTRY_POINTS})
+PACKAGES = {"utils", "dataset", "models", "bench"}  # whose modules import each other
+ALLOWED = {part: lower | ({part} if part in PACKAGES else set()) for part, lower in LOWER.items()}
+
+
+def _part(path: Path) -> str:
+    """The part of the code a file belongs to: its package, or its own name at the top."""
+    relative = path.relative_to(ROOT)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def _sources() -> list[Path]:
+    return sorted([*ROOT.glob("*.py"), *(p for part in PACKAGES for p in (ROOT / part).glob("*.py"))])
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in the file, top-level or inside functions; relative
+    imports resolved against the file's package."""
+    found = []
+    package = path.relative_to(ROOT).parent.parts
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1])
+                modules = [f"{base}.{node.module}" if node.module else f"{base}.{alias.name}" for alias in node.names]
+                found += [(node.lineno, module.lstrip(".")) for module in modules]
+            else:
+                found.append((node.lineno, node.module or ""))
+    return found
+
+
+def test_every_part_of_the_code_has_its_place():
+    """A new package or top-level module needs its row in the rule."""
+    assert {_part(path) for path in _sources()} <= set(ALLOWED)
+    assert {_part(path) for path in _sources()} >= {"utils", "dataset", "models", "helper", "config", *ENTRY_POINTS}
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down(path):
+    part = _part(path)
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {module}" for line, module in _imports(path)
+             if (target := module.split(".")[0]) in ALLOWED and target not in ALLOWED[part]]
+    assert not wrong, f"{part} may import only {', '.join(sorted(ALLOWED[part])) or 'no other part'}: " + "; ".join(wrong)
+
+
+def test_the_rule_itself():
+    """What the issue asks, spelt out: no entry point is imported by any part, bench by nothing
+    outside it, models and dataset not by each other, config not by helper."""
+    for entry in ENTRY_POINTS:
+        assert {part for part, allowed in ALLOWED.items() if entry in allowed} <= ({entry} & PACKAGES)
+    assert "models" not in ALLOWED["dataset"] and "dataset" not in ALLOWED["models"]
+    assert "config" not in ALLOWED["helper"]
+    assert ALLOWED["utils"] == {"utils"}
