@@ -13,7 +13,8 @@ from utils.losses import PROB_EPS, fmreg_loss, focal_loss
 
 
 def _focal_numpy(logits: np.ndarray, target: np.ndarray, gamma: float) -> float:
-    """The spec's formula in float64 NumPy: mean over pixels of -(1 - p)^gamma * log p."""
+    """The authors' focal loss (docs/authors_behaviour.md, section 3) in float64 NumPy: mean
+    over pixels of -(1 - p)^gamma * log p."""
     z = logits.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)

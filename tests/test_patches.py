@@ -189,7 +189,7 @@ def test_extract_labels_keeps_dtype():
 
 
 def _merge_reference(patch_logits: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
-    """The authors' merge (GLNET_SPEC.md, section 2): nearest-upsampled patch logits added
+    """The authors' merge (docs/authors_behaviour.md, section 2): nearest-upsampled patch logits added
     patch by patch, in patch order, into a float64 NumPy canvas; F.interpolate upsamples."""
     ph, pw = grid.patch_size
     up = F.interpolate(patch_logits, size=(ph, pw), mode="nearest").double().numpy()
@@ -335,7 +335,7 @@ def test_crop_on_a_map_smaller_than_one_cell_per_patch():
 
 
 def test_parity_crops():
-    # Reference README 6: for the parity run the 8x8 c5 map gets 3x3 crops at rows/cols 0, 2, 5.
+    # docs/authors_behaviour.md, section 7.5: for the parity run the 8x8 c5 map gets 3x3 crops at rows/cols 0, 2, 5.
     grid = PatchGrid.build((600, 600), (256, 256))
     fmap = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
     crops = crop_to_patches(fmap, grid, range(len(grid)), (3, 3))

@@ -11,7 +11,7 @@ def set_cuda_math(mode: str) -> None:
 
     strict: true fp32 convolutions and matrix products (no TF32) and deterministic cuDNN
         algorithms. The authors trained so: their script set cudnn.deterministic, and their
-        GPUs predate TF32 (GLNET_SPEC.md, section 1).
+        GPUs predate TF32 (docs/authors_behaviour.md, section 1).
     fast: TF32 tensor cores for fp32 convolutions and matrix products (inputs rounded to 10
         mantissa bits, about 1e-3 relative error) and any cuDNN algorithm, deterministic or not.
     """
