@@ -4,7 +4,7 @@ with --train, one training step on one image. See bench/README.md for the protoc
     python bench/bench_inference.py --sizes 2448 --modes 3 --device cpu --repeat 1 --json out.json
     python bench/bench_inference.py --via-cli --sizes 2448 --modes 3 --device cpu
 
-Weights are deterministic random ones (tests/weight_rule.py), so no checkpoint is needed.
+Weights are deterministic random ones (utils/weight_rule.py), so no checkpoint is needed.
 Every case runs in a fresh process, so its peak memory is its own.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from models.stages import (  # noqa: E402
 from utils.checkpoint import save_weights  # noqa: E402
 from utils.files import writing  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
-from tests.weight_rule import apply_rule_weights  # noqa: E402
+from utils.weight_rule import apply_rule_weights  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
 from bench.op_count import OpCount  # noqa: E402
 from bench.tensor_peak import TensorPeak, module_tensors  # noqa: E402

@@ -46,6 +46,8 @@ class ResNet(nn.Module):
         net = getattr(torchvision.models, name)()
         for part in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, part, getattr(net, part))
+        # Output channels of layer1..layer4 (c2..c5): what each stage's last block takes in
+        # is what the stage puts out; fc takes layer4's.
         self.channels = tuple(layer[-1].conv1.in_channels for layer in (net.layer1, net.layer2, net.layer3)) + (
             net.fc.in_features,)
 
@@ -62,10 +64,10 @@ class FPN(nn.Module):
     the doubled pyramid. The global head has a plain set ("") and an ext set ("_ext"); the
     local head only an ext set, named "". The first set, then `classify`, then the second."""
 
-    def __init__(self, n_class: int, channels: tuple[int, ...], plain: bool, ext_suffix: Optional[str]) -> None:
+    def __init__(self, n_class: int, channels: tuple[int, ...], plain: bool, ext_suffix: str) -> None:
         super().__init__()
         self.ext_suffix = ext_suffix
-        sets = ([(1, "")] if plain else []) + ([(2, ext_suffix)] if ext_suffix is not None else [])
+        sets = ([(1, "")] if plain else []) + [(2, ext_suffix)]
         for i, (fold, s) in enumerate(sets):
             c2, c3, c4, c5 = (fold * ch for ch in channels)
             self.add_module("toplayer" + s, nn.Conv2d(c5, 256, 1))

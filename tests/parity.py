@@ -1,6 +1,6 @@
 """The authors' parity protocol (docs/authors_behaviour.md, section 7), runnable on any input.
 
-Networks get the deterministic weights the fixtures were made with (tests/weight_rule.py,
+Networks get the deterministic weights the fixtures were made with (utils/weight_rule.py,
 section 7.2). `reference_arrays` runs evaluation and one training step of a mode through the
 reference model (models/reference.py) and `engine_arrays` through the engine that training
 and prediction use (models/stages.py); both return the quantities the fixtures capture, under
@@ -25,7 +25,7 @@ from models.stages import Batch, Stage, StageResult, run_stage, set_branch_modes
 from utils.images import to_unit_float
 from utils.patches import PatchGrid, merge_argmax, upsample_argmax
 from utils.resample import resize_labels
-from weight_rule import apply_rule_weights
+from utils.weight_rule import apply_rule_weights
 
 Arrays = dict[str, np.ndarray]
 
@@ -116,7 +116,8 @@ def reference_arrays(
         return net
 
     frozen = network().eval() if mode == 3 else None
-    out: Arrays = {"input_global": _numpy(image_g), "train_target_global": _numpy(targets[0]).astype(np.uint8)}
+    out: Arrays = {"input_global": _numpy(image_g), "train_target_global": _numpy(targets[0]).astype(np.uint8),
+                   "train_target_patches": _numpy(targets[1]).astype(np.uint8)}
     model = network()
     reference.set_modes(model, mode, training=False)
     with torch.no_grad():
@@ -297,7 +298,7 @@ def check_gradients(out: Arrays, expected: Arrays, mode: int) -> None:
     assert (norms[~has_grad] == 0).all()
     names = expected["param_names"]
     bad = [f"{names[i]}: {norms[i]:.6g} vs {expected_norms[i]:.6g}"
-           for i in np.flatnonzero(np.abs(norms - expected_norms) > 1e-3 + 3e-2 * np.abs(expected_norms))]
+           for i in np.flatnonzero(np.abs(norms - expected_norms) > 3e-2 * np.abs(expected_norms))]
     assert not bad, bad[:10]
 
 

@@ -14,7 +14,7 @@ import train_deep_globe
 from dataset.make_demo import make_deep_globe_demo
 from models.glnet import GLNet
 from utils.checkpoint import read_file, save_weights
-from weight_rule import apply_rule_weights
+from utils.weight_rule import apply_rule_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "1",

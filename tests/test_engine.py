@@ -59,7 +59,7 @@ def small_run():
     def get(name: str, mode: int, device: str) -> tuple[dict, dict]:
         if (name, mode, device) not in cache:
             case = CASES[name]
-            rng = np.random.default_rng(len(cache))
+            rng = np.random.default_rng(RUNS.index((name, mode)))
             image = rng.integers(0, 256, (*case.image, 3), dtype=np.uint8)
             label = rng.integers(0, 7, case.image, dtype=np.uint8)
             args = (1, image, label, case.size_g, case.size_p, case.sub_batch, mode)

@@ -12,7 +12,7 @@ from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
 from models.stages import STAGES, Stage
 from utils import metrics
-from weight_rule import apply_rule_weights
+from utils.weight_rule import apply_rule_weights
 from utils.metrics import ConfusionMatrix
 
 

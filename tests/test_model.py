@@ -24,7 +24,7 @@ from models.fpn import FPN, _concat_resized
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch, crop_context
 from models.stages import Batch, Stage, run_stage, set_branch_modes
 from utils.layout import memory_format_of
-from weight_rule import apply_rule_weights, rule_tensor
+from utils.weight_rule import apply_rule_weights, rule_tensor
 from utils.patches import PatchGrid, crop_to_patches, extract_patches
 from utils.resample import resize
 

@@ -41,7 +41,7 @@ def test_every_array_of_the_mode_is_produced(parity_run, parity_ref, device, mod
 def test_inputs_and_targets_are_exact(parity_run, parity_ref, device, mode):
     out = parity_run("reference", device, mode)
     assert out["input_global"].dtype == np.float32
-    for key in ("input_global", "train_target_global", "param_names"):
+    for key in ("input_global", "train_target_global", "train_target_patches", "param_names"):
         assert np.array_equal(out[key], parity_ref[key]), key
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from bench.op_count import OpCount
 from conftest import DEVICES, FIXTURES
+from parity import merged_scores
 from utils.patches import (
     MIN_OVERLAP,
     PatchGrid,
@@ -188,17 +189,6 @@ def test_extract_labels_keeps_dtype():
     assert torch.equal(patches[2], label[top:, left:])
 
 
-def _merge_reference(patch_logits: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
-    """The authors' merge (docs/authors_behaviour.md, section 2): nearest-upsampled patch logits added
-    patch by patch, in patch order, into a float64 NumPy canvas; F.interpolate upsamples."""
-    ph, pw = grid.patch_size
-    up = F.interpolate(patch_logits, size=(ph, pw), mode="nearest").double().numpy()
-    canvas = np.zeros((patch_logits.shape[1], *grid.image_size), dtype=np.float64)
-    for i, (top, left) in enumerate(grid.origins()):
-        canvas[:, top : top + ph, left : left + pw] += up[i]
-    return torch.from_numpy(canvas)
-
-
 MERGE_CASES = [
     (600, 600, 256, 64, torch.float64),
     (300, 420, 160, 40, torch.float32),
@@ -217,7 +207,7 @@ def test_merge_logits_is_the_patch_by_patch_sum_to_the_bit(h, w, p, cells, dtype
     logits = torch.randn(len(grid), 5, cells, cells + 1, generator=torch.Generator().manual_seed(h + w)).to(dtype)
     merged = merge_logits(logits, grid)
     assert merged.shape == (5, h, w) and merged.dtype == torch.float64
-    assert torch.equal(merged, _merge_reference(logits, grid))
+    assert torch.equal(merged, merged_scores(logits, grid))
     # Working in bands of five rows, or of one (a band starting at every row), changes nothing.
     for band_bytes in (5 * w * 4 * 2 * 7, 1):
         assert torch.equal(merge_logits(logits, grid, max_band_bytes=band_bytes), merged)
@@ -232,7 +222,7 @@ def test_merge_argmax_decides_near_ties_as_the_authors_float64_sums():
     logits[1, 0] = 2.0**-25
     logits[1, 1] = 2.0**-24
     assert (logits[0, 1] + logits[1, 1] == logits[0, 0] + logits[1, 0]).all()  # tied in float32
-    expected = _merge_reference(logits, grid).argmax(0)
+    expected = merged_scores(logits, grid).argmax(0)
     assert (expected[:, 50:100] == 1).all()
     assert torch.equal(merge_argmax(logits, grid).long(), expected)
 

@@ -1,7 +1,7 @@
 """The deterministic weights the reference fixtures were made with (docs/authors_behaviour.md,
-section 7.2): each state-dict key seeds its own generator. Used by the parity harness and by
-the benchmark, whose networks then have realistic BatchNorm statistics and weight scales
-without a checkpoint. Kept free of heavy imports: the benchmark measures resident memory.
+section 7.2): each state-dict key seeds its own generator. The parity tests and the benchmark
+use them, the benchmark's networks thus having realistic BatchNorm statistics and weight
+scales without a checkpoint. Kept free of heavy imports: the benchmark measures resident memory.
 """
 from __future__ import annotations
 
