@@ -203,7 +203,9 @@ def run(model: GLNet, mode: int, image: Tensor, image_g: Tensor, grid: PatchGrid
             _, (logits, _, _, _, ps3) = model.local_branch(patches(idx), glob, grid, idx)
             ensemble, crop = model.ensemble(ps3, glob[1][4], grid, idx)
             fmreg = F.mse_loss(ps3, crop)  # feature-map regularisation
-            out["local"].append(logits), out["ensemble"].append(ensemble), out["fmreg"].append(fmreg.item())
+            out["local"].append(logits)
+            out["ensemble"].append(ensemble)
+            out["fmreg"].append(fmreg.item())
             if targets is not None:
                 target = targets[1][idx.start : idx.stop]
                 step(loss(logits, target) + loss(ensemble, target) + LAMB_FMREG * fmreg)
@@ -220,7 +222,8 @@ def run(model: GLNet, mode: int, image: Tensor, image_g: Tensor, grid: PatchGrid
             step(loss(logits, targets[0]), retain_graph=True)
         for j, (idx, (_, (local_logits, *_, ps3))) in enumerate(zip(batches, local)):
             ensemble, _ = model.ensemble(ps3, global_ps3, grid, idx)
-            out["local"].append(local_logits), out["ensemble"].append(ensemble)
+            out["local"].append(local_logits)
+            out["ensemble"].append(ensemble)
             if targets is not None:
                 step(loss(ensemble, targets[1][idx.start : idx.stop]), retain_graph=j < len(batches) - 1)
     return out
