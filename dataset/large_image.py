@@ -164,11 +164,12 @@ def is_large_image_file(path: PathLike) -> bool:
     out) rather than predict.py's in-memory one (Pillow, PNGs out).
 
     The rule: slide suffixes always; TIFF suffixes when the file is tiled, pyramidal or a
-    GeoTIFF and of 8-bit samples, or when it has more than LARGE_PIXELS pixels whatever
-    its samples (the region reader then refuses what it cannot read, with a reason). A
-    small TIFF in strips, or a small 16-bit one (X-rays), stays on the in-memory path,
-    which reads 16-bit grey; so do PNG and JPEG, and a TIFF tifffile cannot parse (the
-    in-memory path names its problem).
+    GeoTIFF, of 8-bit samples and stored upright, or when it has more than LARGE_PIXELS
+    pixels whatever else (the region reader then refuses what it cannot read, with a
+    reason). A small TIFF in strips, a small 16-bit one (X-rays) or a small one stored
+    turned stays on the in-memory path, which reads 16-bit grey and applies the
+    Orientation tag; so do PNG and JPEG, and a TIFF tifffile cannot parse (the in-memory
+    path names its problem).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -180,5 +181,5 @@ def is_large_image_file(path: PathLike) -> bool:
 
     with contextlib.suppress(DataError):
         facts = describe_tiff(path)
-        return facts.pixels > LARGE_PIXELS or (facts.structured and facts.eight_bit)
+        return facts.pixels > LARGE_PIXELS or (facts.structured and facts.eight_bit and facts.upright)
     return False

@@ -43,6 +43,7 @@ class TiffFacts(NamedTuple):
     pixels: int  # of the full-resolution image
     structured: bool  # tiled, pyramidal or georeferenced
     eight_bit: bool  # 8-bit unsigned samples
+    upright: bool  # no Orientation tag, or 1 (the region reader reads tiles as stored)
 
 
 def _open(path: Path) -> tifffile.TiffFile:
@@ -77,6 +78,7 @@ def describe_tiff(path: Path) -> TiffFacts:
             pixels=int(base.imagelength) * int(base.imagewidth),
             structured=bool(base.is_tiled) or len(pages) > 1 or any(code in base.tags for code in GEOTIFF_TAGS),
             eight_bit=base.bitspersample == 8 and base.sampleformat == 1,
+            upright=base.tags.valueof(ORIENTATION, 1) == 1,
         )
 
 

@@ -289,6 +289,16 @@ def test_pixels_that_are_not_rgb_able_are_named(tmp_path, dtype, photometric, wh
     assert what in one_line_naming(error, path)
 
 
+def test_turned_tiff_is_named(tmp_path):
+    """Viewers turn such a file as its Orientation tag says; tiles read as stored would
+    give a map that does not lie over the image."""
+    path = write_tiled(tmp_path / "turned.tif", pixels(300, 300), extratags=[(274, 3, 1, 6, True)])
+    with pytest.raises(DataError) as error:
+        open_large_image(path)
+    assert "orientation 6" in one_line_naming(error, path)
+    assert not is_large_image_file(path)  # small: the in-memory path turns it
+
+
 @pytest.mark.parametrize("content", [b"", b"II*\x00garbage", b"plain text"])
 def test_files_that_are_no_tiff_are_named(tmp_path, content):
     path = tmp_path / "x.tif"
