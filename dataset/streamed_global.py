@@ -43,7 +43,8 @@ def global_image_streamed(image: LargeImage, size: Sequence[int], level: int = 0
 
     Memory: one band (3 x band_rows x level width bytes, about band_bytes), the rows kept
     between bands (one output's window: about 2 * level height / H rows, narrowed to W
-    columns in Pillow's usual horizontal-first order), and the result.
+    columns in Pillow's usual horizontal-first order), the result, and the reader's tile
+    cache (dataset.tiff_image.TILE_CACHE_BYTES; OpenSlide's own for slides).
     """
     height, width = image.levels[level]
 

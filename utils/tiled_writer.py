@@ -87,10 +87,10 @@ class ClassMapWriter:
 
     Memory (W: the map's width, bytes of uint8 ids): writing a band holds the band
     (band height x W) and its deflated bytes. finish holds one band of the store as
-    inflated (band height x W), one tile row of the level being written (512 x W, and the
-    rows kept for the level below: 256 x W / 2), the tiles tifffile deflates at once
-    (BUFFER_BYTES), and the preview (at most 2048 x 2048, and x 3 as colours); nothing
-    grows with the map's height.
+    inflated (band height x W), one tile row of the level being written (512 x W; every
+    other row and column of it goes, deflated, to a temporary store for the level below),
+    the tiles tifffile deflates at once (BUFFER_BYTES), and the preview (at most 2048 x
+    2048, and x 3 as colours); nothing grows with the map's height.
     """
 
     def __init__(self, path: str | Path, shape: Sequence[int], identity: dict, colours: Sequence[Sequence[int]],
