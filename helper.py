@@ -17,6 +17,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dataset.classes import ClassTable
+from dataset.large_image import LargeImage, RegionView
+from dataset.streamed_global import global_image_large
 from dataset.transforms import global_image
 from models.backbone import ResNetBackbone, fold_batchnorm
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
@@ -28,7 +30,11 @@ from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.metrics import ConfusionMatrix
 from utils.patches import PatchGrid, class_dtype, merge_argmax, merge_logits, upsample_argmax, upsample_nearest
 from utils.resample import nearest_indices
+from utils.tiled_writer import ClassMapWriter
 
+# Output rows per band of a large image: the band's ids, and the grid rows of patch logits
+# over it, are what is held of the map (a band of a 100,000 px wide map: 50 MB of ids).
+BAND_ROWS = 512
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_DECAY = 5e-4
 POLY_POWER = 0.9
@@ -396,6 +402,25 @@ def predict_bands(
             y0 = y1
             for done in [r for r in kept if grid.tops[r] + patch_h <= y0]:
                 del kept[done]
+
+
+def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *, exact_global: bool = False,
+                  band_rows: Optional[int] = None, on_band: Optional[Callable[[int], None]] = None) -> None:
+    """Predict a large image into `writer` band by band, from the row it has done on (a
+    writer that resumed a partial store continues there). The global image comes from the
+    pyramid level global_image_large picks, or from full resolution (exact_global, equal
+    to predict_image's); patches are read from the file as they are cut. band_rows: None
+    for BAND_ROWS. on_band: told the rows of each band written.
+
+    Memory: the global image, one band of ids, the grid rows of logits over it, the patches
+    of a pass, the reader's tile cache; nothing that grows with the image's height.
+    """
+    glob = global_image_large(image, session.size_g, exact=exact_global)
+    view = RegionView(image, session.device)
+    for _, band in predict_bands(session, view, glob, band_rows or BAND_ROWS, start=writer.rows_done):
+        writer.write_band(band.cpu().numpy())
+        if on_band is not None:
+            on_band(band.shape[0])
 
 
 def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int) -> Tensor:

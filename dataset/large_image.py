@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Optional, Union
 
 import numpy as np
+import torch
 
 from utils.errors import DataError
 from utils.georef import Georef
@@ -115,6 +116,25 @@ class LargeImage(abc.ABC):
 
     def __exit__(self, kind: Optional[type], error: Optional[BaseException], trace: Optional[TracebackType]) -> None:
         self.close()
+
+
+class RegionView:
+    """The full-resolution level of a LargeImage as a (3, H, W) uint8 tensor whose slices
+    are read when taken: `view[..., top:bottom, left:right]` reads that region from the
+    file onto `device`. What patch cutting (utils.patches.extract_patches) needs, and no more.
+    """
+
+    def __init__(self, image: LargeImage, device: torch.device | str = "cpu") -> None:
+        self.image, self.device = image, torch.device(device)
+        self.shape = torch.Size((3, *image.size))
+
+    def __getitem__(self, key: tuple) -> torch.Tensor:
+        if not (isinstance(key, tuple) and len(key) == 3 and key[0] is Ellipsis
+                and all(isinstance(k, slice) and k.step in (None, 1) for k in key[1:])):
+            raise TypeError(f"a region is read as view[..., rows, columns], got {key!r}")
+        (top, bottom, _), (left, right, _) = (k.indices(n) for k, n in zip(key[1:], self.image.size))
+        pixels = np.require(self.image.read_region(top, left, bottom - top, right - left), requirements="W")
+        return torch.from_numpy(pixels).to(self.device).permute(2, 0, 1)
 
 
 def _slide_format(path: Path) -> Optional[str]:
