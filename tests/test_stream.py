@@ -1,7 +1,7 @@
 """Streamed prediction (issue 17): the engine's grid rows (models.stages.stream_patch_logits)
 against run_stage, and helper.predict_bands against helper.predict_image.
 
-CPU, ResNet-18 with rule weights, a 150 x 230 image cut into 80-pixel patches (3 x 4).
+CPU, ResNet-18 with rule weights, a 150 x 230 image cut into 80-pixel patches (4 x 6).
 """
 from __future__ import annotations
 
@@ -71,19 +71,28 @@ def test_stage_1_has_no_rows(networks, image):
 
 
 @pytest.mark.parametrize("mode", [1, 2, 3])
-def test_bands_stack_to_predict_image(networks, image, mode):
+def test_bands_stack_to_predict_image(networks, image, mode, monkeypatch):
     """Exactly equal: with one patch per pass the patch logits are run_stage's to the bit, and
-    each band merges its pixels' patches in the same order."""
+    each band merges its pixels' patches in the same order. The engine runs once; its rows
+    are replayed for each band height (the test above holds start_row to the engine)."""
     s = session(networks, mode)
     whole = helper.predict_image(s, image)
     glob = global_image(image, SIZE_G)
-    for band_rows in (7, 64, 500):
+    replayed: list = []
+    if mode > 1:
+        rows = list(stream_patch_logits(Stage(mode), s.model, image, glob[None], PatchGrid.build(SIZE, SIZE_P),
+                                         frozen_global=s.frozen_global))
+        monkeypatch.setattr(helper, "stream_patch_logits",
+                            lambda *a, start_row, **k: replayed.append(start_row) or iter(rows[start_row:]))
+    for band_rows in (1, 7, 64, 150, 500):
         bands = list(helper.predict_bands(s, image, glob, band_rows))
         assert [y0 for y0, _ in bands] == list(range(0, SIZE[0], band_rows))
         assert all(band.shape == (min(band_rows, SIZE[0] - y0), SIZE[1]) for y0, band in bands)
         assert torch.equal(torch.cat([band for _, band in bands]), whole), band_rows
-    for start in (61, 149):  # resuming: the bands from an output row on
+    for start in (1, 61, 149):  # resuming: the bands from an output row on
         bands = list(helper.predict_bands(s, image, glob, 32, start=start))
         assert bands[0][0] == start
         assert torch.equal(torch.cat([band for _, band in bands]), whole[start:]), start
     assert list(helper.predict_bands(s, image, glob, 32, start=SIZE[0])) == []
+    if mode > 1:  # grid rows at tops 0, 23, 47, 70 of 80-row patches: row 61 needs them all, 149 the last
+        assert replayed == [0] * 5 + [0, 0, 3]
