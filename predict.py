@@ -146,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     for note in settled.notes:
         print(note, file=sys.stderr)
     images = find_images(Path(args.input))
-    large = [path for path in images if is_large_image_file(path)]
-    small = [path for path in images if path not in large]
+    kinds = {path: is_large_image_file(path) for path in images}
+    large, small = [path for path in images if kinds[path]], [path for path in images if not kinds[path]]
     if large and args.tta:
         raise DataError(f"{large[0]}: --tta cannot be used on very large images (predicted band by band, while "
                         "test-time augmentation turns the whole image); leave out --tta")
