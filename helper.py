@@ -10,23 +10,31 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from dataset.classes import ClassTable
+from dataset.large_image import LargeImage, RegionView
+from dataset.streamed_global import global_image_large
 from dataset.transforms import global_image
 from models.backbone import ResNetBackbone, fold_batchnorm
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, StageResult, run_stage, set_branch_modes
+from models.stages import (CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, StageResult, run_stage,
+                           set_branch_modes, stream_patch_logits)
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
 from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.metrics import ConfusionMatrix
-from utils.patches import class_dtype, merge_argmax, merge_logits, upsample_argmax, upsample_nearest
+from utils.patches import PatchGrid, class_dtype, merge_argmax, merge_logits, upsample_argmax, upsample_nearest
+from utils.resample import nearest_indices
+from utils.tiled_writer import ClassMapWriter
 
+# Output rows per band of a large image: the band's ids, and the grid rows of patch logits
+# over it, are what is held of the map (a band of a 100,000 px wide map: 50 MB of ids).
+BAND_ROWS = 512
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_DECAY = 5e-4
 POLY_POWER = 0.9
@@ -63,12 +71,15 @@ class Session:
         """Patches per pass wherever splitting a sub-batch does not change results."""
         return self.micro_batch_size or default_micro_batch_size(self.device, self.sub_batch_size)
 
+    def autocast(self) -> ContextManager:
+        """The session's autocast (a context that does nothing in fp32)."""
+        return torch.autocast(self.device.type, self.amp) if self.amp is not None else contextlib.nullcontext()
+
     def run(self, batch: Batch, backward: bool = False) -> StageResult:
         """backward=False is evaluation: the caller has put every branch in eval mode, where
         BatchNorm uses running statistics and patches are independent, so whole passes go
         micro-batch by micro-batch. Training keeps sub-batches for the backbone."""
-        autocast = torch.autocast(self.device.type, self.amp) if self.amp is not None else contextlib.nullcontext()
-        with autocast:
+        with self.autocast():
             return run_stage(
                 self.stage,
                 self.model,
@@ -337,6 +348,101 @@ def predict_image(session: Session, image: Tensor, tta: bool = False) -> Tensor:
     samples = {"id": ["image"], "image": [image], "global": [global_image(image, session.size_g)], "label": [None]}
     final = session.predictions[-1]
     return predict(session, samples, tta, kinds=(final,))[0][final]
+
+
+def predict_bands(
+    session: Session, image: Any, global_image: Tensor, band_rows: int, start: int = 0
+) -> Iterator[tuple[int, Tensor]]:
+    """The stage's final prediction of one image (what predict_image gives), band by band
+    from output row `start` down: (y0, ids (h, W) of rows y0..y0 + h), bands of band_rows
+    rows (the last one shorter), on the session's device. The whole map is never held.
+
+    image: (3, H, W) as predict_image takes it, or anything stream_patch_logits can cut
+    patches from (a lazy view of a file); global_image: its global image, (3, Hg, Wg) or
+    (1, 3, Hg, Wg). Stage 1 upsamples the global argmax row band by row band. Stages 2 and
+    3 merge each band from the grid rows of patches over it as they come from
+    stream_patch_logits (rows above the band's top whose patches reach no lower are
+    dropped): the same patches in the same order per pixel as merge_argmax over the whole
+    grid, so the same sums and tie-breaks. A start past row 0 skips the patches wholly
+    above it, except stage 3's first pass, which the global branch needs whole.
+
+    Memory: one band of ids, and the logits of the grid rows that cover it (a grid row:
+    W / patch columns of (K, h, w) logits).
+    """
+    if band_rows < 1:
+        raise ValueError(f"band_rows must be at least 1, got {band_rows}")
+    height, width = (int(s) for s in image.shape[-2:])
+    global_image = global_image.to(session.device)
+    global_image = global_image if global_image.dim() == 4 else global_image[None]
+    if session.stage is Stage.GLOBAL:
+        with torch.inference_mode(), session.autocast():
+            logits = session.model.global_branch(global_image).logits[0]
+            small = logits.argmax(0).to(class_dtype(logits.shape[0]))
+        wide = small.index_select(1, nearest_indices(width, small.shape[1], small.device))
+        rows = nearest_indices(height, small.shape[0], small.device)
+        for y0 in range(start, height, band_rows):
+            yield y0, wide.index_select(0, rows[y0 : y0 + band_rows])
+        return
+    if start >= height:
+        return
+    grid = PatchGrid.build((height, width), session.size_p)
+    patch_h = grid.patch_size[0]
+    first = next(r for r in range(grid.n_rows) if grid.tops[r] + patch_h > start)
+    stream = stream_patch_logits(session.stage, session.model, image, global_image, grid,
+                                 frozen_global=session.frozen_global, micro_batch_size=session.micro_batch,
+                                 start_row=first, on_patches=session.on_patches)
+    kept: dict[int, Tensor] = {}
+    y0 = start
+    for row, logits in _each_under(session.autocast, stream):
+        kept[row] = logits
+        final = grid.tops[row + 1] if row + 1 < grid.n_rows else height  # rows above it have all their patches
+        while y0 < height and min(y0 + band_rows, height) <= final:
+            y1 = min(y0 + band_rows, height)
+            yield y0, _merge_band(kept, grid, y0, y1)
+            y0 = y1
+            for done in [r for r in kept if grid.tops[r] + patch_h <= y0]:
+                del kept[done]
+
+
+def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *, exact_global: bool = False,
+                  band_rows: Optional[int] = None, on_band: Optional[Callable[[int], None]] = None) -> None:
+    """Predict a large image into `writer` band by band, from the row it has done on (a
+    writer that resumed a partial store continues there). The global image comes from the
+    pyramid level global_image_large picks, or from full resolution (exact_global, equal
+    to predict_image's); patches are read from the file as they are cut. band_rows: None
+    for BAND_ROWS. on_band: told the rows of each band written.
+
+    Memory: the global image, one band of ids, the grid rows of logits over it, the patches
+    of a pass, the reader's tile cache; nothing that grows with the image's height.
+    """
+    glob = global_image_large(image, session.size_g, exact=exact_global)
+    view = RegionView(image, session.device)
+    for _, band in predict_bands(session, view, glob, band_rows or BAND_ROWS, start=writer.rows_done):
+        writer.write_band(band.cpu().numpy())
+        if on_band is not None:
+            on_band(band.shape[0])
+
+
+def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int) -> Tensor:
+    """merge_argmax of image rows y0:y1 from the logits of the grid rows over them: a grid
+    of those rows alone, its tops moved up by y0 (a patch may start above the band)."""
+    rows = [r for r in sorted(kept) if grid.tops[r] < y1 and grid.tops[r] + grid.patch_size[0] > y0]
+    band = PatchGrid((y1 - y0, grid.image_size[1]), grid.patch_size, tuple(grid.tops[r] - y0 for r in rows), grid.lefts)
+    return merge_argmax(torch.cat([kept[r] for r in rows]), band)
+
+
+def _each_under(context: Callable[[], ContextManager], items: Iterator[Any]) -> Iterator[Any]:
+    """items, each made inside a fresh context(): a context held across a generator's
+    yields would be in force in its consumer too."""
+    while True:
+        with context():
+            item = next(items, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END = object()
 
 
 @torch.inference_mode()

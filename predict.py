@@ -5,6 +5,12 @@
 Writes <stem>_mask.png (the class colours) and <stem>_ids.png (class ids, 8-bit grey) per
 image into --output, replacing files of those names: predictions are cheap to regenerate.
 Images that cannot be read are skipped, named, and make the exit status 2.
+
+Very large images (tiled or pyramidal TIFF, GeoTIFF, whole-slide images such as .svs) are
+read region by region and predicted band by band into <stem>_ids.tif (a tiled pyramidal
+TIFF of class ids with the class colours as its palette, georeferenced like the input)
+and <stem>_preview.png. An interrupted run keeps the bands done; the same command
+continues from there.
 """
 from __future__ import annotations
 
@@ -27,13 +33,15 @@ from config import (USER_ERRORS, add_device_flags, check_args, checkpoint_paths,
                     settle_flags)
 from dataset.classes import ClassTable
 from dataset.io import read_image, save_png
+from dataset.large_image import is_large_image_file, open_large_image
 from dataset.layouts import IMAGE_SUFFIXES, index_files
-from models.stages import CHECKPOINT_FLAGS, Stage
+from models.stages import CHECKPOINT_FLAGS, STAGES, Stage
 from utils.errors import USAGE_ERROR, DataError, reports_errors
 from utils.files import RunLock, remove_temporaries, replacing_together
 from utils.folders import output_folder
 from utils.patches import PatchGrid
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
+from utils.tiled_writer import ClassMapWriter, file_identity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--micro_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
       "speed; results do not depend on it; default: 1 on the CPU, 6 on a GPU)")
     add_device_flags(p)
-    a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower)")
+    a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower; not for "
+      "very large images, which are predicted band by band)")
+    a("--exact_global", action="store_true", help="very large images: make the global image from full resolution "
+      "(one extra read of the whole image; equal to the in-memory path's) instead of from the smallest pyramid level "
+      "at least 4 times --size_g on both sides (the default where the file has one; slightly different pixels)")
     a("--classes", default=None, help="class table JSON (default: the checkpoint's, else DeepGlobe's 7 classes)")
     a("--backbone", choices=["resnet50", "resnet18"], default=None, help="must match the checkpoints (default: "
       "the checkpoint's, else resnet50)")
@@ -134,11 +146,19 @@ def run(args: argparse.Namespace) -> int:
     for note in settled.notes:
         print(note, file=sys.stderr)
     images = find_images(Path(args.input))
+    kinds = {path: is_large_image_file(path) for path in images}
+    large, small = [path for path in images if kinds[path]], [path for path in images if not kinds[path]]
+    if large and args.tta:
+        raise DataError(f"{large[0]}: --tta cannot be used on very large images (predicted band by band, while "
+                        "test-time augmentation turns the whole image); leave out --tta")
     session = build_session(args, table)
     output = output_folder(args.output, "--output")
     with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
-        remove_temporaries(output, [name for path in images for name in output_names(path.stem)])
-        skipped = segment_all(session, images, table, output, tta=args.tta)
+        remove_temporaries(output, [name for path in small for name in output_names(path.stem)]
+                           + [name for path in large for name in large_output_names(path.stem)])
+        alone = len(images) == 1
+        skipped = segment_all(session, small, table, output, tta=args.tta, alone=alone) if small else []
+        skipped += segment_large(session, large, table, output, args, alone=alone)
     print(f"wrote the predictions of {len(images) - len(skipped)} image(s) to {output}")
     if skipped:
         # Each was named with its reason as it was skipped; the last line counts them.
@@ -161,9 +181,10 @@ def patch_bar(session: helper.Session, image: Tensor, tta: bool, name: str) -> t
 
 
 def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,
-                tta: bool) -> list[DataError]:
+                tta: bool, alone: Optional[bool] = None) -> list[DataError]:
     """Segment and write every image; returns the errors of those that could not be read
-    (an image given alone raises its error)."""
+    (an image given alone raises its error; alone: whether it was, default: one image)."""
+    alone = len(images) == 1 if alone is None else alone
     skipped = []
     # Decoding and encoding a 2448 x 2448 PNG take about 0.2 s each on a CPU core, as long
     # as a GPU takes for the image itself: one thread reads the next image and another
@@ -177,7 +198,7 @@ def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTab
                    dynamic_ncols=True, disable=None)
         for k, (path, image) in enumerate(bar):
             if isinstance(image, DataError):
-                if len(images) == 1:
+                if alone:
                     raise image
                 skipped.append(image)
                 bar.write(f"skipped: {image}", file=sys.stderr)
@@ -193,6 +214,66 @@ def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTab
         if written is not None:
             written.result()
     return skipped
+
+
+def large_output_names(stem: str) -> tuple[str, str]:
+    return f"{stem}_ids.tif", f"{stem}_preview.png"
+
+
+def large_identity(args: argparse.Namespace, path: Path) -> dict:
+    """What a very large image's class map depends on: the input file, the checkpoint
+    files, and the settings that change results. A partial map of another identity is
+    started over, not resumed."""
+    paths = checkpoint_paths(args)
+    return {"input": file_identity(path),
+            "checkpoints": {flag: file_identity(paths[flag]) for flag in STAGES[Stage(args.mode)].reads(False)},
+            "mode": args.mode, "size_g": list(args.size_g), "size_p": list(args.size_p), "amp": args.amp,
+            "global": "exact" if args.exact_global else "level"}
+
+
+def segment_large(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,
+                  args: argparse.Namespace, alone: bool) -> list[DataError]:
+    """Segment very large images band by band into <stem>_ids.tif and <stem>_preview.png;
+    returns the errors of those that could not be read (an image given alone raises its
+    error). An interruption keeps the finished bands, which the same command resumes from."""
+    skipped = []
+    for k, path in enumerate(images):
+        start = time.perf_counter()
+        try:
+            shown = segment_large_image(session, path, table, output, args)
+        except DataError as error:
+            if alone:
+                raise
+            skipped.append(error)
+            print(f"skipped: {error}", file=sys.stderr)
+            continue
+        if not shown:  # no bar in a log or a pipe: a line per image instead
+            print(f"{path.name}: {time.perf_counter() - start:.1f} s ({k + 1}/{len(images)})", file=sys.stderr)
+    return skipped
+
+
+def segment_large_image(session: helper.Session, path: Path, table: ClassTable, output: Path,
+                        args: argparse.Namespace) -> bool:
+    """One very large image (see segment_large); returns whether a progress bar showed."""
+    ids_name, preview_name = large_output_names(path.stem)
+    with open_large_image(path) as image:
+        height, width = image.size
+        writer = ClassMapWriter(output / ids_name, (height, width), large_identity(args, path), table.colours,
+                                preview=output / preview_name, georef=image.georef, mpp=image.mpp)
+        try:
+            if writer.rows_done:
+                print(f"{path.name}: continuing from row {writer.rows_done} of {height}", file=sys.stderr)
+            with tqdm(total=height, initial=writer.rows_done, desc=path.name, unit="row", dynamic_ncols=True,
+                      disable=None) as bar:
+                helper.predict_large(session, image, writer, exact_global=args.exact_global, on_band=bar.update)
+                writer.finish()
+            return not bar.disable
+        except KeyboardInterrupt:
+            print(f"{path.name}: {writer.rows_done} of {height} rows are kept; the same command continues from there",
+                  file=sys.stderr)
+            raise
+        finally:
+            writer.close()
 
 
 @reports_errors(*USER_ERRORS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -421,16 +421,17 @@ def _local2global_pass(
     idx: range,
     context: BranchOutput,
     canvases: Context,
-    logits: _PerPatch,
+    logits: Optional[_PerPatch],
     terms: Optional[_PerPatch],
     keep_ps3: bool,
 ) -> None:
     """Stage 3's local pass on one micro-batch: its features are pasted into the canvases,
-    its logits written to `logits`, and, unless `terms` is None, what the ensemble needs
-    later: ps3 itself (keep_ps3, training) or its n_class-channel local term."""
+    its logits written to `logits` (unless None), and, unless `terms` is None, what the
+    ensemble needs later: ps3 itself (keep_ps3, training) or its n_class-channel local term."""
     local = model.local_branch(_patches(image, grid, idx), context, grid, idx)
     paste_context(canvases, local.context(), grid, idx)
-    logits.write(idx, local.logits)
+    if logits is not None:
+        logits.write(idx, local.logits)
     if terms is not None:
         terms.write(idx, local.ps3 if keep_ps3 else model.ensemble_local_term(local.ps3))
 
@@ -446,6 +447,72 @@ def _local_ps3(
             part = idx[rows.start : rows.stop]
             ps3.write(rows, model.local_branch(_patches(image, grid, part), context, grid, part).ps3)
     return ps3.tensor
+
+
+def row_patches(grid: PatchGrid, row: int, micro_batch_size: int) -> list[range]:
+    """The patch indices of one grid row, in passes of at most micro_batch_size patches."""
+    first = row * grid.n_cols
+    return [range(first + r.start, first + r.stop) for r in chunks(grid.n_cols, micro_batch_size)]
+
+
+@torch.inference_mode()
+def stream_patch_logits(
+    stage: Stage,
+    model: GLNet,
+    image: Tensor,
+    global_image: Tensor,
+    grid: PatchGrid,
+    *,
+    frozen_global: Optional[GlobalBranch] = None,
+    micro_batch_size: int = 1,
+    start_row: int = 0,
+    on_patches: Optional[Callable[[int], None]] = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """The final per-patch prediction of stage 2 or 3 (the ensemble logits) of one image,
+    grid row by grid row: (row, logits (n_cols, K, h, w)) for rows start_row.. in order.
+
+    Inference only (every branch in eval mode, the caller's). `image` is anything with
+    `.shape` (3, H, W) whose slices `image[..., top:bottom, left:right]` are uint8 (or unit
+    float) tensors on the model's device: a tensor, or a lazy view of a file read region by
+    region. global_image: (1, 3, Hg, Wg). Nothing is kept per patch beyond the row being
+    yielded: stage 2 runs the global branch once, then the local branch and the ensemble
+    row by row; stage 3 runs its local pass over every patch first (whatever start_row),
+    pasting features into the merged context without keeping logits or terms, then the
+    global branch, then recomputes each row's local ps3 (as run_stage does with activation
+    checkpointing) for the ensemble. The values are run_stage's, up to float rounding where
+    micro-batches group patches differently (run_stage's passes run across grid rows).
+    on_patches: told the patches of each local pass done (stage 3 passes over its patches twice).
+    """
+    if stage is Stage.GLOBAL:
+        raise ValueError("stage 1 has no per-patch prediction: its global logits are the prediction")
+    report = on_patches or (lambda n: None)
+    if stage is Stage.GLOBAL2LOCAL:
+        context = model.global_branch(global_image).image(0)
+        losses = _Losses(StageResult(images=[]), backward=False)
+        for row in range(start_row, grid.n_rows):
+            ensemble = []
+            for idx in row_patches(grid, row, micro_batch_size):
+                ensemble.append(_global2local_step(model, image, None, grid, idx, context, losses, LAMB_FMREG,
+                                                   micro_batch_size)[1])
+                report(len(idx))
+            yield row, torch.cat(ensemble)
+        return
+    if frozen_global is None:
+        raise ValueError("stage 3 needs the frozen stage-1 global branch")
+    context = frozen_global.global_branch(global_image).image(0)
+    canvases = empty_context(context.context())
+    for idx in grid.batches(micro_batch_size):
+        _local2global_pass(model, image, grid, idx, context, canvases, None, None, keep_ps3=False)
+        report(len(idx))
+    glob = model.global_branch(global_image, normalise_context(canvases, grid))
+    del canvases
+    for row in range(start_row, grid.n_rows):
+        ensemble = []
+        for idx in row_patches(grid, row, micro_batch_size):
+            term = model.ensemble_local_term(_local_ps3(model, image, grid, idx, context, micro_batch_size))
+            ensemble.append(model.ensemble(term, glob.ps3[:1], grid, idx)[0])
+            report(len(idx))
+        yield row, torch.cat(ensemble)
 
 
 def _global_targets(labels: list[Optional[Tensor]], out: BranchOutput) -> Optional[Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -119,27 +119,39 @@ def _pil_bilinear_taps(in_len: int, out_len: int, device: torch.device = torch.d
 _PIL_BAND = 1 << 22
 
 
-def _pil_rows(x: Tensor, in_len: int, out_len: int, offset: int = 0) -> Tensor:
+def _pil_rows(x: Tensor, in_len: int, out_len: int, offset: int = 0,
+              outputs: Optional[tuple[int, int]] = None) -> Tensor:
     """Pillow's BILINEAR pass along dim -2 of uint8 or float32 (..., n, m) `x`, any strides.
 
     `x` holds input rows `offset` onwards (Pillow's first pass only covers what the
-    second one reads). Bands of columns are copied in turn into a contiguous buffer (the
-    copy also undoes a transpose), so the extra memory stays bounded for any image size.
+    second one reads). `outputs` = (start, stop) computes only those output rows of the
+    out_len (each output is a sum over its own taps, so a range of them is exactly that
+    range of the whole pass): a caller streaming an image in bands passes the rows those
+    outputs read (pil_output_windows) and their first row as `offset`. Bands of columns
+    are copied in turn into a contiguous buffer (the copy also undoes a transpose), so
+    the extra memory stays bounded for any image size.
     Within a band, a loop over taps: tap j gathers one output-sized block of whole rows,
     widens it to the accumulator's type (int32 for uint8, float64 for float32) and adds
     it weighted.
     """
     device = x.device
     taps = _pil_bilinear_taps(in_len, out_len, device)
-    index = taps.index - offset
+    o0, o1 = (0, out_len) if outputs is None else outputs
+    if not 0 <= o0 < o1 <= out_len:
+        raise ValueError(f"output rows {outputs} are not a non-empty range within 0..{out_len}")
+    out_len = o1 - o0
+    # Clamped into `x`: a tap past an output's last one (weight 0, or masked) may point past the
+    # rows a streamed caller holds; the taps that count always lie within them.
+    index = (taps.index[:, o0:o1] - offset).clamp_(0, x.shape[-2] - 1)
     eight_bit = x.dtype == torch.uint8
     if eight_bit:
         # Pillow: int ss = 1 << 21; ss += pixel * k; at most 255 * 2**22 + 2**21 < 2**31.
-        work, weight = torch.int32, taps.weight8[:, :, None]
+        work, weight = torch.int32, taps.weight8[:, o0:o1, None]
     else:
         # Mode "F": double ss = 0.0; ss += (double)pixel * k, tap by tap; stored as float.
-        work, weight = torch.float64, taps.weight[:, :, None]
-        invalid = (~taps.valid)[:, :, None]
+        # full_taps is the whole axis's minimum, so a range may mask taps it need not: no change.
+        work, weight = torch.float64, taps.weight[:, o0:o1, None]
+        invalid = (~taps.valid[:, o0:o1])[:, :, None]
     lead, cols = x.shape[:-1], x.shape[-1]
     out = torch.empty((*x.shape[:-2], out_len, cols), dtype=x.dtype, device=device)
     budget = _PIL_BAND if device.type == "cpu" else 16 * _PIL_BAND
@@ -182,6 +194,15 @@ def _pil_columns(x: Tensor, in_len: int, out_len: int, offset: int = 0) -> Tenso
     _pil_rows's band copies do the transposing. Returns a transposed (non-contiguous) view.
     """
     return _pil_rows(x.transpose(-1, -2), in_len, out_len, offset).transpose(-1, -2)
+
+
+def pil_output_windows(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) input positions each output of Pillow's BILINEAR pass reads, (out_len,)
+    int64 each; both never decrease along the axis, so outputs in order read windows that
+    only move forward (what lets a pass run over an image streamed in bands)."""
+    taps = _pil_bilinear_taps(in_len, out_len)
+    start = taps.index[0].numpy()  # tap 0 is never clamped: it is the window's start
+    return start, start + taps.valid.sum(0).numpy()
 
 
 def pil_vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:

@@ -1,0 +1,69 @@
+"""Whole-slide images read with OpenSlide (see dataset.large_image).
+
+OpenSlide returns RGBA where alpha marks pixels the scanner did not capture (outside
+the scanned area of a MIRAX or VMS slide, for instance); those are composited over the
+slide's background colour, as slide viewers show them, and alpha is dropped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+from dataset.large_image import LargeImage
+from utils.errors import DataError
+
+RE_EXPORT = "the slide is truncated or corrupt; re-download or re-export it"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class SlideImage(LargeImage):
+    """A slide OpenSlide reads (open it with dataset.large_image.open_large_image)."""
+
+    def __init__(self, path: Path, vendor: str) -> None:
+        self.path = Path(path)
+        self.vendor = vendor
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideError as error:  # the unsupported-format error is one of these
+            raise DataError(f"{self.path}: OpenSlide cannot open this {vendor} slide ({_one_line(error)}); "
+                            f"{RE_EXPORT}") from None
+        props = self._slide.properties
+        self.levels = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
+        self._downsamples = [float(d) for d in self._slide.level_downsamples]
+        self._tile_rows = [int(props.get(f"openslide.level[{i}].tile-height", 1)) for i in range(len(self.levels))]
+        try:
+            self.mpp = (float(props["openslide.mpp-y"]), float(props["openslide.mpp-x"]))
+        except (KeyError, ValueError):
+            self.mpp = None
+        background = props.get("openslide.background-color", "FFFFFF")
+        try:
+            self._background = np.array([int(background[k:k + 2], 16) for k in (0, 2, 4)], np.uint16)
+        except ValueError:
+            self._background = np.full(3, 255, np.uint16)
+
+    def block_rows(self, level: int) -> int:
+        return self._tile_rows[level]
+
+    def _read(self, level: int, top: int, left: int, height: int, width: int) -> np.ndarray:
+        # OpenSlide places a region by its top-left corner in level-0 pixels.
+        downsample = self._downsamples[level]
+        location = (int(round(left * downsample)), int(round(top * downsample)))
+        try:
+            rgba = np.asarray(self._slide.read_region(location, level, (width, height)))
+        except openslide.OpenSlideError as error:
+            raise DataError(f"{self.path}: cannot read rows {top}..{top + height} of level {level} "
+                            f"({_one_line(error)}); {RE_EXPORT}") from None
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        # Over the background: (rgb * a + bg * (255 - a)) / 255, rounded.
+        a = alpha.astype(np.uint16)
+        return ((rgb * a + self._background * (255 - a) + 127) // 255).astype(np.uint8)
+
+    def close(self) -> None:
+        self._slide.close()

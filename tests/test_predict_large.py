@@ -1,0 +1,139 @@
+"""predict.py on very large images (issue 17): a tiled TIFF or GeoTIFF is predicted band by
+band into <stem>_ids.tif and <stem>_preview.png, equal to the in-memory path's PNG of the
+same pixels; an interrupted run resumes. Small files and ResNet-18 keep it to CPU seconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import tifffile
+import torch
+from PIL import Image
+
+import config
+import helper
+import predict
+from dataset.classes import DEEPGLOBE
+from models.glnet import GLNet
+from models.stages import Stage
+from utils.checkpoint import save_weights
+from utils.tiled_writer import partial_paths
+
+# One patch per pass: the streamed passes then group patches as the in-memory path does, and
+# the maps are equal to the bit (other micro-batches may differ in float rounding).
+SIZES = ["--size_g", "64", "--size_p", "96", "--micro_batch_size", "1", "--backbone", "resnet18"]
+H, W = 300, 420
+CRS = "EPSG:32633"
+TRANSFORM = rasterio.Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4600000.0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    model = GLNet(DEEPGLOBE.n_class, "resnet18")
+    for stage in Stage:
+        save_weights(model, folder / config.default_checkpoint(stage))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    """Smooth shapes with noise, so classes form regions rather than salt and pepper."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:H, 0:W]
+    base = np.stack([(x * 0.6) % 256, (y * 0.8) % 256, ((x + y) * 0.4) % 256], -1)
+    return np.clip(base + rng.normal(0, 20, (H, W, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, pixels) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    tifffile.imwrite(folder / "big.tif", pixels, tile=(128, 128), compression="zlib", photometric="rgb", metadata=None)
+    (folder / "png").mkdir()
+    Image.fromarray(pixels).save(folder / "png" / "big.png")
+    with rasterio.open(folder / "geo.tif", "w", driver="GTiff", width=W, height=H, count=3, dtype="uint8", crs=CRS,
+                       transform=TRANSFORM, tiled=True, blockxsize=128, blockysize=128, compress="deflate") as ds:
+        ds.write(pixels.transpose(2, 0, 1))
+    return folder
+
+
+def run(models: Path, *args: str) -> int:
+    return predict.main(["--model_path", str(models), "--device", "cpu", *SIZES, *args])
+
+
+def in_memory_ids(models: Path, inputs: Path, out: Path, mode: int) -> np.ndarray:
+    assert run(models, "--mode", str(mode), "--input", str(inputs / "png" / "big.png"), "--output", str(out)) == 0
+    return np.asarray(Image.open(out / "big_ids.png"))
+
+
+def check_large_outputs(out: Path, stem: str) -> np.ndarray:
+    """The map is a palette TIFF with a pyramid, and the preview is in the class colours;
+    returns the map."""
+    with tifffile.TiffFile(out / f"{stem}_ids.tif") as tif:
+        ids = tif.pages[0].asarray()
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.PALETTE and tif.pages[0].is_tiled
+    assert ids.shape == (H, W) and ids.dtype == np.uint8 and ids.max() < DEEPGLOBE.n_class
+    preview = np.asarray(Image.open(out / f"{stem}_preview.png"))
+    assert preview.shape == (H, W, 3)
+    np.testing.assert_array_equal(preview, np.asarray(DEEPGLOBE.colours, np.uint8)[ids])
+    assert not any(p.exists() for p in partial_paths(out / f"{stem}_ids.tif"))
+    return ids
+
+
+@pytest.mark.parametrize("mode", [3, 1])
+def test_tiled_tiff_equals_the_png_path(models, inputs, tmp_path, mode, capsys):
+    out = tmp_path / "large"
+    assert run(models, "--mode", str(mode), "--input", str(inputs / "big.tif"), "--output", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["big_ids.tif", "big_preview.png"]
+    ids = check_large_outputs(out, "big")
+    np.testing.assert_array_equal(ids, in_memory_ids(models, inputs, tmp_path / "png", mode))
+    assert len(np.unique(ids)) > 1  # a map of one class would hide a misplaced band
+
+
+def test_geotiff_keeps_its_georeferencing(models, inputs, tmp_path):
+    out = tmp_path / "out"
+    assert run(models, "--mode", "1", "--input", str(inputs / "geo.tif"), "--output", str(out)) == 0
+    check_large_outputs(out, "geo")
+    with rasterio.open(out / "geo_ids.tif") as ds:
+        assert ds.crs == rasterio.crs.CRS.from_string(CRS) and ds.transform == TRANSFORM
+
+
+def test_tta_is_refused_in_one_line(models, inputs, tmp_path, capsys):
+    assert run(models, "--tta", "--input", str(inputs / "big.tif"), "--output", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tta" in err and "Traceback" not in err, err
+
+
+def test_interrupted_run_resumes(models, inputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(helper, "BAND_ROWS", 64)
+    bands = helper.predict_bands
+
+    def interrupted(*args, **kwargs):
+        for k, band in enumerate(bands(*args, **kwargs)):
+            if k == 1:
+                raise KeyboardInterrupt
+            yield band
+
+    out = tmp_path / "out"
+    args = ["--mode", "2", "--input", str(inputs / "big.tif"), "--output", str(out)]
+    monkeypatch.setattr(helper, "predict_bands", interrupted)
+    assert run(models, *args) == 130
+    assert "64 of 300 rows are kept" in capsys.readouterr().err
+    assert not (out / "big_ids.tif").exists() and not (out / "big_preview.png").exists()
+    assert all(p.exists() for p in partial_paths(out / "big_ids.tif"))
+    monkeypatch.setattr(helper, "predict_bands", bands)
+    assert run(models, *args) == 0
+    assert "continuing from row 64 of 300" in capsys.readouterr().err
+    ids = check_large_outputs(out, "big")
+    np.testing.assert_array_equal(ids, in_memory_ids(models, inputs, tmp_path / "png", 2))
+
+
+def test_unreadable_file_is_one_line(models, tmp_path, capsys):
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"not a slide")
+    assert run(models, "--input", str(bad), "--output", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.svs" in err and "Traceback" not in err, err

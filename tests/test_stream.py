@@ -1,0 +1,98 @@
+"""Streamed prediction (issue 17): the engine's grid rows (models.stages.stream_patch_logits)
+against run_stage, and helper.predict_bands against helper.predict_image.
+
+CPU, ResNet-18 with rule weights, a 150 x 230 image cut into 80-pixel patches (4 x 6).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import helper
+from dataset.classes import DEEPGLOBE
+from dataset.transforms import global_image
+from models.glnet import GLNet, GlobalBranch
+from models.stages import Batch, Stage, run_stage, set_branch_modes, stream_patch_logits
+from utils.patches import PatchGrid
+from utils.weight_rule import apply_rule_weights
+
+SIZE = (150, 230)
+SIZE_G, SIZE_P = (64, 64), (80, 80)
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def networks() -> tuple[GLNet, GlobalBranch]:
+    model, frozen = GLNet(DEEPGLOBE.n_class, "resnet18"), GlobalBranch(DEEPGLOBE.n_class, "resnet18")
+    apply_rule_weights(model, 0)
+    apply_rule_weights(frozen, 1)
+    set_branch_modes(model, Stage.LOCAL2GLOBAL, training=False)
+    return model, frozen.eval()
+
+
+def session(networks, mode: int, micro_batch: int = 1) -> helper.Session:
+    model, frozen = networks
+    return helper.Session(Stage(mode), model, frozen, DEEPGLOBE, SIZE_G, SIZE_P, micro_batch, 0.15,
+                          torch.device("cpu"), micro_batch_size=micro_batch)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 3])
+@pytest.mark.parametrize("mode", [2, 3])
+def test_streamed_rows_are_run_stages_ensemble(networks, image, mode, micro_batch):
+    model, frozen = networks
+    grid = PatchGrid.build(SIZE, SIZE_P)
+    glob = global_image(image, SIZE_G)[None]
+    with torch.inference_mode():
+        expected = run_stage(Stage(mode), model, Batch([image], glob), patch_size=SIZE_P, sub_batch_size=micro_batch,
+                             frozen_global=frozen, micro_batch_size=micro_batch).images[0].ensemble_logits
+    counted = []
+    rows = list(stream_patch_logits(Stage(mode), model, image, glob, grid, frozen_global=frozen,
+                                    micro_batch_size=micro_batch, on_patches=counted.append))
+    assert [r for r, _ in rows] == list(range(grid.n_rows))
+    assert all(logits.shape[0] == grid.n_cols for _, logits in rows)
+    torch.testing.assert_close(torch.cat([logits for _, logits in rows]), expected)
+    assert sum(counted) == len(grid) * (mode - 1)  # stage 3 passes over the patches twice
+    later = list(stream_patch_logits(Stage(mode), model, image, glob, grid, frozen_global=frozen,
+                                     micro_batch_size=micro_batch, start_row=1))
+    assert [r for r, _ in later] == list(range(1, grid.n_rows))
+    torch.testing.assert_close(torch.cat([logits for _, logits in later]), expected[grid.n_cols:])
+
+
+def test_stage_1_has_no_rows(networks, image):
+    with pytest.raises(ValueError, match="stage 1"):
+        next(stream_patch_logits(Stage.GLOBAL, networks[0], image, global_image(image, SIZE_G)[None],
+                                 PatchGrid.build(SIZE, SIZE_P)))
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_bands_stack_to_predict_image(networks, image, mode, monkeypatch):
+    """Exactly equal: with one patch per pass the patch logits are run_stage's to the bit, and
+    each band merges its pixels' patches in the same order. The engine runs once; its rows
+    are replayed for each band height (the test above holds start_row to the engine)."""
+    s = session(networks, mode)
+    whole = helper.predict_image(s, image)
+    glob = global_image(image, SIZE_G)
+    replayed: list = []
+    if mode > 1:
+        rows = list(stream_patch_logits(Stage(mode), s.model, image, glob[None], PatchGrid.build(SIZE, SIZE_P),
+                                         frozen_global=s.frozen_global))
+        monkeypatch.setattr(helper, "stream_patch_logits",
+                            lambda *a, start_row, **k: replayed.append(start_row) or iter(rows[start_row:]))
+    for band_rows in (1, 7, 64, 150, 500):
+        bands = list(helper.predict_bands(s, image, glob, band_rows))
+        assert [y0 for y0, _ in bands] == list(range(0, SIZE[0], band_rows))
+        assert all(band.shape == (min(band_rows, SIZE[0] - y0), SIZE[1]) for y0, band in bands)
+        assert torch.equal(torch.cat([band for _, band in bands]), whole), band_rows
+    for start in (1, 61, 149):  # resuming: the bands from an output row on
+        bands = list(helper.predict_bands(s, image, glob, 32, start=start))
+        assert bands[0][0] == start
+        assert torch.equal(torch.cat([band for _, band in bands]), whole[start:]), start
+    assert list(helper.predict_bands(s, image, glob, 32, start=SIZE[0])) == []
+    if mode > 1:  # grid rows at tops 0, 23, 47, 70 of 80-row patches: row 61 needs them all, 149 the last
+        assert replayed == [0] * 5 + [0, 0, 3]
