@@ -41,7 +41,7 @@ from utils.files import RunLock, remove_temporaries, replacing_together
 from utils.folders import output_folder
 from utils.patches import PatchGrid
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
-from utils.tiled_writer import ClassMapWriter, file_identity
+from utils.tiled_writer import ClassMapWriter, file_identity, partial_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     output = output_folder(args.output, "--output")
     with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
         remove_temporaries(output, [name for path in small for name in output_names(path.stem)]
-                           + [name for path in large for name in large_output_names(path.stem)])
+                           + [name for path in large for name in large_output_names(path.stem)]
+                           + [p.name for path in large for p in partial_paths(output / f"{path.stem}_ids.tif")])
         alone = len(images) == 1
         skipped = segment_all(session, small, table, output, tta=args.tta, alone=alone) if small else []
         skipped += segment_large(session, large, table, output, args, alone=alone)
@@ -222,13 +223,16 @@ def large_output_names(stem: str) -> tuple[str, str]:
 
 def large_identity(args: argparse.Namespace, path: Path) -> dict:
     """What a very large image's class map depends on: the input file, the checkpoint
-    files, and the settings that change results. A partial map of another identity is
-    started over, not resumed."""
+    files, the settings that change results (to the last bit: device kind, arithmetic,
+    memory format, patches per pass) and the code. A partial map of another identity is
+    started over, not resumed, so no map joins bands computed two ways."""
     paths = checkpoint_paths(args)
     return {"input": file_identity(path),
             "checkpoints": {flag: file_identity(paths[flag]) for flag in STAGES[Stage(args.mode)].reads(False)},
             "mode": args.mode, "size_g": list(args.size_g), "size_p": list(args.size_p), "amp": args.amp,
-            "global": "exact" if args.exact_global else "level"}
+            "global": "exact" if args.exact_global else "level", "device": torch.device(args.device).type,
+            "cuda_math": args.cuda_math, "channels_last": args.channels_last,
+            "micro_batch_size": args.micro_batch_size, "torch": torch.__version__, "code": helper.code_version()}
 
 
 def segment_large(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,

@@ -95,6 +95,11 @@ class LargeImage(abc.ABC):
         multiple of it decode each tile once. 1 where unknown."""
         return 1
 
+    def global_levels(self) -> list[tuple[int, int]]:
+        """The levels a global image may be made from, as `levels` with (0, 0) for any
+        that cannot be read exactly in bounded memory (never the full-resolution one)."""
+        return self.levels
+
     @abc.abstractmethod
     def _read(self, level: int, top: int, left: int, height: int, width: int) -> np.ndarray:
         """read_region after its checks."""

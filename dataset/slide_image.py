@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from dataset.large_image import LargeImage
+from dataset.large_image import MAX_LEVEL_PIXELS, LargeImage
 from utils.errors import DataError
 
 RE_EXPORT = "the slide is truncated or corrupt; re-download or re-export it"
@@ -47,7 +47,15 @@ class SlideImage(LargeImage):
             self._background = np.full(3, 255, np.uint16)
 
     def block_rows(self, level: int) -> int:
-        return self._tile_rows[level]
+        # Above level 0 a band is the whole level: OpenSlide places a region by level-0
+        # pixels divided by the level's downsample, rarely a whole number (4.000345), so a
+        # band starting below the top could land a fraction of a row off and be resampled.
+        return self._tile_rows[level] if level == 0 else self.levels[level][0]
+
+    def global_levels(self) -> list[tuple[int, int]]:
+        # Reduced levels are read whole (block_rows): only those under the read-whole bound.
+        return [size if i == 0 or size[0] * size[1] <= MAX_LEVEL_PIXELS else (0, 0)
+                for i, size in enumerate(self.levels)]
 
     def _read(self, level: int, top: int, left: int, height: int, width: int) -> np.ndarray:
         # OpenSlide places a region by its top-left corner in level-0 pixels.

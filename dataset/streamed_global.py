@@ -89,6 +89,6 @@ def global_image_large(image: LargeImage, size: Sequence[int], exact: bool = Fal
 
     Memory: see global_image_streamed.
     """
-    level = 0 if exact else pick_level(image.levels, size, min_ratio)
+    level = 0 if exact else pick_level(image.global_levels(), size, min_ratio)
     return global_image_streamed(image, size, level, band_bytes)
 
