@@ -130,6 +130,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--folder", default=None, help="where to write the files (default: a temporary folder)")
     args = p.parse_args()
+    if args.folder is not None:
+        Path(args.folder).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     print(json.dumps({"baseline_rss_mb": round(peak_mb()), "threads": args.threads}))
     for side in args.side:
