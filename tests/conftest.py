@@ -91,6 +91,24 @@ def parity_run(parity_inputs):
     return get
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A folder with every stage's checkpoint under its default name (one random ResNet-18
+    network for all), for predict.py."""
+    import config
+    from dataset.classes import DEEPGLOBE
+    from models.glnet import GLNet
+    from models.stages import Stage
+    from utils.checkpoint import save_weights
+
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    model = GLNet(DEEPGLOBE.n_class, "resnet18")
+    for stage in Stage:
+        save_weights(model, folder / config.default_checkpoint(stage))
+    return folder
+
+
 # A training run small enough for a test: ResNet-18, tiny sizes, the CPU, no ImageNet file.
 TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",
         "--sub_batch_size", "4", "--num_workers", "0", "--device", "cpu", "--pretrained", "none"]

@@ -219,14 +219,19 @@ def test_truncated_file_is_named_when_opened(files, tmp_path):
     assert "is truncated" in one_line_naming(error, path) and "re-download" in str(error.value)
 
 
-def test_corrupt_tile_is_named_when_read(files, tmp_path):
-    path = tmp_path / "corrupt.tif"
-    shutil.copy(files["tiled"], path)
+def corrupt_tile(source: Path, path: Path, tile: int = 5) -> Path:
+    """A copy of source with 64 zero bytes in the middle of tile `tile` of its first page."""
+    shutil.copy(source, path)
     with tifffile.TiffFile(path) as tif:
-        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+        offset, count = tif.pages[0].dataoffsets[tile], tif.pages[0].databytecounts[tile]
     with open(path, "r+b") as file:
         file.seek(offset + count // 2)
         file.write(bytes(64))
+    return path
+
+
+def test_corrupt_tile_is_named_when_read(files, tmp_path):
+    path = corrupt_tile(files["tiled"], tmp_path / "corrupt.tif")
     with open_large_image(path) as image:
         image.read_region(0, 0, TILE, TILE)  # other tiles read
         with pytest.raises(DataError) as error:
@@ -235,18 +240,14 @@ def test_corrupt_tile_is_named_when_read(files, tmp_path):
 
 
 def test_bad_slides_are_named(files, tmp_path):
-    corrupt = tmp_path / "corrupt.svs"
-    shutil.copy(files["svs"], corrupt)
-    with tifffile.TiffFile(corrupt) as tif:
-        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
-    with open(corrupt, "r+b") as file:
-        file.seek(offset + count // 2)
-        file.write(bytes(64))
+    corrupt = corrupt_tile(files["svs"], tmp_path / "corrupt.svs")
     with open_large_image(corrupt) as image:
         assert isinstance(image, SlideImage)
         with pytest.raises(DataError) as error:
             image.read_region(0, 0, H, W)  # OpenSlide's own error, named
     assert "corrupt" in one_line_naming(error, corrupt)
+    with tifffile.TiffFile(files["svs"]) as tif:
+        offset = tif.pages[0].dataoffsets[5]
     cut = tmp_path / "cut.svs"
     shutil.copy(files["svs"], cut)
     os.truncate(cut, offset + 10)  # its reduced level's tables are gone too: OpenSlide declines it

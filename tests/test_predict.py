@@ -10,29 +10,16 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import config
 import helper
 import predict
 from dataset.classes import DEEPGLOBE
 from models.glnet import GLNet, GlobalBranch
 from models.stages import Stage
-from utils.checkpoint import save_weights
 
 # Small sizes keep a mode-3 run to a few seconds on two cores.
 SIZES = ["--size_g", "64", "--size_p", "96", "--micro_batch_size", "4", "--backbone", "resnet18"]
 # (H, W) of the generated images, by name: non-square RGB, 16-bit grey, RGBA smaller than a patch.
 IMAGES = {"rgb": (100, 150), "grey16": (90, 70), "small_rgba": (40, 60)}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    """Every stage's checkpoint under its default name (one random network for all)."""
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    model = GLNet(DEEPGLOBE.n_class, "resnet18")
-    for stage in Stage:
-        save_weights(model, folder / config.default_checkpoint(stage))
-    return folder
 
 
 @pytest.fixture(scope="module")

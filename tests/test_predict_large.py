@@ -9,16 +9,11 @@ import numpy as np
 import pytest
 import rasterio
 import tifffile
-import torch
 from PIL import Image
 
-import config
 import helper
 import predict
 from dataset.classes import DEEPGLOBE
-from models.glnet import GLNet
-from models.stages import Stage
-from utils.checkpoint import save_weights
 from utils.tiled_writer import partial_paths
 
 # One patch per pass: the streamed passes then group patches as the in-memory path does, and
@@ -27,16 +22,6 @@ SIZES = ["--size_g", "64", "--size_p", "96", "--micro_batch_size", "1", "--backb
 H, W = 300, 420
 CRS = "EPSG:32633"
 TRANSFORM = rasterio.Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4600000.0)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    model = GLNet(DEEPGLOBE.n_class, "resnet18")
-    for stage in Stage:
-        save_weights(model, folder / config.default_checkpoint(stage))
-    return folder
 
 
 @pytest.fixture(scope="module")
