@@ -186,13 +186,3 @@ def test_global_image_of_the_parity_capture(parity_inputs, parity_ref):
     expected = parity_ref["input_global"][0]
     out = global_image(torch.from_numpy(image.transpose(2, 0, 1).copy()), expected.shape[-2:])
     assert _same_bits(out.numpy(), expected)
-
-
-def test_a_pass_refuses_rows_it_does_not_hold():
-    """Shrinking 40 rows to 10 reads all 40: held from row 0, 20 rows are too few, and a
-    window shifted by an offset must not read other rows instead."""
-    x = torch.randint(0, 256, (1, 20, 5), dtype=torch.uint8)
-    with pytest.raises(ValueError, match="outside the 20 held"):
-        resample._pil_rows(x, 40, 10)
-    with pytest.raises(ValueError, match="outside the 20 held from row 25"):
-        resample._pil_rows(x, 40, 10, offset=25, outputs=(0, 5))
