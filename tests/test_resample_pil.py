@@ -186,3 +186,18 @@ def test_global_image_of_the_parity_capture(parity_inputs, parity_ref):
     expected = parity_ref["input_global"][0]
     out = global_image(torch.from_numpy(image.transpose(2, 0, 1).copy()), expected.shape[-2:])
     assert _same_bits(out.numpy(), expected)
+
+
+def test_a_pass_refuses_rows_it_does_not_hold():
+    """Shrinking 40 rows to 10 reads all 40 (each output averages its 4 rows and their
+    neighbours): held from row 0, 20 rows are too few, and a window shifted by an offset
+    must not read other rows instead of the ones it lacks."""
+    x = torch.randint(0, 256, (1, 20, 5), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="outside the 20 held from row 0"):
+        resample._pil_rows(x, 40, 10)
+    with pytest.raises(ValueError, match="outside the 20 held from row 25"):
+        resample._pil_rows(x, 40, 10, offset=25, outputs=(0, 5))
+    # Outputs 5..10 read rows 18..40 (output 5 is centred on row 22 with a 4-row support), so 22 rows from row 18 suffice.
+    y = torch.randint(0, 256, (1, 40, 5), dtype=torch.uint8)
+    assert torch.equal(resample._pil_rows(y[:, 18:], 40, 10, offset=18, outputs=(5, 10)),
+                       resample._pil_rows(y, 40, 10)[:, 5:])

@@ -139,9 +139,16 @@ def _pil_rows(x: Tensor, in_len: int, out_len: int, offset: int = 0,
     o0, o1 = (0, out_len) if outputs is None else outputs
     if not 0 <= o0 < o1 <= out_len:
         raise ValueError(f"output rows {outputs} are not a non-empty range within 0..{out_len}")
+    # The taps that count must read rows `x` holds: a caller's wrong offset or window is an
+    # error, not pixels read from other rows. Checked on the CPU tables (windows only move
+    # forward, so the first and last outputs bound them all): a GPU need not synchronise.
+    start, stop = pil_output_windows(in_len, out_len)
+    if start[o0] < offset or stop[o1 - 1] > offset + x.shape[-2]:
+        raise ValueError(f"output rows {o0}..{o1} read input rows {start[o0]}..{stop[o1 - 1]}, "
+                         f"outside the {x.shape[-2]} held from row {offset}")
+    # Clamped into `x`: a tap past an output's last one (weight 0, or masked) may point past
+    # the rows held.
     out_len = o1 - o0
-    # Clamped into `x`: a tap past an output's last one (weight 0, or masked) may point past the
-    # rows a streamed caller holds; the taps that count always lie within them.
     index = (taps.index[:, o0:o1] - offset).clamp_(0, x.shape[-2] - 1)
     eight_bit = x.dtype == torch.uint8
     if eight_bit:
