@@ -387,7 +387,7 @@ def predict_bands(
         return
     grid = PatchGrid.build((height, width), session.size_p)
     patch_h = grid.patch_size[0]
-    first = next(r for r in range(grid.n_rows) if grid.tops[r] + patch_h > start)
+    first = _first_grid_row(grid, start)
     stream = stream_patch_logits(session.stage, session.model, image, global_image, grid,
                                  frozen_global=session.frozen_global, micro_batch_size=session.micro_batch,
                                  start_row=first, on_patches=session.on_patches)
@@ -402,6 +402,22 @@ def predict_bands(
             y0 = y1
             for done in [r for r in kept if grid.tops[r] + patch_h <= y0]:
                 del kept[done]
+
+
+def _first_grid_row(grid: PatchGrid, start: int) -> int:
+    """The first grid row whose patches reach image row `start` or below."""
+    return next(r for r in range(grid.n_rows) if grid.tops[r] + grid.patch_size[0] > start)
+
+
+def band_patch_count(session: Session, size: Sequence[int], start: int = 0) -> int:
+    """Patches predict_bands passes through the local branch for an image of `size` (H, W)
+    from output row `start`: the rows of patches over rows start.., and in stage 3 also the
+    first pass over every patch. 0 for stage 1 (no patches) or a start past the image."""
+    if session.stage is Stage.GLOBAL or start >= size[0]:
+        return 0
+    grid = PatchGrid.build(tuple(size), session.size_p)
+    kept = (grid.n_rows - _first_grid_row(grid, start)) * grid.n_cols
+    return kept + len(grid) if session.stage is Stage.LOCAL2GLOBAL else kept
 
 
 def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *, exact_global: bool = False,

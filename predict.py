@@ -267,9 +267,15 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
         try:
             if writer.rows_done:
                 print(f"{path.name}: continuing from row {writer.rows_done} of {height}", file=sys.stderr)
+            # Rows advance only as bands are written, and stage 3 passes over every patch before
+            # its first band: a second bar over patches shows that work and its time left.
+            patches = helper.band_patch_count(session, (height, width), writer.rows_done)
             with tqdm(total=height, initial=writer.rows_done, desc=path.name, unit="row", dynamic_ncols=True,
-                      disable=None) as bar:
-                helper.predict_large(session, image, writer, exact_global=args.exact_global, on_band=bar.update)
+                      disable=None) as bar, \
+                    tqdm(total=patches, desc="patches", unit="patch", leave=False, position=1, dynamic_ncols=True,
+                         disable=None if patches else True) as passes:
+                helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
+                                     exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()
             return not bar.disable
         except KeyboardInterrupt:

@@ -96,3 +96,19 @@ def test_bands_stack_to_predict_image(networks, image, mode, monkeypatch):
     assert list(helper.predict_bands(s, image, glob, 32, start=SIZE[0])) == []
     if mode > 1:  # grid rows at tops 0, 23, 47, 70 of 80-row patches: row 61 needs them all, 149 the last
         assert replayed == [0] * 5 + [0, 0, 3]
+
+
+@pytest.mark.parametrize("mode, start, patches", [
+    (1, 0, 0),
+    (2, 0, 24), (2, 61, 24), (2, 149, 6), (2, 150, 0),  # tops 0, 23, 47, 70 of 80 rows; 6 columns
+    (3, 0, 48), (3, 149, 30),  # stage 3 first passes over all 24, whatever the start
+])
+def test_band_patch_count_is_what_the_bands_pass_through(networks, image, mode, start, patches):
+    """What predict.py's patch bar counts to: the patches predict_bands reports, run for real."""
+    s = session(networks, mode)
+    assert helper.band_patch_count(s, SIZE, start) == patches
+    if start in (0, 149) and mode > 1:
+        counted: list[int] = []
+        s.on_patches = counted.append
+        list(helper.predict_bands(s, image, global_image(image, SIZE_G), 64, start=start))
+        assert sum(counted) == patches
