@@ -143,11 +143,19 @@ class RegionView:
 
 
 def _slide_format(path: Path) -> Optional[str]:
-    """OpenSlide's name for the file's vendor format, or None (not a slide, or OpenSlide
-    is not installed)."""
+    """OpenSlide's name for the file's vendor format, or None (not a slide; or OpenSlide is
+    not installed and the file is a TIFF, which tifffile reads).
+
+    Raises:
+        DataError: a slide suffix while OpenSlide cannot be loaded.
+    """
     try:
         import openslide  # a native library: loaded only for files that may be slides
-    except (ImportError, OSError):
+    except (ImportError, OSError) as error:
+        if path.suffix.lower() in SLIDE_SUFFIXES:
+            raise DataError(f"{path}: reading {path.suffix} slides needs OpenSlide, which did not load "
+                            f"({' '.join(str(error).split()) or type(error).__name__}); install it with "
+                            "pip install -r requirements.txt (openslide-python and openslide-bin)") from None
         return None
     try:
         return openslide.OpenSlide.detect_format(str(path))

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,16 @@ def test_files_that_are_no_tiff_are_named(tmp_path, content):
         open_large_image(tmp_path / "missing.tif")
 
 
+def test_a_missing_openslide_is_named_for_slides_only(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide now raises ImportError
+    with pytest.raises(DataError) as error:
+        open_large_image(files["svs"])
+    one_line_naming(error, files["svs"])
+    assert "needs OpenSlide" in str(error.value) and "requirements.txt" in str(error.value)
+    with open_large_image(files["tiled"]) as image:  # TIFFs need only tifffile
+        assert image.size == (H, W)
+
+
 # ------------------------------------------------------------------ the global image
 
 
@@ -364,6 +375,15 @@ def test_global_image_from_a_level(files):
         assert torch.equal(global_image_large(image, (80, 100), exact=True), global_image(read_image(files["pyramid"]),
                                                                                           (80, 100)))
         assert not torch.equal(from_level, global_image_large(image, (80, 100), exact=True))
+
+
+def test_global_image_from_a_slides_reduced_level(files):
+    """A slide's level goes through OpenSlide: 4 x (40, 50) fits in its level 1 (175 x 225)."""
+    with open_large_image(files["svs"]) as image:
+        from_level = global_image_large(image, (40, 50))
+    level = pixels()[::4, ::4]  # what write_svs stored as level 1
+    resized = np.asarray(Image.fromarray(level).resize((50, 40), Image.Resampling.BILINEAR))
+    assert torch.equal(from_level, torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255)
 
 
 # ------------------------------------------------------------------ writing
