@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import rasterio
 import tifffile
+import torch
 from PIL import Image
 
 import helper
 import predict
 from dataset.classes import DEEPGLOBE
+from dataset.streamed_global import global_image_large
 from utils.tiled_writer import partial_paths
 
 # One patch per pass: the streamed passes then group patches as the in-memory path does, and
@@ -126,3 +128,31 @@ def test_unreadable_file_is_one_line(models, tmp_path, capsys):
     assert run(models, "--input", str(bad), "--output", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.svs" in err and "Traceback" not in err, err
+
+
+def test_a_pyramid_level_makes_the_global_image_by_default(models, inputs, pixels, tmp_path, monkeypatch):
+    """A pyramidal TIFF whose level 1 (300 x 420, at least 4 x --size_g 64) was made
+    inverted, so that a global image taken from it cannot pass for one of full resolution."""
+    full = np.tile(pixels, (2, 2, 1))
+    level = 255 - full[::2, ::2]
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(full, tile=(128, 128), compression="zlib", photometric="rgb", subifds=1, metadata=None)
+        tif.write(level, tile=(128, 128), compression="zlib", photometric="rgb", subfiletype=1)
+    made = []
+
+    def recorded(*args, **kwargs):
+        made.append(global_image_large(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(helper, "global_image_large", recorded)
+    assert run(models, "--mode", "1", "--input", str(path), "--output", str(tmp_path / "level")) == 0
+    expected = np.asarray(Image.fromarray(level).resize((64, 64), Image.Resampling.BILINEAR))  # Pillow, from the level
+    assert torch.equal(made[0], torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
+    from_level = tifffile.imread(tmp_path / "level" / "pyramid_ids.tif")
+    assert run(models, "--mode", "1", "--exact_global", "--input", str(path), "--output", str(tmp_path / "exact")) == 0
+    Image.fromarray(full).save(tmp_path / "pyramid.png")
+    assert run(models, "--mode", "1", "--input", str(tmp_path / "pyramid.png"), "--output", str(tmp_path / "png")) == 0
+    exact = tifffile.imread(tmp_path / "exact" / "pyramid_ids.tif")
+    np.testing.assert_array_equal(exact, np.asarray(Image.open(tmp_path / "png" / "pyramid_ids.png")))
+    assert (from_level != exact).any()  # the level's inverted pixels reached the network
