@@ -262,15 +262,20 @@ def record_to_json(record: Record) -> dict[str, Any]:
     return {**asdict(record), "images_per_s": record.images_per_s}
 
 
+def write_rule_checkpoints(models: Path, backbone: str) -> None:
+    """Rule-weight checkpoints under the default names of every stage, in `models`."""
+    model = GLNet(DEEPGLOBE.n_class, backbone)
+    apply_rule_weights(model, WEIGHT_SEED)
+    for stage in Stage:
+        save_weights(model, models / default_checkpoint(stage))
+
+
 def write_cli_inputs(folder: Path, size: int, backbone: str) -> tuple[Path, Path]:
     """A one-image crossvali split in DeepGlobe's layout and rule-weight checkpoints under
     the default names of every stage: (data root, model folder)."""
     data, models = folder / "data", folder / "models"
     make_deep_globe_demo(data, n_train=0, n_val=1, n_test=0, size=size)
-    model = GLNet(DEEPGLOBE.n_class, backbone)
-    apply_rule_weights(model, WEIGHT_SEED)
-    for stage in Stage:
-        save_weights(model, models / default_checkpoint(stage))
+    write_rule_checkpoints(models, backbone)
     return data, models
 
 

@@ -63,25 +63,34 @@ def reset_peak() -> bool:
         return False
 
 
-def synthetic_rows(top: int, rows: int, side: int) -> np.ndarray:
-    """(rows, side, 3) uint8 of a smooth pattern with fine texture, as a band."""
-    y = np.arange(top, top + rows, dtype=np.int64)[:, None]
-    x = np.arange(side, dtype=np.int64)[None, :]
-    r = (x * 255 // side + (y * x) % 7).astype(np.uint8)
-    g = (y * 255 // side + (x + y) % 5).astype(np.uint8)
+def synthetic_rows(top: int, rows: int, height: int, width: int, step: int = 1) -> np.ndarray:
+    """(rows, width // step, 3) uint8 of a smooth pattern with fine texture over a height x
+    width image: rows top.. of the image sampled every `step` pixels (a pyramid level
+    halved k times is step 2**k; the image itself never exists whole)."""
+    y = np.arange(top, top + rows, dtype=np.int64)[:, None] * step
+    x = np.arange(0, width, step, dtype=np.int64)[None, :]
+    r = (x * 255 // width + (y * x) % 7).astype(np.uint8)
+    g = (y * 255 // height + (x + y) % 5).astype(np.uint8)
     b = ((x // 97 + y // 89) % 2 * 200 + (x ^ y) % 11).astype(np.uint8)
     return np.dstack([r, g, b])
 
 
-def make_tiff(path: Path, side: int) -> None:
-    def tiles() -> Iterator[np.ndarray]:
-        for top in range(0, side, TILE):
-            band = synthetic_rows(top, min(TILE, side - top), side)
-            for left in range(0, side, TILE):
+def make_tiff(path: Path, height: int, width: int, levels: int = 0) -> None:
+    """A height x width RGB TIFF, 512-pixel tiles, deflate, made band by band, with `levels`
+    halvings (taken by striding) as SubIFDs, the layout of vips' and OME's pyramids."""
+    def tiles(step: int) -> Iterator[np.ndarray]:
+        h, w = -(-height // step), -(-width // step)
+        for top in range(0, h, TILE):
+            band = synthetic_rows(top, min(TILE, h - top), height, width, step)
+            for left in range(0, w, TILE):
                 yield band[:, left:left + TILE]
 
-    tifffile.imwrite(path, tiles(), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE), compression="zlib",
-                     photometric="rgb", metadata=None, maxworkers=1)
+    options = dict(dtype=np.uint8, tile=(TILE, TILE), compression="zlib", photometric="rgb", metadata=None,
+                   maxworkers=1)
+    with tifffile.TiffWriter(path, bigtiff=height * width * 3 > 2**31) as tif:
+        tif.write(tiles(1), shape=(height, width, 3), subifds=levels, **options)
+        for k in range(1, levels + 1):
+            tif.write(tiles(2**k), shape=(-(-height // 2**k), -(-width // 2**k), 3), subfiletype=1, **options)
 
 
 def class_ids(band: np.ndarray) -> np.ndarray:
@@ -101,7 +110,7 @@ def timed(phases: dict, name: str, run: Callable[[], object]) -> object:
 def bench(side: int, folder: Path) -> dict:
     image_path, out = folder / f"synthetic_{side}.tif", folder / "out"
     phases: dict = {}
-    timed(phases, "make", lambda: make_tiff(image_path, side))
+    timed(phases, "make", lambda: make_tiff(image_path, side, side))
 
     def global_image() -> torch.Tensor:
         with open_large_image(image_path) as image:
