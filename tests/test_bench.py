@@ -166,3 +166,34 @@ def test_via_cli_peak_is_the_commands_own():
     with pytest.raises(RuntimeError, match="failed"):
         run_measured([sys.executable, "-c", "raise SystemExit(3)"], {})
     del ballast
+
+
+def test_synthetic_pyramid_levels_are_the_image_strided(tmp_path):
+    """bench/large_io_rss.make_tiff writes each level without the image in memory; level k
+    must be the full-resolution pixels taken every 2**k (edges included)."""
+    import tifffile
+
+    from bench.large_io_rss import make_tiff
+
+    make_tiff(tmp_path / "x.tif", 1100, 700, levels=2)
+    with tifffile.TiffFile(tmp_path / "x.tif") as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+    assert [a.shape for a in levels] == [(1100, 700, 3), (550, 350, 3), (275, 175, 3)]
+    for k, a in enumerate(levels[1:], start=1):
+        assert (a == levels[0][:: 2**k, :: 2**k]).all()
+
+
+def test_predict_large_benchmark_runs_predict_on_its_synthetic_tiff(tmp_path, capsys):
+    from bench import predict_large_rss
+
+    flags = ["--sizes", "300x2100", "--mode", "2", "--backbone", "resnet18", "--size_g", "64", "--size_p", "96",
+             "--threads", "1", "--folder", str(tmp_path), "--json", str(tmp_path / "r.jsonl")]
+    assert predict_large_rss.main([*flags, "--", "--micro_batch_size", "2"]) == 0
+    environment, record = (json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines())
+    assert environment["threads"] == 1 and environment["commit"]
+    # The spec's grid: from ceil(side / 96) patches, more until neighbours overlap by 50 px:
+    # 6 rows (96 - 204 / 5 >= 50) by 45 columns (96 - 2004 / 44 >= 50). One level: 2100 / 2 < 2048.
+    assert record["size"] == [300, 2100] and record["patches"] == 6 * 45 and record["levels"] == 1
+    assert record["predict_flags"] == ["--micro_batch_size", "2"]
+    assert record["peak_rss_mb"] > 0 and record["seconds"] > 0 and record["input_mb"] >= 0
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # its temporary folder is gone
