@@ -32,7 +32,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 # 2. CUDA parity (the reference against the authors' arrays, the engine against the
 #    reference) and device tests (TF32 off inside the parity tests).
 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_parity.py tests/test_engine.py tests/test_stages.py tests/test_patches.py \
-    tests/test_model.py tests/test_predict.py tests/test_resample_pil.py > "$out/pytest_cuda.txt" 2>&1
+    tests/test_model.py tests/test_predict.py tests/test_predict_large.py tests/test_resample_pil.py > "$out/pytest_cuda.txt" 2>&1
 
 # 3. Evaluation per mode and size: fp32, then bf16 + channels-last (6 patches per pass,
 #    with the live-tensor peak).

@@ -14,6 +14,7 @@ from PIL import Image
 
 import helper
 import predict
+from conftest import DEVICES
 from dataset.classes import DEEPGLOBE
 from dataset.streamed_global import global_image_large
 from utils.tiled_writer import partial_paths
@@ -47,12 +48,13 @@ def inputs(tmp_path_factory, pixels) -> Path:
     return folder
 
 
-def run(models: Path, *args: str) -> int:
-    return predict.main(["--model_path", str(models), "--device", "cpu", *SIZES, *args])
+def run(models: Path, *args: str, device: str = "cpu") -> int:
+    return predict.main(["--model_path", str(models), "--device", device, *SIZES, *args])
 
 
-def in_memory_ids(models: Path, inputs: Path, out: Path, mode: int) -> np.ndarray:
-    assert run(models, "--mode", str(mode), "--input", str(inputs / "png" / "big.png"), "--output", str(out)) == 0
+def in_memory_ids(models: Path, inputs: Path, out: Path, mode: int, device: str = "cpu") -> np.ndarray:
+    assert run(models, "--mode", str(mode), "--input", str(inputs / "png" / "big.png"), "--output", str(out),
+               device=device) == 0
     return np.asarray(Image.open(out / "big_ids.png"))
 
 
@@ -70,13 +72,17 @@ def check_large_outputs(out: Path, stem: str) -> np.ndarray:
     return ids
 
 
+# On a GPU too: the large route makes its global image on the CPU and the PNG path on the
+# device, which must agree to the bit (Pillow's integer arithmetic, one division).
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", [3, 1])
-def test_tiled_tiff_equals_the_png_path(models, inputs, tmp_path, mode, capsys):
+def test_tiled_tiff_equals_the_png_path(models, inputs, tmp_path, mode, device, capsys):
     out = tmp_path / "large"
-    assert run(models, "--mode", str(mode), "--input", str(inputs / "big.tif"), "--output", str(out)) == 0
+    assert run(models, "--mode", str(mode), "--input", str(inputs / "big.tif"), "--output", str(out),
+               device=device) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["big_ids.tif", "big_preview.png"]
     ids = check_large_outputs(out, "big")
-    np.testing.assert_array_equal(ids, in_memory_ids(models, inputs, tmp_path / "png", mode))
+    np.testing.assert_array_equal(ids, in_memory_ids(models, inputs, tmp_path / "png", mode, device))
     assert len(np.unique(ids)) > 1  # a map of one class would hide a misplaced band
 
 
