@@ -7,6 +7,7 @@ module runs in seconds on a CPU.
 from __future__ import annotations
 
 import ast
+import collections
 import errno
 import json
 import os
@@ -33,7 +34,9 @@ from utils.banded_resample import pil_bilinear_banded
 from utils.errors import DataError
 from utils.files import WriteError
 from utils.resample import pil_bilinear
-from utils.tiled_writer import ClassMapWriter, file_identity, level_sizes, partial_paths, preview_size
+from utils import tiled_writer
+from utils.tiled_writer import (ClassMapWriter, file_identity, level_sizes, majority_2x2, partial_paths,
+                                 preview_size)
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 700, 900
@@ -405,8 +408,38 @@ def write_map(folder: Path, ids: np.ndarray, band: int = 100, **kw) -> ClassMapW
     return writer
 
 
+def majority_by_counting(ids: np.ndarray) -> np.ndarray:
+    """The level below `ids`, block by block with a Counter: the class most often in each
+    2 x 2 block, ties to the one met first in reading order; a last odd row or column
+    counts twice (it stands in for the missing one)."""
+    h, w = ids.shape
+    out = np.empty((-(-h // 2), -(-w // 2)), np.uint8)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            rows, cols = (2 * i, min(2 * i + 1, h - 1)), (2 * j, min(2 * j + 1, w - 1))
+            counts = collections.Counter(int(ids[r, c]) for r in rows for c in cols)
+            out[i, j] = max(counts, key=counts.get)  # max keeps the first of equal counts
+    return out
+
+
+@pytest.mark.parametrize("block, expected", [
+    ([[1, 1], [2, 3]], 1), ([[2, 1], [1, 3]], 1), ([[3, 2], [2, 2]], 2), ([[4, 5], [5, 4]], 4),
+    ([[1, 2], [3, 4]], 1), ([[6, 2], [3, 2]], 2),
+])
+def test_each_pyramid_pixel_is_its_blocks_majority(block, expected):
+    assert majority_2x2(np.array(block, np.uint8)).tolist() == [[expected]]
+
+
+def test_majority_of_odd_sized_maps_keeps_every_row_and_column():
+    ids = np.random.default_rng(3).integers(0, 4, (9, 13), dtype=np.uint8)
+    np.testing.assert_array_equal(majority_2x2(ids), majority_by_counting(ids))
+
+
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-def test_written_class_map_reads_back_tiled_compressed_and_pyramidal(tmp_path):
+@pytest.mark.parametrize("pieces", [None, 64], ids=["whole-rows", "column-pieces"])
+def test_written_class_map_reads_back_tiled_compressed_and_pyramidal(tmp_path, monkeypatch, pieces):
+    if pieces:
+        monkeypatch.setattr(tiled_writer, "MAJORITY_COLUMNS", pieces)
     ids = class_map()
     write_map(tmp_path, ids, band=77)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_ids.tif", "x_preview.png"]
@@ -419,8 +452,10 @@ def test_written_class_map_reads_back_tiled_compressed_and_pyramidal(tmp_path):
         assert all(p.is_tiled and (p.tilelength, p.tilewidth) == (TILE, TILE) for p in pages)
         assert all(p.compression == tifffile.COMPRESSION.ADOBE_DEFLATE and p.dtype == np.uint8 for p in pages)
         assert [p.subfiletype for p in pages] == [0, 1, 1]  # reduced-resolution levels, in the main chain
-        for k, page in enumerate(pages):
-            np.testing.assert_array_equal(page.asarray(), ids[::2 ** k, ::2 ** k])
+        level = ids
+        for page in pages:
+            np.testing.assert_array_equal(page.asarray(), level)
+            level = majority_by_counting(level)
     with rasterio.open(path) as ds:
         np.testing.assert_array_equal(ds.read(1), ids)
         assert ds.overviews(1) == [2, 4] and ds.block_shapes == [(TILE, TILE)]

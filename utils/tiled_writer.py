@@ -18,7 +18,7 @@ final names.
 
 The TIFF: uint8 class ids in 512 x 512 tiles, deflate-compressed, with a palette of the
 class colours (viewers show colours, readers get ids), and reduced-resolution levels, each
-half the last (nearest: every other row and column), down to one tile, in the main IFD
+half the last (each pixel the majority class of its 2 x 2 block: see majority_2x2), down to one tile, in the main IFD
 chain marked reduced-resolution (NewSubfileType 1), where GDAL (QGIS) finds overviews and
 OpenSlide and QuPath find pyramid levels. The input's GeoTIFF tags are copied as stored
 (the map has the input's size, so its pixels lie where the input's do); microns per
@@ -51,6 +51,7 @@ WORKERS = 2
 BUFFER_BYTES = 16 << 20
 RESOLUTION_CENTIMETER = 3
 REDUCED_IMAGE = 1  # NewSubfileType of a pyramid level
+MAJORITY_COLUMNS = 8192  # columns of a tile row reduced at a time (even)
 
 
 def file_identity(path: str | Path) -> dict:
@@ -74,6 +75,26 @@ def level_sizes(height: int, width: int, tile: int = TILE) -> list[tuple[int, in
         h, w = sizes[-1]
         sizes.append((-(-h // 2), -(-w // 2)))
     return sizes
+
+
+def majority_2x2(block: np.ndarray) -> np.ndarray:
+    """Each 2 x 2 block of an (h, w) class map replaced by its majority class, (ceil(h / 2),
+    ceil(w / 2)); a tie goes to the first of the tied classes in reading order (top left,
+    top right, bottom left, bottom right), so a block without a majority keeps its top-left
+    pixel, as sampling every other pixel would. A last odd row or column stands in for its
+    missing neighbours.
+
+    Why not every other pixel: a map zoomed out by sampling shows whichever class sits on
+    the sampled grid, so thin structures flicker in and out level by level; the majority
+    keeps the class that covers most of the area.
+    """
+    if block.shape[0] % 2 or block.shape[1] % 2:
+        block = np.pad(block, ((0, block.shape[0] % 2), (0, block.shape[1] % 2)), mode="edge")
+    corners = [block[0::2, 0::2], block[0::2, 1::2], block[1::2, 0::2], block[1::2, 1::2]]
+    votes = [sum((c == other).astype(np.uint8) for other in corners) for c in corners]
+    # np.argmax takes the first of equal counts: the tie rule above.
+    best = np.argmax(np.stack(votes), axis=0)
+    return np.choose(best, corners)
 
 
 def preview_size(height: int, width: int, side: int = PREVIEW_SIDE) -> tuple[int, int]:
@@ -241,10 +262,13 @@ class ClassMapWriter:
     def _tiles(self, rows: Iterator[tuple[int, np.ndarray]], width: int, below: Optional[BandStore],
                steps: _Steps) -> Iterator[np.ndarray]:
         """The tiles of a level, row by row (tifffile pads those at the edges), each
-        tile row's every other row and column appended to the level below."""
+        tile row's 2 x 2 majorities appended to the level below."""
         for top, block in rows:
             if below is not None:
-                below.append(block[::2, ::2])  # top is a multiple of the tile: even
+                # top is a multiple of the tile, so even; column pieces of an even width
+                # bound the votes' temporary arrays on a wide map.
+                below.append(np.concatenate([majority_2x2(block[:, left:left + MAJORITY_COLUMNS])
+                                             for left in range(0, width, MAJORITY_COLUMNS)], axis=1))
             for left in range(0, width, self.tile):
                 yield block[:, left:left + self.tile]
             steps.advance()
