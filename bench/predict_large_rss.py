@@ -116,6 +116,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         folder = Path(tempfile.mkdtemp(prefix="predict_large_", dir=args.folder))
         try:
             lines.append(bench(args, tuple(size), folder))
+        except RuntimeError as error:  # predict.py failed: its command and the end of its output
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         print(json.dumps(lines[-1]), flush=True)
