@@ -35,6 +35,8 @@ from utils.tiled_writer import ClassMapWriter
 # Output rows per band of a large image: the band's ids, and the grid rows of patch logits
 # over it, are what is held of the map (a band of a 100,000 px wide map: 50 MB of ids).
 BAND_ROWS = 512
+# Image columns merged at a time within a band (predict_bands): about ten 508-pixel patches.
+MERGE_COLUMNS = 4096
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_DECAY = 5e-4
 POLY_POWER = 0.9
@@ -439,12 +441,28 @@ def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *
             on_band(band.shape[0])
 
 
-def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int) -> Tensor:
-    """merge_argmax of image rows y0:y1 from the logits of the grid rows over them: a grid
-    of those rows alone, its tops moved up by y0 (a patch may start above the band)."""
-    rows = [r for r in sorted(kept) if grid.tops[r] < y1 and grid.tops[r] + grid.patch_size[0] > y0]
-    band = PatchGrid((y1 - y0, grid.image_size[1]), grid.patch_size, tuple(grid.tops[r] - y0 for r in rows), grid.lefts)
-    return merge_argmax(torch.cat([kept[r] for r in rows]), band)
+def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int,
+                columns: Optional[int] = None) -> Tensor:
+    """merge_argmax of image rows y0:y1 from the logits of the grid rows over them, piece
+    by piece of `columns` image columns (None: MERGE_COLUMNS). Each piece is merged on a
+    grid of the patches over it alone, its origins moved by (y0, x0) (a patch may start
+    above or left of the piece): the same patches in the same order per pixel, so the same
+    sums. Pieces keep the copies the merge makes (the patches' logits, laid out by cell)
+    to a piece's patches, not a whole grid row's, which on a wide image is tens of MB."""
+    (ph, pw), width = grid.patch_size, grid.image_size[1]
+    columns = columns or MERGE_COLUMNS
+    rows = [r for r in sorted(kept) if grid.tops[r] < y1 and grid.tops[r] + ph > y0]
+    tops = tuple(grid.tops[r] - y0 for r in rows)
+    out = None
+    for x0 in range(0, width, columns):
+        x1 = min(width, x0 + columns)
+        cols = [c for c in range(grid.n_cols) if grid.lefts[c] < x1 and grid.lefts[c] + pw > x0]  # contiguous
+        piece = PatchGrid((y1 - y0, x1 - x0), grid.patch_size, tops, tuple(grid.lefts[c] - x0 for c in cols))
+        ids = merge_argmax(torch.cat([kept[r][cols[0] : cols[-1] + 1] for r in rows]), piece)
+        if out is None:
+            out = ids.new_empty((y1 - y0, width))
+        out[:, x0:x1] = ids
+    return out  # type: ignore[return-value]
 
 
 def _each_under(context: Callable[[], ContextManager], items: Iterator[Any]) -> Iterator[Any]:

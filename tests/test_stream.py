@@ -84,18 +84,22 @@ def test_bands_stack_to_predict_image(networks, image, mode, monkeypatch):
                                          frozen_global=s.frozen_global))
         monkeypatch.setattr(helper, "stream_patch_logits",
                             lambda *a, start_row, **k: replayed.append(start_row) or iter(rows[start_row:]))
-    for band_rows in (1, 7, 64, 150, 500):
+    # Bands of several heights, merged in pieces of several widths (one column, a piece
+    # edge inside a patch, the whole width).
+    for band_rows, columns in [(1, 4096), (7, 4096), (64, 4096), (150, 4096), (500, 4096), (7, 37), (64, 1),
+                               (500, 100)]:
+        monkeypatch.setattr(helper, "MERGE_COLUMNS", columns)
         bands = list(helper.predict_bands(s, image, glob, band_rows))
         assert [y0 for y0, _ in bands] == list(range(0, SIZE[0], band_rows))
         assert all(band.shape == (min(band_rows, SIZE[0] - y0), SIZE[1]) for y0, band in bands)
-        assert torch.equal(torch.cat([band for _, band in bands]), whole), band_rows
+        assert torch.equal(torch.cat([band for _, band in bands]), whole), (band_rows, columns)
     for start in (1, 61, 149):  # resuming: the bands from an output row on
         bands = list(helper.predict_bands(s, image, glob, 32, start=start))
         assert bands[0][0] == start
         assert torch.equal(torch.cat([band for _, band in bands]), whole[start:]), start
     assert list(helper.predict_bands(s, image, glob, 32, start=SIZE[0])) == []
     if mode > 1:  # grid rows at tops 0, 23, 47, 70 of 80-row patches: row 61 needs them all, 149 the last
-        assert replayed == [0] * 5 + [0, 0, 3]
+        assert replayed == [0] * 8 + [0, 0, 3]
 
 
 @pytest.mark.parametrize("mode, start, patches", [
