@@ -441,16 +441,14 @@ def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *
             on_band(band.shape[0])
 
 
-def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int,
-                columns: Optional[int] = None) -> Tensor:
+def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int) -> Tensor:
     """merge_argmax of image rows y0:y1 from the logits of the grid rows over them, piece
-    by piece of `columns` image columns (None: MERGE_COLUMNS). Each piece is merged on a
+    by piece of MERGE_COLUMNS image columns. Each piece is merged on a
     grid of the patches over it alone, its origins moved by (y0, x0) (a patch may start
     above or left of the piece): the same patches in the same order per pixel, so the same
     sums. Pieces keep the copies the merge makes (the patches' logits, laid out by cell)
     to a piece's patches, not a whole grid row's, which on a wide image is tens of MB."""
-    (ph, pw), width = grid.patch_size, grid.image_size[1]
-    columns = columns or MERGE_COLUMNS
+    (ph, pw), width, columns = grid.patch_size, grid.image_size[1], MERGE_COLUMNS
     rows = [r for r in sorted(kept) if grid.tops[r] < y1 and grid.tops[r] + ph > y0]
     tops = tuple(grid.tops[r] - y0 for r in rows)
     out = None

@@ -18,11 +18,11 @@ final names.
 
 The TIFF: uint8 class ids in 512 x 512 tiles, deflate-compressed, with a palette of the
 class colours (viewers show colours, readers get ids), and reduced-resolution levels, each
-half the last (each pixel the majority class of its 2 x 2 block: see majority_2x2), down to one tile, in the main IFD
-chain marked reduced-resolution (NewSubfileType 1), where GDAL (QGIS) finds overviews and
-OpenSlide and QuPath find pyramid levels. The input's GeoTIFF tags are copied as stored
-(the map has the input's size, so its pixels lie where the input's do); microns per
-pixel go in the resolution tags, per centimetre.
+half the last (each pixel the majority class of a 2 x 2 block, majority_2x2), down to one
+tile, in the main IFD chain marked reduced-resolution (NewSubfileType 1), where GDAL
+(QGIS) finds overviews and OpenSlide and QuPath find pyramid levels. The input's GeoTIFF
+tags are copied as stored (the map has the input's size, so its pixels lie where the
+input's do); microns per pixel go in the resolution tags, per centimetre.
 """
 from __future__ import annotations
 
