@@ -448,19 +448,17 @@ def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int) -> T
     above or left of the piece): the same patches in the same order per pixel, so the same
     sums. Pieces keep the copies the merge makes (the patches' logits, laid out by cell)
     to a piece's patches, not a whole grid row's, which on a wide image is tens of MB."""
-    (ph, pw), width, columns = grid.patch_size, grid.image_size[1], MERGE_COLUMNS
+    (ph, pw), width = grid.patch_size, grid.image_size[1]
     rows = [r for r in sorted(kept) if grid.tops[r] < y1 and grid.tops[r] + ph > y0]
     tops = tuple(grid.tops[r] - y0 for r in rows)
-    out = None
-    for x0 in range(0, width, columns):
-        x1 = min(width, x0 + columns)
+    like = kept[rows[0]]
+    out = torch.empty((y1 - y0, width), dtype=class_dtype(like.shape[1]), device=like.device)
+    for x0 in range(0, width, MERGE_COLUMNS):
+        x1 = min(width, x0 + MERGE_COLUMNS)
         cols = [c for c in range(grid.n_cols) if grid.lefts[c] < x1 and grid.lefts[c] + pw > x0]  # contiguous
         piece = PatchGrid((y1 - y0, x1 - x0), grid.patch_size, tops, tuple(grid.lefts[c] - x0 for c in cols))
-        ids = merge_argmax(torch.cat([kept[r][cols[0] : cols[-1] + 1] for r in rows]), piece)
-        if out is None:
-            out = ids.new_empty((y1 - y0, width))
-        out[:, x0:x1] = ids
-    return out  # type: ignore[return-value]
+        out[:, x0:x1] = merge_argmax(torch.cat([kept[r][cols[0] : cols[-1] + 1] for r in rows]), piece)
+    return out
 
 
 def _each_under(context: Callable[[], ContextManager], items: Iterator[Any]) -> Iterator[Any]:

@@ -273,7 +273,7 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
             with tqdm(total=height, initial=writer.rows_done, desc=path.name, unit="row", dynamic_ncols=True,
                       disable=None) as bar, \
                     tqdm(total=patches, desc="patches", unit="patch", leave=False, position=1, dynamic_ncols=True,
-                         disable=None if patches else True) as passes:
+                         disable=None if patches > session.micro_batch else True) as passes:
                 helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
                                      exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()

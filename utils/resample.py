@@ -207,7 +207,7 @@ def pil_output_windows(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarra
     """(start, stop) input positions each output of Pillow's BILINEAR pass reads, (out_len,)
     int64 each; both never decrease along the axis, so outputs in order read windows that
     only move forward (what lets a pass run over an image streamed in bands)."""
-    taps = _pil_bilinear_taps(in_len, out_len)
+    taps = _pil_bilinear_taps(in_len, out_len, torch.device("cpu"))  # the CPU tables _pil_rows caches too
     start = taps.index[0].numpy()  # tap 0 is never clamped: it is the window's start
     return start, start + taps.valid.sum(0).numpy()
 
