@@ -430,9 +430,17 @@ def test_each_pyramid_pixel_is_its_blocks_majority(block, expected):
     assert majority_2x2(np.array(block, np.uint8)).tolist() == [[expected]]
 
 
-def test_majority_of_odd_sized_maps_keeps_every_row_and_column():
+def test_majority_of_odd_sized_maps_keeps_every_row_and_column(tmp_path):
     ids = np.random.default_rng(3).integers(0, 4, (9, 13), dtype=np.uint8)
     np.testing.assert_array_equal(majority_2x2(ids), majority_by_counting(ids))
+    # Written: an odd level (301 x 421, its last tile row 45 rows high) reduced by the writer.
+    ids = class_map(301, 421)
+    write_map(tmp_path, ids, band=77)
+    with tifffile.TiffFile(tmp_path / "x_ids.tif") as tif:
+        pages = [page.asarray() for page in tif.pages]
+    assert [p.shape for p in pages] == [(301, 421), (151, 211)]
+    for above, level in zip(pages, pages[1:]):
+        np.testing.assert_array_equal(level, majority_by_counting(above))
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

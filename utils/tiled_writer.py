@@ -78,15 +78,14 @@ def level_sizes(height: int, width: int, tile: int = TILE) -> list[tuple[int, in
 
 
 def majority_2x2(block: np.ndarray) -> np.ndarray:
-    """Each 2 x 2 block of an (h, w) class map replaced by its majority class, (ceil(h / 2),
-    ceil(w / 2)); a tie goes to the first of the tied classes in reading order (top left,
-    top right, bottom left, bottom right), so a block without a majority keeps its top-left
-    pixel, as sampling every other pixel would. A last odd row or column stands in for its
-    missing neighbours.
+    """Each 2 x 2 block of an (h, w) class map replaced by its most frequent class,
+    (ceil(h / 2), ceil(w / 2)); a tie goes to the first of the tied classes in reading order
+    (top left, top right, bottom left, bottom right), so a 2-2 tie or four different
+    classes keep the top-left pixel, as sampling every other pixel would. A last odd row or
+    column stands in for its missing neighbours.
 
-    Why not every other pixel: a map zoomed out by sampling shows whichever class sits on
-    the sampled grid, so thin structures flicker in and out level by level; the majority
-    keeps the class that covers most of the area.
+    Why not every other pixel: a level pixel should show the class that covers most of its
+    block, not whichever class sits on the sampled pixel.
     """
     if block.shape[0] % 2 or block.shape[1] % 2:
         block = np.pad(block, ((0, block.shape[0] % 2), (0, block.shape[1] % 2)), mode="edge")
@@ -108,10 +107,11 @@ class ClassMapWriter:
 
     Memory (W: the map's width, bytes of uint8 ids): writing a band holds the band
     (band height x W) and its deflated bytes. finish holds one band of the store as
-    inflated (band height x W), one tile row of the level being written (512 x W; every
-    other row and column of it goes, deflated, to a temporary store for the level below),
-    the tiles tifffile deflates at once (BUFFER_BYTES), and the preview (at most 2048 x
-    2048, and x 3 as colours); nothing grows with the map's height.
+    inflated (band height x W), one tile row of the level being written (512 x W; its 2 x 2
+    majorities go, deflated, to a temporary store for the level below, made piece by piece
+    of MAJORITY_COLUMNS with about 17 MiB of temporaries), the tiles tifffile deflates at
+    once (BUFFER_BYTES), and the preview (at most 2048 x 2048, and x 3 as colours); nothing
+    grows with the map's height.
     """
 
     def __init__(self, path: str | Path, shape: Sequence[int], identity: dict, colours: Sequence[Sequence[int]],
