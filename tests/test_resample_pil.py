@@ -197,7 +197,11 @@ def test_a_pass_refuses_rows_it_does_not_hold():
         resample._pil_rows(x, 40, 10)
     with pytest.raises(ValueError, match="outside the 20 held from row 25"):
         resample._pil_rows(x, 40, 10, offset=25, outputs=(0, 5))
-    # Outputs 5..10 read rows 18..40 (output 5 is centred on row 22 with a 4-row support), so 22 rows from row 18 suffice.
+    # Outputs 5..10 read rows 18..40 (output 5 is centred on row 22 with a 4-row support):
+    # the 22 rows from row 18 suffice, one fewer at either end does not.
     y = torch.randint(0, 256, (1, 40, 5), dtype=torch.uint8)
     assert torch.equal(resample._pil_rows(y[:, 18:], 40, 10, offset=18, outputs=(5, 10)),
                        resample._pil_rows(y, 40, 10)[:, 5:])
+    for held, offset in [(y[:, 19:], 19), (y[:, 18:39], 18)]:
+        with pytest.raises(ValueError, match="outside"):
+            resample._pil_rows(held, 40, 10, offset=offset, outputs=(5, 10))
