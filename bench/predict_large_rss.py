@@ -11,8 +11,9 @@ Per size (H x W, or N for N x N):
      weights (utils/weight_rule.py) under their default names;
   2. run `predict.py --mode M --input IMAGE --output DIR` as a whole process, started from
      bench_inference's launcher so that its peak RSS is its own (bench/README.md);
-  3. print one JSON line: wall time, peak RSS, the files' sizes, the patches per pass of
-     the local branch.
+  3. print one JSON line, appended at once to --json: wall time, peak RSS (MiB, as
+     bench_inference), the files' sizes (MB), the patches through the local branch over all
+     its passes (mode 3 passes twice).
 The files go to a temporary folder under --folder, deleted at the end.
 """
 from __future__ import annotations
@@ -45,8 +46,10 @@ SMALLEST_LEVEL = 2048
 
 
 def default_levels(height: int, width: int) -> int:
+    """Halvings (each rounded up, as make_tiff's levels) until the longest side is under
+    SMALLEST_LEVEL."""
     levels = 0
-    while max(height, width) >> levels >= SMALLEST_LEVEL:
+    while -(-max(height, width) // 2**levels) >= SMALLEST_LEVEL:
         levels += 1
     return levels
 
@@ -75,8 +78,8 @@ def bench(args: argparse.Namespace, size: tuple[int, int], folder: Path) -> dict
     return {"size": [height, width], "mode": args.mode, "backbone": args.backbone, "device": args.device,
             "size_g": args.size_g, "size_p": args.size_p, "levels": levels, "exact_global": args.exact_global,
             "predict_flags": list(args.predict_flags), "patches": len(grid) * passes,
-            "input_mb": round(image.stat().st_size / 1e6), "output_mb": round((out / "synthetic_ids.tif").stat().st_size / 1e6),
-            "make_seconds": round(made, 1), "seconds": round(seconds, 1), "peak_rss_mb": round(peak)}
+            "input_mb": round(image.stat().st_size / 1e6),
+            "output_mb": round((out / "synthetic_ids.tif").stat().st_size / 1e6), "make_seconds": round(made, 1), "seconds": round(seconds, 1), "peak_rss_mb": round(peak)}
 
 
 def environment(args: argparse.Namespace) -> dict:
@@ -110,21 +113,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.folder is not None:
         Path(args.folder).mkdir(parents=True, exist_ok=True)
-    lines = [environment(args)]
-    print(json.dumps(lines[0]), flush=True)
+
+    def report(line: dict) -> None:
+        # At once: a later size that fails (or is stopped) keeps the hours measured before it.
+        print(json.dumps(line), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    report(environment(args))
     for size in args.sizes:
         folder = Path(tempfile.mkdtemp(prefix="predict_large_", dir=args.folder))
         try:
-            lines.append(bench(args, tuple(size), folder))
+            report(bench(args, tuple(size), folder))
         except RuntimeError as error:  # predict.py failed: its command and the end of its output
             print(f"error: {error}", file=sys.stderr)
             return 1
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        print(json.dumps(lines[-1]), flush=True)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
     return 0
 
 

@@ -175,10 +175,10 @@ def test_synthetic_pyramid_levels_are_the_image_strided(tmp_path):
 
     from bench.large_io_rss import make_tiff
 
-    make_tiff(tmp_path / "x.tif", 1100, 700, levels=2)
+    make_tiff(tmp_path / "x.tif", 1101, 701, levels=2)
     with tifffile.TiffFile(tmp_path / "x.tif") as tif:
         levels = [level.asarray() for level in tif.series[0].levels]
-    assert [a.shape for a in levels] == [(1100, 700, 3), (550, 350, 3), (275, 175, 3)]
+    assert [a.shape for a in levels] == [(1101, 701, 3), (551, 351, 3), (276, 176, 3)]  # halvings round up
     for k, a in enumerate(levels[1:], start=1):
         assert (a == levels[0][:: 2**k, :: 2**k]).all()
 
