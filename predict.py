@@ -39,6 +39,7 @@ from models.stages import CHECKPOINT_FLAGS, STAGES, Stage
 from utils.errors import USAGE_ERROR, DataError, reports_errors
 from utils.files import RunLock, remove_temporaries, replacing_together
 from utils.folders import output_folder
+from utils.memory import return_large_blocks_to_the_system
 from utils.patches import PatchGrid
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
 from utils.tiled_writer import ClassMapWriter, file_identity, partial_paths
@@ -240,6 +241,11 @@ def segment_large(session: helper.Session, images: Sequence[Path], table: ClassT
     """Segment very large images band by band into <stem>_ids.tif and <stem>_preview.png;
     returns the errors of those that could not be read (an image given alone raises its
     error). An interruption keeps the finished bands, which the same command resumes from."""
+    if images:
+        # Tiles, patches and logits of every band come and go: in glibc's heap they fragment
+        # it, and the peak grew with the image's width (bench/README.md, "Very large images
+        # end to end"). After the small images, which gain little and would run slower.
+        return_large_blocks_to_the_system()
     skipped = []
     for k, path in enumerate(images):
         start = time.perf_counter()

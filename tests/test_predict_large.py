@@ -94,6 +94,16 @@ def test_geotiff_keeps_its_georeferencing(models, inputs, tmp_path):
         assert ds.crs == rasterio.crs.CRS.from_string(CRS) and ds.transform == TRANSFORM
 
 
+def test_large_images_get_large_blocks_mapped_apart_and_small_ones_do_not(models, inputs, tmp_path, monkeypatch):
+    # What the setting does is tested in test_memory.py and measured in bench/README.md.
+    calls = []
+    monkeypatch.setattr(predict, "return_large_blocks_to_the_system", lambda: calls.append("set") or True)
+    assert run(models, "--mode", "1", "--input", str(inputs / "png"), "--output", str(tmp_path / "png")) == 0
+    assert calls == []
+    assert run(models, "--mode", "1", "--input", str(inputs / "geo.tif"), "--output", str(tmp_path / "geo")) == 0
+    assert calls == ["set"]
+
+
 def test_tta_is_refused_in_one_line(models, inputs, tmp_path, capsys):
     assert run(models, "--tta", "--input", str(inputs / "big.tif"), "--output", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
