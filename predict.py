@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -124,19 +126,26 @@ def write_prediction(ids: Tensor, table: ClassTable, output: Path, stem: str) ->
 
 
 def read_ahead(
-    pool: ThreadPoolExecutor, paths: Sequence[Path], read: Callable[[Path], Tensor] = read_image
+    pool: ThreadPoolExecutor, paths: Sequence[Path], read: Callable[[Path], Tensor] = read_image, depth: int = 1
 ) -> Iterator[tuple[Path, Union[Tensor, DataError]]]:
-    """(path, image) in order, the next image being read on `pool` while the caller works
-    on the current one: at most one read in flight. A file that cannot be read comes with
+    """(path, image) in order, the next `depth` images being read on `pool` while the
+    caller works on the current one, and no more. A file that cannot be read comes with
     its DataError instead of an image."""
-    pending = pool.submit(read, paths[0]) if paths else None
-    for k, path in enumerate(paths):
+    pending: deque[tuple[Path, Future]] = deque()
+
+    def oldest() -> tuple[Path, Union[Tensor, DataError]]:
+        path, reading = pending.popleft()
         try:
-            image: Union[Tensor, DataError] = pending.result()  # type: ignore[union-attr]
+            return path, reading.result()
         except DataError as error:
-            image = error
-        pending = pool.submit(read, paths[k + 1]) if k + 1 < len(paths) else None
-        yield path, image
+            return path, error
+
+    for path in paths:
+        pending.append((path, pool.submit(read, path)))
+        if len(pending) > depth:
+            yield oldest()
+    while pending:
+        yield oldest()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,21 +191,52 @@ def patch_bar(session: helper.Session, image: Tensor, tta: bool, name: str) -> t
                 disable=None if total > session.micro_batch else True)
 
 
+@dataclasses.dataclass(frozen=True)
+class HostThreads:
+    """Threads around the network: `read` read the next images, `write` write outputs,
+    each with at most that many images in flight, so memory stays bounded."""
+
+    read: int
+    write: int
+
+
+def host_threads(device: torch.device) -> HostThreads:
+    """On the CPU the network needs every core and takes seconds per image: one thread each
+    way hides decoding and encoding behind it. On a GPU they set the pace: a core decodes
+    a 2448 x 2448 JPEG in about 0.09 s and encodes both PNGs in about 0.2 s
+    (bench/predict_folder.py --host_only, bench/README.md), so 30 images/s take about 3
+    readers and 6 writers. Pillow releases the GIL while it codes: two writers on two cores
+    outran one writer's limit."""
+    if device.type == "cpu":
+        return HostThreads(read=1, write=1)
+    spare = max(2, (os.cpu_count() or 1) - 1)  # one core drives the GPU
+    read = max(1, spare // 4)
+    return HostThreads(read=read, write=max(1, spare - read))
+
+
 def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,
                 tta: bool, alone: Optional[bool] = None) -> list[DataError]:
     """Segment and write every image; returns the errors of those that could not be read
     (an image given alone raises its error; alone: whether it was, default: one image)."""
-    alone = len(images) == 1 if alone is None else alone
+    def segment(path: Path, image: Tensor) -> Tensor:
+        with patch_bar(session, image, tta, path.name) as passes:
+            return helper.predict_image(dataclasses.replace(session, on_patches=passes.update), image, tta)
+
+    return segment_files(images, segment, table, output, host_threads(session.device),
+                         len(images) == 1 if alone is None else alone)
+
+
+def segment_files(images: Sequence[Path], segment: Callable[[Path, Tensor], Tensor], table: ClassTable,
+                  output: Path, threads: HostThreads, alone: bool) -> list[DataError]:
+    """segment_all's loop: images are read ahead and outputs written on `threads` while
+    `segment` (path, image) -> class ids runs in this thread. Returns the errors of the
+    images that could not be read; alone: raise the error instead."""
     skipped = []
-    # Decoding and encoding a 2448 x 2448 PNG take about 0.2 s each on a CPU core, as long
-    # as a GPU takes for the image itself: one thread reads the next image and another
-    # writes the last outputs while the current image is segmented (Pillow releases the
-    # GIL while it codes). One image in flight each way keeps memory bounded.
-    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        written: Optional[Future] = None
+    with ThreadPoolExecutor(threads.read, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(threads.write, thread_name_prefix="write") as writer:
+        writes: deque[Future] = deque()
         # disable=None: a bar only on a terminal, not in logs and pipes.
-        bar = tqdm(read_ahead(reader, images), total=len(images), desc="predict", unit="image",
+        bar = tqdm(read_ahead(reader, images, depth=threads.read), total=len(images), desc="predict", unit="image",
                    dynamic_ncols=True, disable=None)
         for k, (path, image) in enumerate(bar):
             if isinstance(image, DataError):
@@ -206,15 +246,14 @@ def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTab
                 bar.write(f"skipped: {image}", file=sys.stderr)
                 continue
             start = time.perf_counter()
-            with patch_bar(session, image, tta, path.name) as passes:
-                ids = helper.predict_image(dataclasses.replace(session, on_patches=passes.update), image, tta)
+            ids = segment(path, image)
             if bar.disable:  # no bars in a log or a pipe: a line per image instead
                 print(f"{path.name}: {time.perf_counter() - start:.1f} s ({k + 1}/{len(images)})", file=sys.stderr)
-            if written is not None:
-                written.result()  # the previous outputs are on disk, or their error is raised here
-            written = writer.submit(write_prediction, ids, table, output, path.stem)
-        if written is not None:
-            written.result()
+            if len(writes) == threads.write:
+                writes.popleft().result()  # those outputs are on disk, or their error is raised here
+            writes.append(writer.submit(write_prediction, ids, table, output, path.stem))
+        for write in writes:
+            write.result()
     return skipped
 
 

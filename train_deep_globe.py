@@ -407,8 +407,11 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
     for epoch in range(progress.epoch + 1, args.num_epochs):
         train_set.set_epoch(epoch)
         order = epoch_order(len(train_set), args.seed, epoch, session.dist)
+        start = time.perf_counter()
         stats = helper.train_one_epoch(session, make_loader(train_set, args, order), optimizer, scheduler, epoch)
+        trained = time.perf_counter()
         val = helper.evaluate(session, val_loader, desc=f"val {epoch + 1}")
+        validated = time.perf_counter()
         values = {"loss/train": stats.loss, "lr": max(g["lr"] for g in optimizer.param_groups)}
         values.update({f"miou_train/{k}": s["miou"] for k, s in stats.scores.items()})
         values.update({f"miou_val/{k}": s["miou"] for k, s in val.items()})
@@ -416,6 +419,7 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
         log.line(
             f"epoch {epoch + 1}/{args.num_epochs}  loss {stats.loss:.4f}  "
             + "  ".join(f"{k} train {stats.scores[k]['miou']:.4f} val {val[k]['miou']:.4f}" for k in val)
+            + f"  ({trained - start:.1f} s training, {validated - trained:.1f} s validation)"
         )
         progress.epoch = epoch
         if val[main_kind]["miou"] > progress.best_score:

@@ -39,6 +39,18 @@ def test_presets():
     assert LUNG.n_class == 2 and LUNG.ignore_in_metric == ()
 
 
+@pytest.mark.parametrize("n_class", [2, 256, 257])
+def test_colorize_draws_each_id_in_its_colour(n_class):
+    # 256 classes still fit a palette image; 257 do not (ids of more than a byte).
+    colours = tuple((k % 256, k // 256, 255 - k % 256) for k in range(n_class))
+    table = ClassTable(tuple(f"c{k}" for k in range(n_class)), colours)
+    label = RNG.integers(0, n_class, (37, 53))
+    rgb = table.colorize(label.T)  # not contiguous
+    assert rgb.dtype == np.uint8 and rgb.shape == (53, 37, 3)
+    assert all(tuple(rgb[y, x]) == colours[label[x, y]] for y in range(53) for x in range(37))
+    assert table.colorize(np.zeros((0, 4), np.int64)).shape == (0, 4, 3)
+
+
 def test_colorize_then_colours_to_ids_round_trips():
     label = torch.from_numpy(RNG.integers(0, 7, (5, 9)))
     rgb = DEEPGLOBE.colorize(label)

@@ -189,24 +189,54 @@ def test_corrupt_image_is_one_line(models, tmp_path, capsys):
     assert "broken.png" in one_error_line(capsys)
 
 
-def test_read_ahead_keeps_order_with_one_read_in_flight():
+@pytest.mark.parametrize("depth", [1, 3])
+def test_read_ahead_keeps_order_with_depth_reads_in_flight(depth):
     from concurrent.futures import ThreadPoolExecutor
 
     started = []
 
     def read(path: Path) -> torch.Tensor:
         started.append(path.name)
-        return torch.tensor([len(started)])
+        if path.name == "2.png":
+            raise predict.DataError("2.png: unreadable")
+        return torch.tensor([int(path.stem)])
 
-    paths = [Path(f"{i}.png") for i in range(4)]
-    with ThreadPoolExecutor(1) as pool:
-        for k, (path, image) in enumerate(predict.read_ahead(pool, paths, read)):
-            assert path == paths[k] and image.item() == k + 1
-            # The next read may have started, never the one after it.
-            assert len(started) <= k + 2
-    assert started == [p.name for p in paths]
-    with ThreadPoolExecutor(1) as pool:
-        assert list(predict.read_ahead(pool, [], read)) == []
+    paths = [Path(f"{i}.png") for i in range(6)]
+    with ThreadPoolExecutor(depth) as pool:
+        for k, (path, image) in enumerate(predict.read_ahead(pool, paths, read, depth=depth)):
+            assert path == paths[k]
+            if k == 2:
+                assert isinstance(image, predict.DataError) and str(image) == "2.png: unreadable"
+            else:
+                assert image.item() == k
+            # The next `depth` reads may have started, never the one after them.
+            assert len(started) <= k + 1 + depth
+    assert sorted(started) == [p.name for p in paths]
+    with ThreadPoolExecutor(depth) as pool:
+        assert list(predict.read_ahead(pool, [], read, depth=depth)) == []
+
+
+def test_several_writers_write_every_image_once(images, tmp_path):
+    rng = np.random.default_rng(1)
+    paths = sorted(p for p in images.iterdir() if p.suffix != ".txt")
+    maps = {p: torch.from_numpy(rng.integers(0, DEEPGLOBE.n_class, IMAGES[p.stem], dtype=np.uint8)) for p in paths}
+    seen = []
+
+    def segment(path: Path, image: torch.Tensor) -> torch.Tensor:
+        seen.append(path)
+        assert image.shape[-2:] == IMAGES[path.stem]  # the image of that path, read ahead
+        return maps[path]
+
+    skipped = predict.segment_files(paths, segment, DEEPGLOBE, tmp_path, predict.HostThreads(read=2, write=3),
+                                    alone=False)
+    assert skipped == [] and seen == paths
+    found = check_outputs(tmp_path, IMAGES)
+    for path in paths:
+        np.testing.assert_array_equal(found[path.stem], maps[path].numpy())
+
+
+def test_the_cpu_reads_and_writes_on_one_thread_each():
+    assert predict.host_threads(torch.device("cpu")) == predict.HostThreads(read=1, write=1)
 
 
 def test_a_corrupt_image_in_a_folder_is_skipped_named_and_fails_the_run(models, tmp_path, capsys):
