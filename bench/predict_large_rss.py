@@ -19,12 +19,8 @@ The files go to a temporary folder under --folder, deleted at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,11 +28,9 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-import torch  # noqa: E402
-
-import helper  # noqa: E402
 from bench.bench_inference import run_measured, write_rule_checkpoints  # noqa: E402
 from bench.large_io_rss import make_tiff  # noqa: E402
+from bench.records import add_output_flags, environment, reporter, reports_failed_commands, scratch_folder  # noqa: E402
 from config import parse_size  # noqa: E402
 from models.stages import Stage  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
@@ -82,12 +76,6 @@ def bench(args: argparse.Namespace, size: tuple[int, int], folder: Path) -> dict
             "output_mb": round((out / "synthetic_ids.tif").stat().st_size / 1e6), "make_seconds": round(made, 1), "seconds": round(seconds, 1), "peak_rss_mb": round(peak)}
 
 
-def environment(args: argparse.Namespace) -> dict:
-    return {"commit": helper.code_version(), "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
-            "cuda": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -103,34 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
       f"under {SMALLEST_LEVEL} px a side; 0: none, so the global image streams full resolution)")
     a("--exact_global", action="store_true", help="pass --exact_global to predict.py")
     a("--threads", type=int, default=None, help="OMP_NUM_THREADS of predict.py (default: torch's, all cores)")
-    a("--folder", default=None, help="where to write the files (default: the system's temporary folder)")
-    a("--json", default=None, help="also append the JSON lines to this file")
+    add_output_flags(p)
     a("predict_flags", nargs="*", help="more predict.py flags, after --, e.g. -- --micro_batch_size 6 --amp bf16")
     return p
 
 
+@reports_failed_commands
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.folder is not None:
-        Path(args.folder).mkdir(parents=True, exist_ok=True)
-
-    def report(line: dict) -> None:
-        # At once: a later size that fails (or is stopped) keeps the hours measured before it.
-        print(json.dumps(line), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(line) + "\n")
-
-    report(environment(args))
+    report = reporter(args.json)  # at once: a later size that fails keeps the hours measured before it
+    report(environment(args.device, threads=args.threads))
     for size in args.sizes:
-        folder = Path(tempfile.mkdtemp(prefix="predict_large_", dir=args.folder))
-        try:
+        with scratch_folder(args.folder, "predict_large_") as folder:
             report(bench(args, tuple(size), folder))
-        except RuntimeError as error:  # predict.py failed: its command and the end of its output
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -197,3 +197,43 @@ def test_predict_large_benchmark_runs_predict_on_its_synthetic_tiff(tmp_path, ca
     assert record["predict_flags"] == ["--micro_batch_size", "2"]
     assert record["peak_rss_mb"] > 0 and record["seconds"] > 0 and record["input_mb"] >= 0
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # its temporary folder is gone
+
+
+def test_predict_folder_benchmark_times_predict_and_the_host_alone(tmp_path):
+    from bench import predict_folder
+
+    flags = ["--count", "3", "--warm", "1", "--size", "64", "--mode", "1", "--backbone", "resnet18", "--device",
+             "cpu", "--folder", str(tmp_path), "--json", str(tmp_path / "r.jsonl")]
+    assert predict_folder.main(flags) == 0
+    assert predict_folder.main([*flags, "--host_only"]) == 0
+    environment, run, _, host = (json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines())
+    assert environment["commit"] and environment["cuda"] is None
+    assert run["seconds"] > run["warm_seconds"] > 0 and run["peak_rss_mb"] > 0
+    assert run["images_per_second"] == pytest.approx(2 / (run["seconds"] - run["warm_seconds"]), rel=0.02)
+    for record in run, host:
+        assert (record["read_threads"], record["write_threads"]) == (1, 1)  # predict's on the CPU
+        assert abs(3 / record["host_images_per_second"] - record["host_seconds"]) < 0.01  # both rounded
+    assert "images_per_second" not in host
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # its temporary folder is gone
+    with pytest.raises(SystemExit, match="--warm"):
+        predict_folder.main([*flags, "--warm", "3"])
+
+
+def test_train_schedule_runs_the_three_stage_scripts_and_scales_their_epochs(tmp_path):
+    from bench import train_schedule
+
+    flags = ["--train", "3", "--val", "2", "--size", "128", "--epochs", "1", "--folder", str(tmp_path), "--json",
+             str(tmp_path / "r.jsonl"), "--", "--backbone", "resnet18", "--size_g", "64", "--size_p", "96",
+             "--device", "cpu", "--num_workers", "0"]
+    assert train_schedule.main(flags) == 0
+    _, *stages, schedule = (json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines())
+    assert [s["script"] for s in stages] == ["train_deep_globe_global.sh", "train_deep_globe_global2local.sh",
+                                             "train_deep_globe_local2global.sh"]
+    # GLNet's DeepGlobe split (454 training, 207 validation images) and schedule (120, 50, 120 epochs).
+    for stage, epochs in zip(stages, (120, 50, 120)):
+        per_train, per_val = stage["last_epoch_training_s"] / 3, stage["last_epoch_validation_s"] / 2
+        assert stage["deepglobe_epoch_s"] == pytest.approx(454 * per_train + 207 * per_val, abs=0.1)
+        assert stage["deepglobe_stage_hours"] == pytest.approx(stage["deepglobe_epoch_s"] * epochs / 3600, abs=0.01)
+        assert stage["last_epoch_training_s"] > 0 and stage["seconds"] > stage["last_epoch_training_s"]
+    assert schedule["schedule_hours"] == pytest.approx(sum(s["deepglobe_stage_hours"] for s in stages), abs=0.01)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
