@@ -73,8 +73,8 @@ class ClassTable:
             raise ValueError(f"label holds ids {ids.min()}..{ids.max()}, the table has 0..{self.n_class - 1}")
         if not ids.size or self.n_class > 256:
             return np.asarray(self.colours, dtype=np.uint8)[ids]
-        # Pillow maps a palette image to RGB in C, about 4 times faster than numpy's
-        # indexing, and without the GIL, so predict.py's writer threads colour side by side.
+        # Pillow maps a palette image to RGB in C, faster than numpy's indexing and without
+        # the GIL, so predict.py's writer threads colour side by side.
         image = Image.frombuffer("P", ids.shape[::-1], np.ascontiguousarray(ids, dtype=np.uint8), "raw", "P", 0, 1)
         image.putpalette([c for colour in self.colours for c in colour])
         return np.asarray(image.convert("RGB"))
