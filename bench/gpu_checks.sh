@@ -2,7 +2,7 @@
 # Every GPU check of this project in one run, for a session that is lent a GPU for a few
 # minutes, in the order of issue 15's targets: mode 3 at 2448 x 2448 in bf16 in-process
 # (speed, memory), predict.py over a folder end to end, the training schedule; then the CUDA
-# variants of the tests, then the wider benchmark. Each step writes its own files under OUT
+# variants of the tests, issue 17's 40,000 x 40,000 image, then the wider benchmark. Each step writes its own files under OUT
 # as it finishes, so a run cut short keeps what it measured.
 #
 #   bash bench/gpu_checks.sh OUT          (targets first; give it 10 minutes)
@@ -49,13 +49,18 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_parity.py tests/test_engine.py tests/test_stages.py tests/test_patches.py \
     tests/test_model.py tests/test_predict.py tests/test_predict_large.py tests/test_resample_pil.py > "$out/pytest_cuda.txt" 2>&1
 
-# 5. Evaluation per mode and size: fp32, then bf16 + channels-last (6 patches per pass,
+# 5. Issue 17: predict.py on a 40,000 x 40,000 tiled, pyramidal TIFF in mode 3, the peak RSS
+#    of the whole process (bench/README.md, "Very large images end to end").
+"$py" bench/predict_large_rss.py --sizes 40000 --mode 3 --device cuda --json "$out/predict_large_40k_mode3.json" \
+    -- --amp bf16 --cuda_math fast > "$out/predict_large_40k_mode3.txt" 2>&1
+
+# 6. Evaluation per mode and size: fp32, then bf16 + channels-last (6 patches per pass,
 #    with the live-tensor peak).
 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000 --repeat 3 --json "$out/eval_fp32.json" > "$out/eval_fp32.txt" 2>&1
 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 --amp bf16 --cuda_math fast --channels_last --tensor_peak \
     --json "$out/eval_bf16.json" > "$out/eval_bf16.txt" 2>&1
 
-# 6. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.
+# 7. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.
 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --json "$out/train_fp32.json" > "$out/train_fp32.txt" 2>&1
 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --cuda_math fast --json "$out/train_bf16.json" \
     > "$out/train_bf16.txt" 2>&1
