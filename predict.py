@@ -191,6 +191,9 @@ def patch_bar(session: helper.Session, image: Tensor, tta: bool, name: str) -> t
                 disable=None if total > session.micro_batch else True)
 
 
+MAX_READERS, MAX_WRITERS = 4, 8
+
+
 @dataclasses.dataclass(frozen=True)
 class HostThreads:
     """Threads around the network: `read` read the next images, `write` write outputs,
@@ -206,12 +209,13 @@ def host_threads(device: torch.device) -> HostThreads:
     a 2448 x 2448 JPEG in about 0.09 s and encodes both PNGs in about 0.2 s
     (bench/predict_folder.py --host_only, bench/README.md), so 30 images/s take about 3
     readers and 6 writers. Pillow releases the GIL while it codes: two writers on two cores
-    outran one writer's limit."""
+    outran one writer's limit. More would only hold more images in memory."""
     if device.type == "cpu":
         return HostThreads(read=1, write=1)
-    spare = max(2, (os.cpu_count() or 1) - 1)  # one core drives the GPU
-    read = max(1, spare // 4)
-    return HostThreads(read=read, write=max(1, spare - read))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    spare = max(2, cores - 1)  # the cores this process may use, less one to drive the GPU
+    read = min(MAX_READERS, max(1, spare // 4))
+    return HostThreads(read=read, write=min(MAX_WRITERS, max(1, spare - read)))
 
 
 def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,
@@ -249,8 +253,9 @@ def segment_files(images: Sequence[Path], segment: Callable[[Path, Tensor], Tens
             ids = segment(path, image)
             if bar.disable:  # no bars in a log or a pipe: a line per image instead
                 print(f"{path.name}: {time.perf_counter() - start:.1f} s ({k + 1}/{len(images)})", file=sys.stderr)
-            if len(writes) == threads.write:
-                writes.popleft().result()  # those outputs are on disk, or their error is raised here
+            # Outputs finished are on disk, or their error is raised here, as soon as it is known.
+            while writes and (writes[0].done() or len(writes) == threads.write):
+                writes.popleft().result()
             writes.append(writer.submit(write_prediction, ids, table, output, path.stem))
         for write in writes:
             write.result()

@@ -52,7 +52,7 @@ def predict_command(args: argparse.Namespace, images: Path, models: Path, out: P
 def host_only(args: argparse.Namespace, samples: list[Sample], out: Path) -> dict:
     truth = {sample.image: read_mask(sample.mask, DEEPGLOBE, "ids") for sample in samples}
     threads = predict.HostThreads(read=args.read_threads, write=args.write_threads) \
-        if args.read_threads else predict.host_threads(torch.device(args.device))
+        if args.read_threads is not None else predict.host_threads(torch.device(args.device))
     out.mkdir()
     # One core's cost of each side, image after image, then the pipeline with its threads.
     start = time.perf_counter()
@@ -68,8 +68,8 @@ def host_only(args: argparse.Namespace, samples: list[Sample], out: Path) -> dic
     seconds = time.perf_counter() - start
     return {"read_s_per_image": round(read_seconds / len(samples), 4),
             "write_s_per_image": round(write_seconds / len(samples), 4), "read_threads": threads.read,
-            "write_threads": threads.write, "host_seconds": round(seconds, 2),
-            "host_images_per_second": round(len(samples) / seconds, 2)}
+            "write_threads": threads.write, "host_seconds": round(seconds, 3),
+            "host_images_per_second": round(len(samples) / seconds, 3)}
 
 
 def through_predict(args: argparse.Namespace, samples: list[Sample], folder: Path) -> dict:
@@ -82,15 +82,19 @@ def through_predict(args: argparse.Namespace, samples: list[Sample], folder: Pat
     env = dict(os.environ)
     warm_seconds, _ = run_measured(predict_command(args, warm, models, folder / "out_warm"), env)
     seconds, peak = run_measured(predict_command(args, samples[0].image.parent, models, folder / "out"), env)
+    if seconds <= warm_seconds:
+        raise RuntimeError(f"{len(samples)} images took {seconds:.2f} s and the first {args.warm} {warm_seconds:.2f} s: "
+                           "start-up varies more than the images take; raise --count")
     return {"warm": args.warm, "warm_seconds": round(warm_seconds, 2), "seconds": round(seconds, 2),
-            "images_per_second": round((len(samples) - args.warm) / (seconds - warm_seconds), 2),
+            "images_per_second": round((len(samples) - args.warm) / (seconds - warm_seconds), 3),
             "peak_rss_mb": round(peak)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--count", type=int, default=40, help="images in the folder (default: 40)")
+    a("--count", type=int, default=124, help="images in the folder (default: 124, so that the difference of the "
+      "two runs is seconds even at 30 images/s)")
     a("--warm", type=int, default=4, help="images of the first run, whose time is subtracted (default: 4)")
     a("--size", type=int, default=2448, help="image side (default: 2448, DeepGlobe's)")
     a("--mode", type=int, choices=[1, 2, 3], default=3, help="stage predicting (default: 3)")
@@ -112,8 +116,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.host_only and not 0 < args.warm < args.count:
         raise SystemExit(f"error: --warm must be above 0 and below --count ({args.count}), got {args.warm}")
-    if (args.read_threads is None) != (args.write_threads is None):
-        raise SystemExit("error: give both --read_threads and --write_threads, or neither")
+    threads = [n for n in (args.read_threads, args.write_threads) if n is not None]
+    if len(threads) == 1 or min(threads, default=1) < 1:
+        raise SystemExit("error: give both --read_threads and --write_threads (1 or more), or neither")
     report = reporter(args.json)
     report(environment(args.device))
     with scratch_folder(args.folder, "predict_folder_") as folder:

@@ -1,5 +1,6 @@
 """How long the three-stage training schedule takes (issue 15's third target), from epochs
-of the repository's own stage scripts, measured whole: data loading and validation included.
+of the repository's own stage scripts: data loading and validation included, writing each
+epoch's checkpoints (after its line is logged) left out.
 
     python bench/train_schedule.py                         # the faithful fp32 default
     python bench/train_schedule.py -- --amp bf16 --cuda_math fast --channels_last
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -42,7 +44,7 @@ from models.stages import STAGES, Stage  # noqa: E402
 SCRIPTS = {Stage.GLOBAL: "train_deep_globe_global.sh", Stage.GLOBAL2LOCAL: "train_deep_globe_global2local.sh",
            Stage.LOCAL2GLOBAL: "train_deep_globe_local2global.sh"}
 RUN_NAME = "fpn_deepglobe"  # the scripts' default
-EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .*\((\d+\.\d) s training, (\d+\.\d) s validation\)$", re.M)
+EPOCH_LINE = re.compile(r"^epoch \d+/\d+ .*\((\d+(?:\.\d+)?) s training, (\d+(?:\.\d+)?) s validation\)$", re.M)
 
 
 def split_size(name: str) -> int:
@@ -56,12 +58,20 @@ def last_epoch(log: Path) -> tuple[float, float]:
     epochs = EPOCH_LINE.findall(log.read_text())
     if not epochs:
         raise RuntimeError(f"{log}: no epoch line with its seconds")
-    return float(epochs[-1][2]), float(epochs[-1][3])
+    return float(epochs[-1][0]), float(epochs[-1][1])
 
 
 def run_stage(args: argparse.Namespace, stage: Stage, folder: Path) -> dict:
+    # The scripts run `python`: make it this interpreter, whatever PATH would find (or not).
+    # A script, not a link, which would lose a virtual environment's packages.
+    python = folder / "bin" / "python"
+    if not python.exists():
+        python.parent.mkdir()
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        python.chmod(0o755)
     env = {**os.environ, "DATA": str(folder / "data"), "MODELS": str(folder / "models"),
-           "LOGS": str(folder / "runs"), "RUN_NAME": RUN_NAME}
+           "LOGS": str(folder / "runs"), "RUN_NAME": RUN_NAME,
+           "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = ["bash", str(ROOT / SCRIPTS[stage]), "--num_epochs", str(args.epochs), "--pretrained", "none",
            *args.train_flags]
     start = time.perf_counter()

@@ -71,13 +71,13 @@ class ClassTable:
         ids = label.detach().cpu().numpy() if isinstance(label, Tensor) else np.asarray(label)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_class):
             raise ValueError(f"label holds ids {ids.min()}..{ids.max()}, the table has 0..{self.n_class - 1}")
-        if not ids.size or self.n_class > 256:
+        if not ids.size or ids.ndim != 2 or self.n_class > 256:
             return np.asarray(self.colours, dtype=np.uint8)[ids]
         # Pillow maps a palette image to RGB in C, faster than numpy's indexing and without
         # the GIL, so predict.py's writer threads colour side by side.
         image = Image.frombuffer("P", ids.shape[::-1], np.ascontiguousarray(ids, dtype=np.uint8), "raw", "P", 0, 1)
         image.putpalette([c for colour in self.colours for c in colour])
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # writable, as numpy's indexing returns
 
     def colours_to_ids(self, rgb: Union[Tensor, np.ndarray]) -> Tensor:
         """Class ids of a colour mask, binarising each channel at 128 first so that

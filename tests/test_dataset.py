@@ -49,6 +49,9 @@ def test_colorize_draws_each_id_in_its_colour(n_class):
     assert rgb.dtype == np.uint8 and rgb.shape == (53, 37, 3)
     assert all(tuple(rgb[y, x]) == colours[label[x, y]] for y in range(53) for x in range(37))
     assert table.colorize(np.zeros((0, 4), np.int64)).shape == (0, 4, 3)
+    assert rgb.flags.writeable
+    batch = table.colorize(np.stack([label, label]))  # any shape, as before
+    assert batch.shape == (2, 37, 53, 3) and tuple(batch[1, 4, 5]) == colours[label[4, 5]]
 
 
 def test_colorize_then_colours_to_ids_round_trips():

@@ -27,6 +27,12 @@ CRS = "EPSG:32633"
 TRANSFORM = rasterio.Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4600000.0)
 
 
+@pytest.fixture(autouse=True)
+def keep_the_allocator(monkeypatch):
+    """predict.py's setting for very large images would stay for the rest of this process."""
+    monkeypatch.setattr(predict, "return_large_blocks_to_the_system", lambda: True)
+
+
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
     """Smooth shapes with noise, so classes form regions rather than salt and pepper."""

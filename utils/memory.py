@@ -17,8 +17,8 @@ def return_large_blocks_to_the_system() -> bool:
     fragments and stays resident after they are freed. Measured on a 2-core CPU
     (bench/README.md): a stage-2 training step with checkpointing peaks at 2.7 GB instead
     of 3.5 GB and takes 17 % longer; evaluation gains under 0.1 GB and is a third slower,
-    so it does not set it. predict.py sets it for very large images, whose peak otherwise
-    grows with the width. Returns whether the setting took: False off glibc.
+    so evaluation leaves glibc's default. predict.py sets it for very large images, whose
+    peak otherwise grows with the width. Returns whether the setting took: False off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
