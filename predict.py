@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -39,8 +40,9 @@ from dataset.large_image import is_large_image_file, open_large_image
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from models.stages import CHECKPOINT_FLAGS, STAGES, Stage
 from utils.errors import USAGE_ERROR, DataError, reports_errors
-from utils.files import RunLock, remove_temporaries, replacing_together
+from utils.files import RunLock, remove_temporaries, replacing, replacing_together
 from utils.folders import output_folder
+from utils.georef import world_file, world_file_name
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import PatchGrid
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
@@ -166,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
         remove_temporaries(output, [name for path in small for name in output_names(path.stem)]
                            + [name for path in large for name in large_output_names(path.stem)]
+                           + [world_file_name(large_output_names(path.stem)[0]) for path in large]
                            + [p.name for path in large for p in partial_paths(output / f"{path.stem}_ids.tif")])
         alone = len(images) == 1
         skipped = segment_all(session, small, table, output, tta=args.tta, alone=alone) if small else []
@@ -327,6 +330,7 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
                 helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
                                      exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()
+            carry_world_file(path, output / ids_name, image.georef is not None)
             return not bar.disable
         except KeyboardInterrupt:
             print(f"{path.name}: {writer.rows_done} of {height} rows are kept; the same command continues from there",
@@ -334,6 +338,16 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
             raise
         finally:
             writer.close()
+
+
+def carry_world_file(source: Path, map_path: Path, georeferenced: bool) -> None:
+    """A world file beside a plain TIFF (x.tfw) places the class map as well, which has the
+    same pixel grid: copied beside it under the name GDAL reads for it (x_ids.tfw). A
+    GeoTIFF's own tags are already in the map and take precedence in GDAL, so theirs stay."""
+    world = None if georeferenced else world_file(source)
+    if world is not None:
+        with replacing(map_path.parent / world_file_name(map_path.name)) as tmp:
+            shutil.copyfile(world, tmp)
 
 
 @reports_errors(*USER_ERRORS)

@@ -33,6 +33,7 @@ from dataset.transforms import global_image
 from utils.banded_resample import pil_bilinear_banded
 from utils.errors import DataError
 from utils.files import WriteError
+from utils.georef import world_file, world_file_name
 from utils.resample import pil_bilinear
 from utils import tiled_writer
 from utils.tiled_writer import (ClassMapWriter, file_identity, level_sizes, majority_2x2, partial_paths,
@@ -633,3 +634,13 @@ def test_new_modules_keep_the_layers(module):
         for name in names:
             top = name.split(".")[0]
             assert top not in ours or top in allowed, f"{module} imports {name}"
+
+
+def test_world_files_are_found_where_gdal_looks(tmp_path):
+    raster = tmp_path / "scene.tiff"
+    assert world_file(raster) is None
+    for name in ("scene.wld", "scene.TIFFW", "scene.tfw"):  # later names GDAL tries first
+        (tmp_path / name).write_text("1\n0\n0\n-1\n0.5\n-0.5\n")
+        assert world_file(raster) == tmp_path / name
+    assert world_file(tmp_path / "scene") is None
+    assert world_file_name("scene_ids.tif") == "scene_ids.tfw"

@@ -100,6 +100,22 @@ def test_geotiff_keeps_its_georeferencing(models, inputs, tmp_path):
         assert ds.crs == rasterio.crs.CRS.from_string(CRS) and ds.transform == TRANSFORM
 
 
+def test_a_world_file_beside_a_plain_tiff_places_the_map_too(models, inputs, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "plain.tif").write_bytes((inputs / "big.tif").read_bytes())
+    # Pixel size 0.5 m, the first pixel's centre at (500000.25, 4599999.75): TRANSFORM's grid.
+    (folder / "plain.TFW").write_text("0.5\n0.0\n0.0\n-0.5\n500000.25\n4599999.75\n")
+    (folder / "geo.tif").write_bytes((inputs / "geo.tif").read_bytes())
+    (folder / "geo.tfw").write_text("1.0\n0.0\n0.0\n-1.0\n0.5\n-0.5\n")  # GeoTIFF tags win in GDAL
+    out = tmp_path / "out"
+    assert run(models, "--mode", "1", "--input", str(folder), "--output", str(out)) == 0
+    assert (out / "plain_ids.tfw").read_bytes() == (folder / "plain.TFW").read_bytes()
+    assert not (out / "geo_ids.tfw").exists()
+    with rasterio.open(out / "plain_ids.tif") as plain, rasterio.open(out / "geo_ids.tif") as geo:
+        assert plain.transform == TRANSFORM and geo.transform == TRANSFORM and geo.crs == rasterio.crs.CRS.from_string(CRS)
+
+
 def test_large_images_get_large_blocks_mapped_apart_and_small_ones_do_not(models, inputs, tmp_path, monkeypatch):
     # What the setting does is tested in test_memory.py and measured in bench/README.md.
     calls = []

@@ -1,4 +1,5 @@
-"""Where a raster lies on the Earth, as read from a GeoTIFF and copied into outputs.
+"""Where a raster lies on the Earth, as read from a GeoTIFF (or a world file beside a plain
+TIFF) and copied into outputs.
 
 The GeoTIFF tags are kept as stored, not rebuilt from the CRS: an output of the same
 width and height as its input is then georeferenced exactly as the input is (user-defined
@@ -8,6 +9,7 @@ needed to write it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 # The GeoTIFF tags (OGC GeoTIFF 1.1): ModelPixelScale, ModelTiepoint, ModelTransformation,
@@ -38,3 +40,24 @@ class Georef:
     crs: Optional[str]
     transform: Optional[Affine]
     tags: tuple[GeoTag, ...]
+
+
+def world_file(raster: Path) -> Optional[Path]:
+    """The world file beside `raster` that GDAL would read for it, or None: <stem>.tfw
+    (first and last letters of the suffix, then w), <stem>.tifw (suffix then w) or
+    <stem>.wld, in lower or upper case. Six lines: the pixel size and rotation terms and
+    the map position of the first pixel's centre."""
+    suffix = raster.suffix.lstrip(".")
+    if not suffix:
+        return None
+    for name in (f"{suffix[0]}{suffix[-1]}w", f"{suffix}w", "wld"):
+        for case in (name.lower(), name.upper()):
+            candidate = raster.with_suffix(f".{case}")
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def world_file_name(raster_name: str) -> str:
+    """The name of the world file GDAL reads for a .tif called `raster_name`."""
+    return f"{Path(raster_name).stem}.tfw"
