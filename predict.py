@@ -36,7 +36,7 @@ from config import (USER_ERRORS, add_device_flags, check_args, checkpoint_paths,
                     settle_flags)
 from dataset.classes import ClassTable
 from dataset.io import read_image, save_png
-from dataset.large_image import is_large_image_file, open_large_image
+from dataset.large_image import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_large_image
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from models.stages import CHECKPOINT_FLAGS, STAGES, Stage
 from utils.errors import USAGE_ERROR, DataError, reports_errors
@@ -49,10 +49,15 @@ from utils.signals import exit_status, stop_word, terminate_as_interrupt
 from utils.tiled_writer import ClassMapWriter, file_identity, partial_paths
 
 
+# A folder's files that are segmented: the training layouts' images and every very large kind.
+PREDICT_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + LARGE_IMAGE_SUFFIXES))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--input", required=True, help="an image, or a folder whose png/jpg/jpeg/tif/tiff images are all segmented")
+    a("--input", required=True, help="an image (any format Pillow reads, or a very large one, see above), or a folder "
+      f"whose {', '.join(PREDICT_SUFFIXES)} files are all segmented")
     a("--output", required=True, help="folder for <stem>_mask.png and <stem>_ids.png (created; existing files "
       "of those names are overwritten)")
     a("--mode", type=int, choices=[1, 2, 3], default=3, help="stage whose weights predict: 1 global, 2 global-to-local, "
@@ -99,9 +104,9 @@ def find_images(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(f"{path}: no such image or folder; check --input")
-    images = index_files(path, IMAGE_SUFFIXES)
+    images = index_files(path, PREDICT_SUFFIXES)
     if not images:
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder; check --input")
+        raise DataError(f"{path}: no images ({', '.join(PREDICT_SUFFIXES)}) in this folder; check --input")
     return list(images.values())
 
 
@@ -345,9 +350,12 @@ def carry_world_file(source: Path, map_path: Path, georeferenced: bool) -> None:
     same pixel grid: copied beside it under the name GDAL reads for it (x_ids.tfw). A
     GeoTIFF's own tags are already in the map and take precedence in GDAL, so theirs stay."""
     world = None if georeferenced else world_file(source)
-    if world is not None:
-        with replacing(map_path.parent / world_file_name(map_path.name)) as tmp:
-            shutil.copyfile(world, tmp)
+    target = map_path.parent / world_file_name(map_path.name)
+    if world is None:
+        target.unlink(missing_ok=True)  # an earlier run's would misplace this map
+        return
+    with replacing(target) as tmp:
+        shutil.copyfile(world, tmp)
 
 
 @reports_errors(*USER_ERRORS)

@@ -25,6 +25,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 #    peak beside the allocator's, to check the CPU estimate), speed with all 36 patches in
 #    one pass and cuDNN's autotuner, then the default 6 per pass with the autotuner. The
 #    profiled cases also count operators, to set against the host time.
+echo "$(date +%T) step 1" >&2
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 2 --tensor_peak \
     --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 36 \
@@ -35,6 +36,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 # 2. End to end (target 2): predict.py over 124 JPEGs of 2448 x 2448, files in to files out,
 #    beside the in-process figure of the same flags (6 patches per pass, no autotuner), and
 #    the host's reading and writing alone.
+echo "$(date +%T) step 2" >&2
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last \
     --json "$out/eval_bf16_mb6.json" > "$out/eval_bf16_mb6.txt" 2>&1
 "$py" bench/predict_folder.py --device cuda --json "$out/predict_folder_bf16.json" \
@@ -43,27 +45,31 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 # 3. The training schedule (target 3): the three stage scripts for 2 epochs each on a small
 #    demo, the last epoch scaled to DeepGlobe's split and 120 + 50 + 120 epochs; the fast
 #    settings, then the faithful fp32 default (one batch of 6, it is slower).
+echo "$(date +%T) step 3" >&2
 "$py" bench/train_schedule.py --json "$out/train_schedule_bf16.json" -- --amp bf16 --cuda_math fast --channels_last \
     > "$out/train_schedule_bf16.txt" 2>&1
 "$py" bench/train_schedule.py --train 6 --val 3 --json "$out/train_schedule_fp32.json" > "$out/train_schedule_fp32.txt" 2>&1
 
-# 4. CUDA parity (the reference against the authors' arrays, the engine against the
-#    reference) and device tests (TF32 off inside the parity tests).
-"$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_parity.py tests/test_engine.py tests/test_stages.py tests/test_patches.py \
-    tests/test_model.py tests/test_predict.py tests/test_predict_large.py tests/test_resample_pil.py > "$out/pytest_cuda.txt" 2>&1
+# 4. Every test marked gpu: CUDA parity (the reference against the authors' arrays, the
+#    engine against the reference) and device tests (TF32 off inside the parity tests).
+echo "$(date +%T) step 4" >&2
+"$py" -m pytest -q -p no:cacheprovider -m gpu tests > "$out/pytest_cuda.txt" 2>&1
 
 # 5. Issue 17: predict.py on a 40,000 x 40,000 tiled, pyramidal TIFF in mode 3, the peak RSS
 #    of the whole process (bench/README.md, "Very large images end to end").
+echo "$(date +%T) step 5" >&2
 "$py" bench/predict_large_rss.py --sizes 40000 --mode 3 --device cuda --json "$out/predict_large_40k_mode3.json" \
     -- --amp bf16 --cuda_math fast > "$out/predict_large_40k_mode3.txt" 2>&1
 
 # 6. Evaluation per mode and size: fp32, then bf16 + channels-last (6 patches per pass,
 #    with the live-tensor peak).
+echo "$(date +%T) step 6" >&2
 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000 --repeat 3 --json "$out/eval_fp32.json" > "$out/eval_fp32.txt" 2>&1
 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 --amp bf16 --cuda_math fast --channels_last --tensor_peak \
     --json "$out/eval_bf16.json" > "$out/eval_bf16.txt" 2>&1
 
 # 7. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.
+echo "$(date +%T) step 7" >&2
 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --json "$out/train_fp32.json" > "$out/train_fp32.txt" 2>&1
 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --cuda_math fast --json "$out/train_bf16.json" \
     > "$out/train_bf16.txt" 2>&1

@@ -113,23 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 @reports_failed_commands
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.host_only and not 0 < args.warm < args.count:
-        raise SystemExit(f"error: --warm must be above 0 and below --count ({args.count}), got {args.warm}")
+        parser.error(f"--warm must be above 0 and below --count ({args.count}), got {args.warm}")
     threads = [n for n in (args.read_threads, args.write_threads) if n is not None]
     if len(threads) == 1 or min(threads, default=1) < 1:
-        raise SystemExit("error: give both --read_threads and --write_threads (1 or more), or neither")
+        parser.error("give both --read_threads and --write_threads (1 or more), or neither")
     report = reporter(args.json)
     report(environment(args.device))
     with scratch_folder(args.folder, "predict_folder_") as folder:
         start = time.perf_counter()
         make_demo_copies(folder / "data", 0, args.count, args.size)
         samples = DEEP_GLOBE.samples(folder / "data" / "crossvali")
-        record = {"count": args.count, "size": args.size, "mode": args.mode, "backbone": args.backbone,
-                  "device": args.device, "predict_flags": list(args.predict_flags),
+        record = {"count": args.count, "size": args.size, "device": args.device,
                   "make_seconds": round(time.perf_counter() - start, 1), **host_only(args, samples, folder / "host")}
         if not args.host_only:
-            record.update(through_predict(args, samples, folder))
+            record.update({"mode": args.mode, "backbone": args.backbone, "predict_flags": list(args.predict_flags),
+                           **through_predict(args, samples, folder)})
         report(record)
     return 0
 

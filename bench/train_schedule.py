@@ -44,6 +44,7 @@ from models.stages import STAGES, Stage  # noqa: E402
 SCRIPTS = {Stage.GLOBAL: "train_deep_globe_global.sh", Stage.GLOBAL2LOCAL: "train_deep_globe_global2local.sh",
            Stage.LOCAL2GLOBAL: "train_deep_globe_local2global.sh"}
 RUN_NAME = "fpn_deepglobe"  # the scripts' default
+DEEPGLOBE_SIDE = 2448
 EPOCH_LINE = re.compile(r"^epoch \d+/\d+ .*\((\d+(?:\.\d+)?) s training, (\d+(?:\.\d+)?) s validation\)$", re.M)
 
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--train", type=int, default=24, help="training images (default: 24, four batches of the scripts' 6)")
     a("--val", type=int, default=12, help="validation images (default: 12)")
-    a("--size", type=int, default=2448, help="image side (default: 2448, DeepGlobe's)")
+    a("--size", type=int, default=DEEPGLOBE_SIDE, help=f"image side (default: {DEEPGLOBE_SIDE}, DeepGlobe's)")
     a("--epochs", type=int, default=2, help="epochs per stage; the last is measured (default: 2)")
     add_output_flags(p)
     a("train_flags", nargs="*", help="more train_deep_globe.py flags, after --, e.g. -- --amp bf16 --channels_last")
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 @reports_failed_commands
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.size != DEEPGLOBE_SIDE or args.epochs < 2:
+        print(f"note: the estimate stands for DeepGlobe's epochs only with --size {DEEPGLOBE_SIDE} and, to leave out "
+              "the first epoch's warm-up, --epochs 2 or more", file=sys.stderr)
     report = reporter(args.json)
     report(environment("cuda" if torch.cuda.is_available() else "cpu"))
     with scratch_folder(args.folder, "train_schedule_") as folder:

@@ -229,7 +229,7 @@ def test_predict_large_benchmark_runs_predict_on_its_synthetic_tiff(tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # its temporary folder is gone
 
 
-def test_predict_folder_benchmark_times_predict_and_the_host_alone(tmp_path):
+def test_predict_folder_benchmark_times_predict_and_the_host_alone(tmp_path, capsys):
     from bench import predict_folder
 
     # Images that take long enough together (mode 3, 2 x 2 patches each) for start-up's
@@ -245,12 +245,13 @@ def test_predict_folder_benchmark_times_predict_and_the_host_alone(tmp_path):
     for record in run, host:
         assert (record["read_threads"], record["write_threads"]) == (1, 1)  # predict's on the CPU
         assert 6 / record["host_images_per_second"] == pytest.approx(record["host_seconds"], rel=0.01, abs=0.002)
-    assert "images_per_second" not in host
+    assert "images_per_second" not in host and "mode" not in host
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # its temporary folder is gone
-    with pytest.raises(SystemExit, match="--warm"):
-        predict_folder.main([*flags, "--warm", "6"])
-    with pytest.raises(SystemExit, match="--write_threads"):
-        predict_folder.main([*flags, "--host_only", "--read_threads", "0", "--write_threads", "1"])
+    for bad, flag in (([*flags, "--warm", "6"], "--warm"),
+                      ([*flags, "--host_only", "--read_threads", "0", "--write_threads", "1"], "--write_threads")):
+        with pytest.raises(SystemExit) as stopped:
+            predict_folder.main(bad)
+        assert stopped.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_train_schedule_runs_the_three_stage_scripts_and_scales_their_epochs(tmp_path):

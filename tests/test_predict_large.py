@@ -108,12 +108,18 @@ def test_a_world_file_beside_a_plain_tiff_places_the_map_too(models, inputs, tmp
     (folder / "plain.TFW").write_text("0.5\n0.0\n0.0\n-0.5\n500000.25\n4599999.75\n")
     (folder / "geo.tif").write_bytes((inputs / "geo.tif").read_bytes())
     (folder / "geo.tfw").write_text("1.0\n0.0\n0.0\n-1.0\n0.5\n-0.5\n")  # GeoTIFF tags win in GDAL
+    (folder / "bigtiff.btf").write_bytes((inputs / "big.tif").read_bytes())  # a folder's very large kinds count
     out = tmp_path / "out"
     assert run(models, "--mode", "1", "--input", str(folder), "--output", str(out)) == 0
     assert (out / "plain_ids.tfw").read_bytes() == (folder / "plain.TFW").read_bytes()
-    assert not (out / "geo_ids.tfw").exists()
+    assert not (out / "geo_ids.tfw").exists() and not (out / "bigtiff_ids.tfw").exists()
     with rasterio.open(out / "plain_ids.tif") as plain, rasterio.open(out / "geo_ids.tif") as geo:
         assert plain.transform == TRANSFORM and geo.transform == TRANSFORM and geo.crs == rasterio.crs.CRS.from_string(CRS)
+    check_large_outputs(out, "bigtiff")
+    # Without its world file the input is no longer placed, and neither is a new map of it.
+    (folder / "plain.TFW").unlink()
+    assert run(models, "--mode", "1", "--input", str(folder / "plain.tif"), "--output", str(out)) == 0
+    assert not (out / "plain_ids.tfw").exists()
 
 
 def test_large_images_get_large_blocks_mapped_apart_and_small_ones_do_not(models, inputs, tmp_path, monkeypatch):
