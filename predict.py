@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -35,12 +31,12 @@ import helper
 from config import (USER_ERRORS, add_device_flags, check_args, checkpoint_paths, default_checkpoint, parse_size,
                     settle_flags)
 from dataset.classes import ClassTable
-from dataset.io import read_image, save_png
 from dataset.large_image import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_large_image
 from dataset.layouts import IMAGE_SUFFIXES, index_files
+from dataset.prediction_files import host_threads, output_names, segment_files
 from models.stages import CHECKPOINT_FLAGS, STAGES, Stage
 from utils.errors import USAGE_ERROR, DataError, reports_errors
-from utils.files import RunLock, remove_temporaries, replacing, replacing_together
+from utils.files import RunLock, remove_temporaries, replacing
 from utils.folders import output_folder
 from utils.georef import world_file, world_file_name
 from utils.memory import return_large_blocks_to_the_system
@@ -119,42 +115,6 @@ def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session
     return helper.make_session(stage, model, frozen, table, args, torch.device(args.device), inference=True)
 
 
-def output_names(stem: str) -> tuple[str, str]:
-    return f"{stem}_ids.png", f"{stem}_mask.png"
-
-
-def write_prediction(ids: Tensor, table: ClassTable, output: Path, stem: str) -> None:
-    """<stem>_ids.png with the class ids and <stem>_mask.png in the table's colours,
-    replaced together: never one file of this run beside one of an earlier run."""
-    ids = ids.cpu()
-    with replacing_together([output / name for name in output_names(stem)]) as (ids_file, mask_file):
-        save_png(ids_file, ids.numpy().astype(np.uint8))
-        save_png(mask_file, table.colorize(ids))
-
-
-def read_ahead(
-    pool: ThreadPoolExecutor, paths: Sequence[Path], read: Callable[[Path], Tensor] = read_image, depth: int = 1
-) -> Iterator[tuple[Path, Union[Tensor, DataError]]]:
-    """(path, image) in order, the next `depth` images being read on `pool` while the
-    caller works on the current one, and no more. A file that cannot be read comes with
-    its DataError instead of an image."""
-    pending: deque[tuple[Path, Future]] = deque()
-
-    def oldest() -> tuple[Path, Union[Tensor, DataError]]:
-        path, reading = pending.popleft()
-        try:
-            return path, reading.result()
-        except DataError as error:
-            return path, error
-
-    for path in paths:
-        pending.append((path, pool.submit(read, path)))
-        if len(pending) > depth:
-            yield oldest()
-    while pending:
-        yield oldest()
-
-
 def run(args: argparse.Namespace) -> int:
     args = as_trainer_args(args)
     settled = settle_flags(args)
@@ -199,33 +159,6 @@ def patch_bar(session: helper.Session, image: Tensor, tta: bool, name: str) -> t
                 disable=None if total > session.micro_batch else True)
 
 
-MAX_READERS, MAX_WRITERS = 4, 8
-
-
-@dataclasses.dataclass(frozen=True)
-class HostThreads:
-    """Threads around the network: `read` read the next images, `write` write outputs,
-    each with at most that many images in flight, so memory stays bounded."""
-
-    read: int
-    write: int
-
-
-def host_threads(device: torch.device) -> HostThreads:
-    """On the CPU the network needs every core and takes seconds per image: one thread each
-    way hides decoding and encoding behind it. On a GPU they set the pace: a core decodes
-    a 2448 x 2448 JPEG in about 0.09 s and encodes both PNGs in about 0.2 s
-    (bench/predict_folder.py --host_only, bench/README.md), so 30 images/s take about 3
-    readers and 6 writers. Pillow releases the GIL while it codes: two writers on two cores
-    outran one writer's limit. More would only hold more images in memory."""
-    if device.type == "cpu":
-        return HostThreads(read=1, write=1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    spare = max(2, cores - 1)  # the cores this process may use, less one to drive the GPU
-    read = min(MAX_READERS, max(1, spare // 4))
-    return HostThreads(read=read, write=min(MAX_WRITERS, max(1, spare - read)))
-
-
 def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTable, output: Path,
                 tta: bool, alone: Optional[bool] = None) -> list[DataError]:
     """Segment and write every image; returns the errors of those that could not be read
@@ -236,38 +169,6 @@ def segment_all(session: helper.Session, images: Sequence[Path], table: ClassTab
 
     return segment_files(images, segment, table, output, host_threads(session.device),
                          len(images) == 1 if alone is None else alone)
-
-
-def segment_files(images: Sequence[Path], segment: Callable[[Path, Tensor], Tensor], table: ClassTable,
-                  output: Path, threads: HostThreads, alone: bool) -> list[DataError]:
-    """segment_all's loop: images are read ahead and outputs written on `threads` while
-    `segment` (path, image) -> class ids runs in this thread. Returns the errors of the
-    images that could not be read; alone: raise the error instead."""
-    skipped = []
-    with ThreadPoolExecutor(threads.read, thread_name_prefix="read") as reader, \
-            ThreadPoolExecutor(threads.write, thread_name_prefix="write") as writer:
-        writes: deque[Future] = deque()
-        # disable=None: a bar only on a terminal, not in logs and pipes.
-        bar = tqdm(read_ahead(reader, images, depth=threads.read), total=len(images), desc="predict", unit="image",
-                   dynamic_ncols=True, disable=None)
-        for k, (path, image) in enumerate(bar):
-            if isinstance(image, DataError):
-                if alone:
-                    raise image
-                skipped.append(image)
-                bar.write(f"skipped: {image}", file=sys.stderr)
-                continue
-            start = time.perf_counter()
-            ids = segment(path, image)
-            if bar.disable:  # no bars in a log or a pipe: a line per image instead
-                print(f"{path.name}: {time.perf_counter() - start:.1f} s ({k + 1}/{len(images)})", file=sys.stderr)
-            # Outputs finished are on disk, or their error is raised here, as soon as it is known.
-            while writes and (writes[0].done() or len(writes) == threads.write):
-                writes.popleft().result()
-            writes.append(writer.submit(write_prediction, ids, table, output, path.stem))
-        for write in writes:
-            write.result()
-    return skipped
 
 
 def large_output_names(stem: str) -> tuple[str, str]:

@@ -9,9 +9,9 @@ second target: at least 80 % of bench_inference's in-process figure on the same 
    with deterministic random weights (utils/weight_rule.py);
 2. times, in this process, what predict.py does around the network: reading each JPEG and
    writing both PNGs of each on one core, image after image; then both together with the
-   threads predict.py uses on --device (predict.host_threads), as predict.py runs them. The
-   image's true class map stands in for the network's, so the PNGs compress as real
-   predictions do. This rate is the most the host lets the GPU reach;
+   threads predict.py uses on --device (dataset/prediction_files.host_threads), as predict.py
+   runs them. The image's true class map stands in for the network's, so the PNGs compress as
+   real predictions do. This rate is the most the host lets the GPU reach;
 3. unless --host_only, runs `predict.py --mode M --input FOLDER --output DIR` as a whole
    process (bench_inference's launcher) on the first --warm images, then on all of them. The marginal rate
    (count - warm) / (T_all - T_warm) leaves out what both runs share: start-up, loading the
@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-import predict  # noqa: E402
 from bench.bench_inference import run_measured, write_rule_checkpoints  # noqa: E402
 from bench.records import (add_output_flags, environment, make_demo_copies, reporter,  # noqa: E402
                            reports_failed_commands, scratch_folder)
 from dataset.classes import DEEPGLOBE  # noqa: E402
 from dataset.io import read_image, read_mask  # noqa: E402
 from dataset.layouts import DEEP_GLOBE, Sample  # noqa: E402
+from dataset.prediction_files import HostThreads, host_threads, segment_files, write_prediction  # noqa: E402
 
 
 def predict_command(args: argparse.Namespace, images: Path, models: Path, out: Path) -> list[str]:
@@ -51,8 +51,8 @@ def predict_command(args: argparse.Namespace, images: Path, models: Path, out: P
 
 def host_only(args: argparse.Namespace, samples: list[Sample], out: Path) -> dict:
     truth = {sample.image: read_mask(sample.mask, DEEPGLOBE, "ids") for sample in samples}
-    threads = predict.HostThreads(read=args.read_threads, write=args.write_threads) \
-        if args.read_threads is not None else predict.host_threads(torch.device(args.device))
+    threads = HostThreads(read=args.read_threads, write=args.write_threads) \
+        if args.read_threads is not None else host_threads(torch.device(args.device))
     out.mkdir()
     # One core's cost of each side, image after image, then the pipeline with its threads.
     start = time.perf_counter()
@@ -60,10 +60,10 @@ def host_only(args: argparse.Namespace, samples: list[Sample], out: Path) -> dic
         read_image(sample.image)
     read_seconds = time.perf_counter() - start
     for sample in samples:
-        predict.write_prediction(truth[sample.image], DEEPGLOBE, out, sample.id)
+        write_prediction(truth[sample.image], DEEPGLOBE, out, sample.id)
     write_seconds = time.perf_counter() - start - read_seconds
     start = time.perf_counter()
-    predict.segment_files([sample.image for sample in samples], lambda path, image: truth[path], DEEPGLOBE, out,
+    segment_files([sample.image for sample in samples], lambda path, image: truth[path], DEEPGLOBE, out,
                           threads, alone=False)
     seconds = time.perf_counter() - start
     return {"read_s_per_image": round(read_seconds / len(samples), 4),

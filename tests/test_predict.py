@@ -12,10 +12,11 @@ from torch.utils._pytree import tree_flatten
 
 import helper
 import predict
+from dataset import prediction_files
 from dataset.classes import DEEPGLOBE
 from models.glnet import GLNet, GlobalBranch
 from models.stages import Stage
-from utils.errors import WriteError
+from utils.errors import DataError, WriteError
 
 # Small sizes keep a mode-3 run to a few seconds on two cores.
 SIZES = ["--size_g", "64", "--size_p", "96", "--micro_batch_size", "4", "--backbone", "resnet18"]
@@ -200,15 +201,15 @@ def test_read_ahead_keeps_order_with_depth_reads_in_flight(depth):
     def read(path: Path) -> torch.Tensor:
         started.append(path.name)
         if path.name == "2.png":
-            raise predict.DataError("2.png: unreadable")
+            raise DataError("2.png: unreadable")
         return torch.tensor([int(path.stem)])
 
     paths = [Path(f"{i}.png") for i in range(6)]
     with ThreadPoolExecutor(depth) as pool:
-        for k, (path, image) in enumerate(predict.read_ahead(pool, paths, read, depth=depth)):
+        for k, (path, image) in enumerate(prediction_files.read_ahead(pool, paths, read, depth=depth)):
             assert path == paths[k]
             if k == 2:
-                assert isinstance(image, predict.DataError) and str(image) == "2.png: unreadable"
+                assert isinstance(image, DataError) and str(image) == "2.png: unreadable"
             else:
                 assert image.item() == k
             # While the caller holds image k, the next `depth` reads start, and no more.
@@ -219,7 +220,7 @@ def test_read_ahead_keeps_order_with_depth_reads_in_flight(depth):
             assert len(started) == ahead
     assert sorted(started) == [p.name for p in paths]
     with ThreadPoolExecutor(depth) as pool:
-        assert list(predict.read_ahead(pool, [], read, depth=depth)) == []
+        assert list(prediction_files.read_ahead(pool, [], read, depth=depth)) == []
 
 
 def test_several_writers_write_every_image_once_with_at_most_that_many_in_flight(images, tmp_path, monkeypatch):
@@ -231,7 +232,7 @@ def test_several_writers_write_every_image_once_with_at_most_that_many_in_flight
     maps = {p: torch.from_numpy(rng.integers(0, DEEPGLOBE.n_class, IMAGES[p.stem], dtype=np.uint8)) for p in paths}
     seen, written, in_flight, most = [], [], [0], [0]
     lock = threading.Lock()
-    write = predict.write_prediction
+    write = prediction_files.write_prediction
 
     def slow_write(ids, table, output, stem):
         with lock:
@@ -248,8 +249,8 @@ def test_several_writers_write_every_image_once_with_at_most_that_many_in_flight
         assert image.shape[-2:] == IMAGES[path.stem]  # the image of that path, read ahead
         return maps[path]
 
-    monkeypatch.setattr(predict, "write_prediction", slow_write)
-    skipped = predict.segment_files(paths, segment, DEEPGLOBE, tmp_path, predict.HostThreads(read=2, write=2),
+    monkeypatch.setattr(prediction_files, "write_prediction", slow_write)
+    skipped = prediction_files.segment_files(paths, segment, DEEPGLOBE, tmp_path, prediction_files.HostThreads(read=2, write=2),
                                     alone=False)
     assert skipped == [] and seen == paths
     assert sorted(written) == sorted(p.stem for p in paths) and most[0] == 2
@@ -265,20 +266,20 @@ def test_a_write_that_fails_stops_the_run_with_its_error(images, tmp_path, monke
         if stem == paths[0].stem:
             raise WriteError(f"{stem}: disk full")
 
-    monkeypatch.setattr(predict, "write_prediction", failing_write)
+    monkeypatch.setattr(prediction_files, "write_prediction", failing_write)
     with pytest.raises(WriteError, match="disk full"):
-        predict.segment_files(paths, lambda path, image: torch.zeros(IMAGES[path.stem], dtype=torch.uint8),
-                              DEEPGLOBE, tmp_path, predict.HostThreads(read=1, write=3), alone=False)
+        prediction_files.segment_files(paths, lambda path, image: torch.zeros(IMAGES[path.stem], dtype=torch.uint8),
+                              DEEPGLOBE, tmp_path, prediction_files.HostThreads(read=1, write=3), alone=False)
 
 
 def test_the_cpu_reads_and_writes_on_one_thread_each():
-    assert predict.host_threads(torch.device("cpu")) == predict.HostThreads(read=1, write=1)
+    assert prediction_files.host_threads(torch.device("cpu")) == prediction_files.HostThreads(read=1, write=1)
 
 
 @pytest.mark.parametrize("cores", [1, 2, 4, 16, 128])
 def test_a_gpu_gets_threads_within_its_cores_and_enough_for_30_images_a_second(cores, monkeypatch):
-    monkeypatch.setattr(predict.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    threads = predict.host_threads(torch.device("cuda"))
+    monkeypatch.setattr(prediction_files.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    threads = prediction_files.host_threads(torch.device("cuda"))
     assert threads.read >= 1 and threads.write >= 1
     assert threads.read + threads.write <= max(2, cores - 1)  # one core drives the GPU
     if cores >= 16:
