@@ -334,13 +334,14 @@ SLOW_PREDICT = """
 import sys, time
 sys.path.insert(0, '.')
 import predict
-save = predict.save_png
+from dataset import prediction_files
+save = prediction_files.save_png
 def slow(target, array):
     if "_mask.png." in str(target):
         print("writing", flush=True)
         time.sleep(1.5)
     save(target, array)
-predict.save_png = slow
+prediction_files.save_png = slow
 sys.exit(predict.main(sys.argv[1:]))
 """
 
