@@ -138,9 +138,7 @@ def build_models(
     frozen = None
     if spec.frozen_global is not None:
         frozen = GlobalBranch(n_class, backbone)
-        with torch.device("meta"):
-            reference = GLNet(n_class, backbone)
-        load_weights(frozen, _required(paths, spec.frozen_global, stage, training), "global", reference=reference)
+        load_weights(frozen, _required(paths, spec.frozen_global, stage, training), "global", reference=model)
         frozen.requires_grad_(False).eval().to(device)
     return model.to(device), frozen
 

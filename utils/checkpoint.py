@@ -198,8 +198,8 @@ def load_state(
     missing, unexpected, shapes = mismatches(state, expected)
     if missing or unexpected or shapes:
         raise CheckpointError(_describe(source, missing, unexpected, shapes, _n_class_hint(state, expected)))
-    wanted = KEY_FILTERS[keys]
-    selected = {k: v for k, v in state.items() if k in model.state_dict() and wanted(k)}
+    wanted, own = KEY_FILTERS[keys], model.state_dict()
+    selected = {k: v for k, v in state.items() if k in own and wanted(k)}
     model.load_state_dict(selected, strict=False)
     return list(selected)
 
