@@ -103,20 +103,20 @@ def paste_context(canvases: Context, local: Context, grid: PatchGrid, indices: S
             paste_patches(canvas, patch_maps, grid, indices)
 
 
-def normalise_context(canvases: Context, grid: PatchGrid) -> Context:
-    """Divide merged maps by the pixel coverage template resized to each map.
+def normalise_context_(canvases: Context, grid: PatchGrid) -> Context:
+    """Divide merged maps in place by the pixel coverage template resized to each map, and
+    return them. In place, so no second copy of the canvases is ever held.
 
     Cells no crop reaches stay 0 (0 / coverage); this is the authors' normalisation.
     """
     cache: dict[tuple[int, int], Tensor] = {}
-
-    def norm(m: Tensor) -> Tensor:
-        key = tuple(m.shape[-2:])
-        if key not in cache:
-            cache[key] = coverage_on_map(grid, key, m.device).to(m.dtype)
-        return m / cache[key]
-
-    return Context(*(tuple(norm(m) for m in maps) for maps in canvases))  # type: ignore[arg-type]
+    for maps in canvases:
+        for m in maps:
+            key = tuple(m.shape[-2:])
+            if key not in cache:
+                cache[key] = coverage_on_map(grid, key, m.device).to(m.dtype)
+            m.div_(cache[key])
+    return canvases
 
 
 class _GlobalBranchMixin:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from models.fpn import Context, Levels
-from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context, paste_context
+from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context_, paste_context
 from utils.images import to_unit_float
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
@@ -282,20 +282,13 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
     model, backward = run.model, run.losses.backward
     recompute = backward and model.activation_checkpointing
     with torch.no_grad():
-        fixed = run.frozen_global.global_branch(run.batch.global_images)  # type: ignore[union-attr]
-        merged, kept, local_logits = [], [], []
-        for i, (image, grid) in enumerate(zip(run.batch.images, run.grids)):
-            context = fixed.image(i)
-            canvases = empty_context(context.context())
-            terms = None if recompute else _PerPatch(len(grid))
-            logits = _PerPatch(len(grid))
-            for idx in grid.batches(run.micro_batch_size):
-                _local2global_pass(model, image, grid, idx, context, canvases, logits, terms, keep_ps3=backward)
-                run.on_patches(len(idx))
-            merged.append(normalise_context(canvases, grid))
-            kept.append(terms)
-            local_logits.append(logits.tensor)
-    glob = model.global_branch(run.batch.global_images, _cat_contexts(merged))
+        fixed: Optional[BranchOutput] = run.frozen_global.global_branch(run.batch.global_images)  # type: ignore[union-attr]
+        merged, kept, local_logits = _merge_local_features(run, fixed, recompute)  # type: ignore[arg-type]
+    if not recompute:
+        # Not read again: dropped, the frozen maps no longer add to the global pass's peak
+        # (about 120 MB per 508 x 508 global image in fp32).
+        fixed = None
+    glob = model.global_branch(run.batch.global_images, merged)
     run.losses.step(run.losses.focal(glob.logits, _global_targets(run.labels, glob)), retain_graph=True)
     last = (len(run.batch.images) - 1, len(run.grids[-1].batches(run.sub_batch_size)) - 1)
     images = []
@@ -303,8 +296,8 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
         ensemble_logits = []
         for j, idx in enumerate(grid.batches(run.sub_batch_size)):
             if kept[i] is None:
-                ps3 = _local_ps3(model, image, grid, idx, fixed.image(i), run.micro_batch_size)
-                term = model.ensemble_local_term(ps3)
+                context = fixed.image(i)  # type: ignore[union-attr]
+                term = model.ensemble_local_term(_local_ps3(model, image, grid, idx, context, run.micro_batch_size))
             else:
                 rows = kept[i].tensor[idx.start : idx.stop]  # type: ignore[union-attr]
                 term = model.ensemble_local_term(rows) if backward else rows
@@ -314,6 +307,29 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
             ensemble_logits.append(ensemble.detach())
         images.append(ImageResult(glob.logits[i : i + 1].detach(), grid, local_logits[i], torch.cat(ensemble_logits)))
     return images
+
+
+def _merge_local_features(
+    run: _Run, fixed: BranchOutput, recompute: bool
+) -> tuple[Context, list[Optional[_PerPatch]], list[Tensor]]:
+    """Stage 3's first pass over every patch of the batch: the local features merged into
+    whole-image canvases (the global head's context), what the ensemble keeps of each
+    patch (None where it will recompute), and the local logits. A function, so that the
+    per-image canvases and crops of `fixed` are released when the batch's context is made."""
+    merged, kept, local_logits = [], [], []
+    for i, (image, grid) in enumerate(zip(run.batch.images, run.grids)):
+        context = fixed.image(i)
+        canvases = empty_context(context.context())
+        terms = None if recompute else _PerPatch(len(grid))
+        logits = _PerPatch(len(grid))
+        for idx in grid.batches(run.micro_batch_size):
+            _local2global_pass(run.model, image, grid, idx, context, canvases, logits, terms,
+                               keep_ps3=run.losses.backward)
+            run.on_patches(len(idx))
+        merged.append(normalise_context_(canvases, grid))
+        kept.append(terms)
+        local_logits.append(logits.tensor)
+    return _cat_contexts(merged), kept, local_logits
 
 
 _RUNNERS: dict[Stage, Callable[[_Run], list[ImageResult]]] = {
@@ -504,7 +520,7 @@ def stream_patch_logits(
     for idx in grid.batches(micro_batch_size):
         _local2global_pass(model, image, grid, idx, context, canvases, None, None, keep_ps3=False)
         report(len(idx))
-    glob = model.global_branch(global_image, normalise_context(canvases, grid))
+    glob = model.global_branch(global_image, normalise_context_(canvases, grid))
     del canvases
     for row in range(start_row, grid.n_rows):
         ensemble = []

@@ -4,6 +4,7 @@ loss bookkeeping, and the errors for impossible calls."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -286,6 +287,34 @@ def test_batch_of_images_of_different_sizes(stage, backward):
     if backward:
         grads = [p.grad for n, p in model.named_parameters() if _learns(stage, n)]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backward, checkpointing, kept", [(False, False, False), (True, False, False), (True, True, True)],
+                         ids=["eval", "train", "train-checkpointing"])
+def test_stage3_keeps_the_frozen_maps_for_its_global_pass_only_to_recompute(backward, checkpointing, kept):
+    """The frozen stage-1 maps give the local passes their context; after them only
+    recomputation (activation checkpointing) reads them again, so otherwise they must be
+    gone before the global pass, whose peak they would raise."""
+    model, frozen = _model(), _frozen()
+    model.activation_checkpointing = checkpointing
+    set_branch_modes(model, Stage.LOCAL2GLOBAL, training=backward)
+    frozen_maps: list[weakref.ref] = []
+    alive_at_global_pass: list[int] = []
+    frozen_forward, global_forward = frozen.global_branch, model.global_branch
+
+    def recording_frozen(*args, **kwargs):
+        out = frozen_forward(*args, **kwargs)
+        frozen_maps.extend(weakref.ref(m) for maps in out.context() for m in maps)
+        return out
+
+    def counting_global(*args, **kwargs):
+        alive_at_global_pass.append(sum(ref() is not None for ref in frozen_maps))
+        return global_forward(*args, **kwargs)
+
+    frozen.global_branch, model.global_branch = recording_frozen, counting_global
+    _run(Stage.LOCAL2GLOBAL, model, _batch(), frozen_global=frozen, backward=backward)
+    assert len(frozen_maps) == 16  # c2..c5, ps0, ps1, ps2 at four levels each
+    assert alive_at_global_pass == [16 if kept else 0]
 
 
 @pytest.mark.parametrize("stage", list(Stage))
