@@ -170,3 +170,17 @@ def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, tmp_p
     # Each training stage writes the file the next stage's script reads.
     assert args.task_name + ".pth" in {"fpn_deepglobe_global.pth", "fpn_deepglobe_global2local.pth",
                                        "fpn_deepglobe_local2global.pth"}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_loader_workers_server_starts_before_the_models_load(data, tmp_path, monkeypatch, workers):
+    """Its imports then overlap the model loading (bench/README.md); without workers there
+    is nothing to start."""
+    calls = []
+    start, build = train_deep_globe.start_worker_server, train_deep_globe.stage_models
+    monkeypatch.setattr(train_deep_globe, "start_worker_server", lambda: (calls.append("server"), start())[1])
+    monkeypatch.setattr(train_deep_globe, "stage_models", lambda *a, **k: (calls.append("models"), build(*a, **k))[1])
+    common = _common(data, tmp_path)
+    common[common.index("--num_workers") + 1] = str(workers)
+    assert _run("--mode", 1, "--num_epochs", 1, "--pretrained", "none", *common) == 0
+    assert calls == (["server", "models"] if workers else ["models"])
