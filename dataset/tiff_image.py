@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
+from xml.etree import ElementTree
 
 import numpy as np
 import tifffile
@@ -33,6 +34,8 @@ MAX_SEGMENT_BYTES = 256 << 20
 RESOLUTION_CENTIMETER = 3
 ORIENTATION = 274  # the TIFF tag
 REDUCED_IMAGE = 1  # NewSubfileType bit: a reduced-resolution copy of another image
+# OME-XML's length units, in microns (its default unit); both spellings of "micro".
+OME_MICRONS = {"pm": 1e-6, "nm": 1e-3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 SAVE_TILED = ("re-save it as a tiled TIFF (e.g. vips tiffsave IN OUT --tile --pyramid --compression deflate, "
               "or gdal_translate -co TILED=YES -co COMPRESS=DEFLATE IN OUT)")
 
@@ -199,7 +202,7 @@ class TiffImage(LargeImage):
                 self._levels.append(_level(self.path, page, size))
         self.levels = [(lv.height, lv.width) for lv in self._levels]
         self.georef = self._georef(pages[0])
-        self.mpp = None if self.georef is not None else _mpp(pages[0])
+        self.mpp = None if self.georef is not None else _ome_mpp(self._tif.ome_metadata) or _mpp(pages[0])
 
     def _georef(self, page: tifffile.TiffPage) -> Optional[Georef]:
         """The GeoTIFF tags as stored, and the CRS and transform GDAL (rasterio) reads from them."""
@@ -280,6 +283,24 @@ class TiffImage(LargeImage):
     def close(self) -> None:
         self._tif.close()
         self._cache.clear()
+
+
+def _ome_mpp(xml: Optional[str]) -> Optional[tuple[float, float]]:
+    """(y, x) microns per pixel of the first image of an OME-TIFF (QuPath and bfconvert
+    write them there, not always in the resolution tags), or None."""
+    if not xml:
+        return None
+    try:
+        pixels = next(e for e in ElementTree.fromstring(xml).iter() if e.tag.rpartition("}")[2] == "Pixels")
+
+        def microns(axis: str) -> float:
+            unit = pixels.attrib.get(f"PhysicalSize{axis}Unit", "\u00b5m")
+            return float(pixels.attrib[f"PhysicalSize{axis}"]) * OME_MICRONS[unit]
+
+        y, x = microns("Y"), microns("X")
+    except (ElementTree.ParseError, StopIteration, KeyError, ValueError):
+        return None
+    return (y, x) if y > 0 and x > 0 else None
 
 
 def _mpp(page: tifffile.TiffPage) -> Optional[tuple[float, float]]:

@@ -177,7 +177,7 @@ def test_grey_palette_and_alpha_read_as_pillow_converts_them(tmp_path, mode):
     np.testing.assert_array_equal(ours, read_image(path).permute(1, 2, 0).numpy())
 
 
-def test_geotiff_georeferencing_and_slide_mpp(files, tmp_path):
+def test_geotiff_georeferencing_and_microns_per_pixel(files, tmp_path):
     with open_large_image(files["geotiff"]) as image:
         assert image.georef.crs == CRS
         assert image.georef.transform == tuple(TRANSFORM)[:6]
@@ -187,6 +187,11 @@ def test_geotiff_georeferencing_and_slide_mpp(files, tmp_path):
     per_cm = tmp_path / "microscope.tif"
     write_tiled(per_cm, pixels(64, 64), resolution=(1e4 / 0.5, 1e4 / 0.25), resolutionunit="CENTIMETER")
     with open_large_image(per_cm) as image:
+        assert image.mpp == pytest.approx((0.25, 0.5)) and image.georef is None
+    ome = tmp_path / "exported.ome.tif"  # OME-XML sizes, in its units (microns by default)
+    tifffile.imwrite(ome, pixels(64, 64), tile=(TILE, TILE), photometric="rgb", ome=True,
+                     metadata={"PhysicalSizeX": 500, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 0.25})
+    with open_large_image(ome) as image:
         assert image.mpp == pytest.approx((0.25, 0.5)) and image.georef is None
     with open_large_image(files["tiled"]) as image:
         assert image.mpp is None and image.georef is None  # no unit: no size claimed
