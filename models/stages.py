@@ -282,13 +282,9 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
     model, backward = run.model, run.losses.backward
     recompute = backward and model.activation_checkpointing
     with torch.no_grad():
-        fixed: Optional[BranchOutput] = run.frozen_global.global_branch(run.batch.global_images)  # type: ignore[union-attr]
-        merged, kept, local_logits = _merge_local_features(run, fixed, recompute)  # type: ignore[arg-type]
-    if not recompute:
-        # Not read again: dropped, the frozen maps no longer add to the global pass's peak
-        # (about 120 MB per 508 x 508 global image in fp32).
-        fixed = None
+        fixed, merged, kept, local_logits = _merge_local_features(run, recompute)
     glob = model.global_branch(run.batch.global_images, merged)
+    del merged  # read by the global pass only
     run.losses.step(run.losses.focal(glob.logits, _global_targets(run.labels, glob)), retain_graph=True)
     last = (len(run.batch.images) - 1, len(run.grids[-1].batches(run.sub_batch_size)) - 1)
     images = []
@@ -310,12 +306,15 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
 
 
 def _merge_local_features(
-    run: _Run, fixed: BranchOutput, recompute: bool
-) -> tuple[Context, list[Optional[_PerPatch]], list[Tensor]]:
-    """Stage 3's first pass over every patch of the batch: the local features merged into
-    whole-image canvases (the global head's context), what the ensemble keeps of each
-    patch (None where it will recompute), and the local logits. A function, so that the
-    per-image canvases and crops of `fixed` are released when the batch's context is made."""
+    run: _Run, recompute: bool
+) -> tuple[Optional[BranchOutput], Context, list[Optional[_PerPatch]], list[Tensor]]:
+    """Stage 3's first pass (the caller's no_grad: the canvases are divided in place): the
+    frozen stage-1 maps if `recompute` will read them again, else None; the local features
+    merged into whole-image maps (the global head's context); what the ensemble keeps of
+    each patch (None where it recomputes); the local logits. Everything else made here, the
+    frozen maps included when not returned (their peak share is about 120 MB per 508 x 508
+    global image in fp32), is released before the global pass."""
+    fixed = run.frozen_global.global_branch(run.batch.global_images)  # type: ignore[union-attr]
     merged, kept, local_logits = [], [], []
     for i, (image, grid) in enumerate(zip(run.batch.images, run.grids)):
         context = fixed.image(i)
@@ -329,7 +328,7 @@ def _merge_local_features(
         merged.append(normalise_context_(canvases, grid))
         kept.append(terms)
         local_logits.append(logits.tensor)
-    return _cat_contexts(merged), kept, local_logits
+    return (fixed if recompute else None), _cat_contexts(merged), kept, local_logits
 
 
 _RUNNERS: dict[Stage, Callable[[_Run], list[ImageResult]]] = {
