@@ -123,10 +123,10 @@ def worker_context() -> Optional[multiprocessing.context.BaseContext]:
     return context
 
 
-def start_worker_server() -> None:
-    """Start the loader workers' fork server now, so that its imports (torch: about 1.5 s
-    on two cores) overlap the model loading instead of delaying the first batch."""
-    if worker_context() is not None:
+def start_worker_server(num_workers: int) -> None:
+    """Start the loader workers' fork server now, if there will be workers, so that its
+    imports (torch) overlap the model loading instead of delaying the first batch."""
+    if num_workers > 0 and worker_context() is not None:
         multiprocessing.forkserver.ensure_running()
 
 
@@ -530,8 +530,7 @@ def run(args: argparse.Namespace) -> int:
             notes = [] if args.evaluation else on_main(lambda: claim_run(args, held), info) or []
             seed_everything(args.seed)
             stage = Stage(args.mode)
-            if args.num_workers > 0:
-                start_worker_server()
+            start_worker_server(args.num_workers)
             model, frozen = stage_models(args, table.n_class, device)
             session = helper.make_session(stage, model, frozen, table, args, device, dist=info,
                                           inference=args.evaluation)

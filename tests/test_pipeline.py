@@ -178,7 +178,12 @@ def test_the_loader_workers_server_starts_before_the_models_load(data, tmp_path,
     is nothing to start."""
     calls = []
     start, build = train_deep_globe.start_worker_server, train_deep_globe.stage_models
-    monkeypatch.setattr(train_deep_globe, "start_worker_server", lambda: (calls.append("server"), start())[1])
+    def server(num_workers):
+        if num_workers > 0:
+            calls.append("server")
+        start(num_workers)
+
+    monkeypatch.setattr(train_deep_globe, "start_worker_server", server)
     monkeypatch.setattr(train_deep_globe, "stage_models", lambda *a, **k: (calls.append("models"), build(*a, **k))[1])
     common = _common(data, tmp_path)
     common[common.index("--num_workers") + 1] = str(workers)
