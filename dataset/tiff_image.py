@@ -8,6 +8,7 @@ a bad file fails before hours of work, not in the middle.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import warnings
@@ -35,7 +36,8 @@ RESOLUTION_CENTIMETER = 3
 ORIENTATION = 274  # the TIFF tag
 REDUCED_IMAGE = 1  # NewSubfileType bit: a reduced-resolution copy of another image
 # OME-XML's length units, in microns (its default unit); both spellings of "micro".
-OME_MICRONS = {"pm": 1e-6, "nm": 1e-3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+OME_MICRONS = {"pm": 1e-6, "\u00c5": 1e-4, "nm": 1e-3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "mm": 1e3,
+               "cm": 1e4, "m": 1e6, "in": 25400.0}
 SAVE_TILED = ("re-save it as a tiled TIFF (e.g. vips tiffsave IN OUT --tile --pyramid --compression deflate, "
               "or gdal_translate -co TILED=YES -co COMPRESS=DEFLATE IN OUT)")
 
@@ -287,7 +289,8 @@ class TiffImage(LargeImage):
 
 def _ome_mpp(xml: Optional[str]) -> Optional[tuple[float, float]]:
     """(y, x) microns per pixel of the first image of an OME-TIFF (QuPath and bfconvert
-    write them there, not always in the resolution tags), or None."""
+    write them there, not always in the resolution tags), or None. The first Pixels
+    element is the file's first series, the one read, except in multi-file OME sets."""
     if not xml:
         return None
     try:
@@ -300,7 +303,7 @@ def _ome_mpp(xml: Optional[str]) -> Optional[tuple[float, float]]:
         y, x = microns("Y"), microns("X")
     except (ElementTree.ParseError, StopIteration, KeyError, ValueError):
         return None
-    return (y, x) if y > 0 and x > 0 else None
+    return (y, x) if 0 < y < math.inf and 0 < x < math.inf else None
 
 
 def _mpp(page: tifffile.TiffPage) -> Optional[tuple[float, float]]:

@@ -28,7 +28,7 @@ from dataset.io import read_image
 from dataset.large_image import is_large_image_file, open_large_image
 from dataset.slide_image import SlideImage
 from dataset.streamed_global import global_image_large, global_image_streamed, pick_level
-from dataset.tiff_image import TiffImage
+from dataset.tiff_image import TiffImage, _ome_mpp
 from dataset.transforms import global_image
 from utils.banded_resample import pil_bilinear_banded
 from utils.errors import DataError
@@ -188,11 +188,16 @@ def test_geotiff_georeferencing_and_microns_per_pixel(files, tmp_path):
     write_tiled(per_cm, pixels(64, 64), resolution=(1e4 / 0.5, 1e4 / 0.25), resolutionunit="CENTIMETER")
     with open_large_image(per_cm) as image:
         assert image.mpp == pytest.approx((0.25, 0.5)) and image.georef is None
-    ome = tmp_path / "exported.ome.tif"  # OME-XML sizes, in its units (microns by default)
+    # OME-XML sizes, in its units (microns by default), before resolution tags that disagree.
+    ome = tmp_path / "exported.ome.tif"
     tifffile.imwrite(ome, pixels(64, 64), tile=(TILE, TILE), photometric="rgb", ome=True,
+                     resolution=(1e4, 1e4), resolutionunit="CENTIMETER",
                      metadata={"PhysicalSizeX": 500, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 0.25})
     with open_large_image(ome) as image:
         assert image.mpp == pytest.approx((0.25, 0.5)) and image.georef is None
+    for broken in ("<OME", '<OME><Image><Pixels PhysicalSizeX="inf" PhysicalSizeY="1"/></Image></OME>',
+                   '<OME><Image><Pixels PhysicalSizeX="1" PhysicalSizeY="1" PhysicalSizeYUnit="parsec"/></Image></OME>'):
+        assert _ome_mpp(broken) is None, broken
     with open_large_image(files["tiled"]) as image:
         assert image.mpp is None and image.georef is None  # no unit: no size claimed
 
