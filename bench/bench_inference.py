@@ -104,6 +104,7 @@ class Record:
 
 def environment(device: torch.device, threads: Optional[int]) -> dict[str, Any]:
     return {
+        "commit": helper.code_version(),
         "torch": torch.__version__,
         "device_name": helper.environment_summary(device),
         "threads": threads or torch.get_num_threads(),
