@@ -30,6 +30,12 @@ ONE_VALUE = ("at 32 x 32 px or less the ResNet's last stage holds one value per 
              "cannot learn")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively. Without it oneDNN emulates bf16, and
+    autocast makes the CPU slower instead of faster."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 class ConfigError(ValueError):
     """Flags that cannot work (together)."""
 
@@ -120,9 +126,9 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: cuda "
       "when one is available, else cpu)")
-    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast on CUDA: bf16 (training and "
-      "evaluation) or fp16 (evaluation); BatchNorm is folded into the convolutions for inference. Results differ "
-      "from fp32")
+    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast: bf16 (training and "
+      "evaluation; on the CPU only one with AVX512-BF16 or AMX instructions) or fp16 (evaluation on CUDA); "
+      "BatchNorm is folded into the convolutions for inference. Faster, and results differ from fp32")
     a("--channels_last", action="store_true", help="channels-last memory format: faster convolutions on GPUs, and "
       "on CPUs once warmed up; results differ from the default's in the last bits")
     add_cuda_math_flag(parser)
@@ -190,8 +196,11 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         problems.append(f"--device {args.device}: only cpu and cuda are supported")
     elif device.type == "cuda" and not torch.cuda.is_available():
         problems.append(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    if args.amp is not None and device.type != "cuda":
-        problems.append(f"--amp {args.amp} needs a CUDA device, got --device {args.device}; drop --amp on the CPU")
+    if args.amp == "fp16" and device.type == "cpu":
+        problems.append("--amp fp16 needs a CUDA device, got --device cpu; on the CPU use --amp bf16 or drop --amp")
+    elif args.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        problems.append("--amp bf16 on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), on which bf16 "
+                        "runs slower than fp32; drop --amp")
     if args.amp == "fp16" and not args.evaluation:
         problems.append("--amp fp16 is for evaluation; train with --amp bf16 (it needs no loss scaling)")
     if problems:

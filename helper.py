@@ -60,7 +60,7 @@ class Session:
     lamb_fmreg: float
     device: torch.device
     dist: DistInfo = DistInfo()
-    amp: Optional[torch.dtype] = None  # autocast dtype (bf16/fp16) on CUDA, None for fp32
+    amp: Optional[torch.dtype] = None  # autocast dtype (bf16, or fp16 on CUDA), None for fp32
     micro_batch_size: Optional[int] = None  # None: default_micro_batch_size
     on_patches: Optional[Callable[[int], None]] = None  # told the patches of each local pass done (progress)
 

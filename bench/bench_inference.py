@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
       "on a generated one-image dataset")
     a("--repeat", type=int, default=3, help="timed runs per case after one warm-up; the median is reported (default: 3)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast dtype; bf16 also on the CPU, where "
-      "with --tensor_peak it shows what a GPU would hold")
+    a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast dtype; bf16 also on the CPU (in-process "
+      "on any CPU, where with --tensor_peak it shows what a GPU would hold; --via-cli as the command line allows)")
     a("--channels_last", action="store_true", help="channels-last weights")
     a("--checkpointing", action="store_true", help="activation checkpointing in training steps")
     a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help=f"the trainer's --sub_batch_size (default: {SUB_BATCH_SIZE})")
@@ -428,13 +428,15 @@ def check_args(args: argparse.Namespace) -> None:
               "--size_g", "{},{}".format(*args.size_g), "--size_p", "{},{}".format(*args.size_p)]
     if args.micro_batch_size is not None:
         shared += ["--micro_batch_size", str(args.micro_batch_size)]
+    if args.amp == "fp16" and torch.device(args.device).type != "cuda":
+        problems.append(f"--amp fp16 needs a CUDA device, got --device {args.device} (on the CPU the benchmark "
+                        "takes --amp bf16)")
+    elif args.via_cli and args.amp is not None:
+        shared += ["--amp", args.amp]  # the command line's rule: bf16 on a CPU with bf16 instructions
     try:
         config.check_args(config.parse_args(shared), DEEPGLOBE)
     except config.ConfigError as error:
         problems.append(str(error))
-    if args.amp is not None and torch.device(args.device).type != "cuda" and (args.amp != "bf16" or args.via_cli):
-        problems.append(f"--amp {args.amp} needs a CUDA device, got --device {args.device} "
-                        "(on the CPU the benchmark's in-process cases take --amp bf16)")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 

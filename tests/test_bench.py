@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import config
 from bench import bench_inference
 from bench.bench_inference import Case, build_parser, cases_of, format_row, main, record_to_json, rule_session, run_case
 from bench.op_count import OpCount
@@ -67,9 +68,14 @@ def test_via_cli_times_the_real_entry_point(tmp_path):
     assert record["peak_mb"] > 200
 
 
-@pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--amp", "bf16", "--via-cli"]], ids=["fp16", "bf16-cli"])
-def test_cpu_autocast_is_refused_where_the_cpu_cannot_run_it(flags):
-    with pytest.raises(SystemExit, match="needs a CUDA device"):
+@pytest.mark.parametrize("flags, message", [(["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+                                            (["--amp", "bf16", "--via-cli"], "--amp bf16 on this CPU: it has no bf16")],
+                         ids=["fp16", "bf16-cli"])
+def test_cpu_autocast_is_refused_where_the_cpu_cannot_run_it(flags, message, monkeypatch):
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(bench_inference, "run_case_isolated", lambda case: pytest.fail("ran a case"))
+    monkeypatch.setattr(bench_inference, "run_cli_case", lambda case, folder: pytest.fail("ran a case"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
         main([*TINY_FLAGS, *flags])
 
 

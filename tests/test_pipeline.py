@@ -142,6 +142,26 @@ def _script_args(script: Path) -> list[str]:
     return words
 
 
+def test_bf16_training_on_the_cpu_keeps_fp32_weights(data, tmp_path, monkeypatch):
+    """Autocast computes in bf16; the weights it updates, and the files, stay fp32. (Where
+    the CPU lacks bf16 instructions, oneDNN emulates them: slower, the same values.)"""
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    seen = []
+    real_run = helper.Session.run
+
+    def run(session, batch, backward=False):
+        seen.append(session.amp)
+        return real_run(session, batch, backward)
+
+    monkeypatch.setattr(helper.Session, "run", run)
+    assert _run("--mode", 1, "--num_epochs", 1, "--pretrained", "none", "--amp", "bf16", *_common(data, tmp_path)) == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    state = read_state_dict(tmp_path / "models" / "fpn_deepglobe_global.pth")
+    floats = [t for t in state.values() if t.is_floating_point()]
+    assert all(t.dtype == torch.float32 and t.isfinite().all() for t in floats)
+    assert re.search(r"epoch 1/1  loss \d+\.\d{4}", (tmp_path / "logs" / "fpn_deepglobe_global" / "log.txt").read_text())
+
+
 @pytest.mark.parametrize(
     "script, mode, evaluation, paths",
     [

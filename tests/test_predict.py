@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import config
 import helper
 import predict
 from dataset import prediction_files
@@ -303,9 +304,25 @@ def test_a_corrupt_image_in_a_folder_is_skipped_named_and_fails_the_run(models, 
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_ids.png", "a_mask.png", "c_ids.png", "c_mask.png"]
 
 
-def test_amp_needs_cuda(models, images, tmp_path, capsys):
-    assert run(models, "--amp", "bf16", "--input", str(images), "--output", str(tmp_path)) == 2
-    assert "--amp bf16 needs a CUDA device" in one_error_line(capsys)
+def test_amp_on_the_cpu_is_bf16_where_the_cpu_has_bf16_instructions(models, images, tmp_path, capsys, monkeypatch):
+    rgb = str(images / "rgb.jpg")
+    assert run(models, "--amp", "fp16", "--input", rgb, "--output", str(tmp_path / "o")) == 2
+    assert "--amp fp16 needs a CUDA device" in one_error_line(capsys)
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    assert run(models, "--amp", "bf16", "--input", rgb, "--output", str(tmp_path / "o")) == 2
+    assert "no bf16 instructions (AVX512-BF16 or AMX)" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+    # Where the CPU lacks them, oneDNN emulates them: slower, the same values.
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    stored, real = [], helper.store_for_inference
+    monkeypatch.setattr(helper, "store_for_inference", lambda amp, *nets: stored.append(amp) or real(amp, *nets))
+    for name, extra in (("fp32", []), ("bf16", ["--amp", "bf16"])):
+        assert run(models, "--mode", "3", "--input", rgb, "--output", str(tmp_path / name), *extra) == 0
+    assert stored == [None, torch.bfloat16]
+    fp32, bf16 = (check_outputs(tmp_path / name, {"rgb": IMAGES["rgb"]})["rgb"] for name in ("fp32", "bf16"))
+    # bf16 keeps about three significant digits: only near-ties may change class.
+    assert (fp32 == bf16).mean() > 0.98
 
 
 def test_bad_sizes_use_the_trainers_rules(models, images, tmp_path, capsys):
