@@ -128,9 +128,10 @@ def run(args: argparse.Namespace) -> int:
     if large and args.tta:
         raise DataError(f"{large[0]}: --tta cannot be used on very large images (predicted band by band, while "
                         "test-time augmentation turns the whole image); leave out --tta")
-    session = build_session(args, table)
     output = output_folder(args.output, "--output")
+    # Locked before the models load: a second run on this folder stops at once, not seconds later.
     with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
+        session = build_session(args, table)
         remove_temporaries(output, [name for path in small for name in output_names(path.stem)]
                            + [name for path in large for name in large_output_names(path.stem)]
                            + [world_file_name(large_output_names(path.stem)[0]) for path in large]

@@ -382,9 +382,11 @@ def test_predict_on_a_full_disk_is_one_line_and_leaves_no_empty_file(tmp_path, w
     assert not _temporaries(tmp_path)
 
 
-def test_a_second_predict_into_the_same_folder_is_refused(tmp_path, weights, capsys):
+def test_a_second_predict_into_the_same_folder_is_refused_before_loading_models(tmp_path, weights, capsys,
+                                                                                 monkeypatch):
     images = _images(tmp_path / "in", 1)
     (tmp_path / "out").mkdir()
+    monkeypatch.setattr(predict, "build_session", lambda *args: pytest.fail("loaded the models"))
     with RunLock(tmp_path / "out" / ".predict", "x", "y"):
         assert predict.main(_predict(weights[0], images, tmp_path / "out")) == 2
     _one_line(capsys.readouterr().err, f"--output {tmp_path / 'out'} is in use by process {os.getpid()}",
