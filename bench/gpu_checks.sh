@@ -9,6 +9,7 @@
 # those last steps are the ones lost.
 #
 #   bash bench/gpu_checks.sh OUT
+#   LUNGSEG_COMMIT=<hash> bash bench/gpu_checks.sh OUT   # where the copy has no .git (a lent device)
 set -u
 out=${1:?usage: bash bench/gpu_checks.sh OUT}
 mkdir -p "$out"
@@ -18,6 +19,8 @@ bench=(bench/bench_inference.py --device cuda)
 # The bf16 (speed) cases pass --cuda_math fast: any cuDNN algorithm, as torch allows by
 # default; the fp32 cases keep the default true fp32 with deterministic cuDNN, the authors'.
 
+# The commit measured, for the results' names: the checkout's, else the caller's word.
+git rev-parse HEAD > "$out/commit.txt" 2>/dev/null || echo "${LUNGSEG_COMMIT:-unknown}" > "$out/commit.txt"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$out/torch.txt" 2>&1
 
