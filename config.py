@@ -33,7 +33,8 @@ ONE_VALUE = ("at 32 x 32 px or less the ResNet's last stage holds one value per 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively. Without it oneDNN emulates bf16, and
     autocast makes the CPU slower instead of faster."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # x86; other CPUs are not probed
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 class ConfigError(ValueError):

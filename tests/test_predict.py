@@ -304,6 +304,15 @@ def test_a_corrupt_image_in_a_folder_is_skipped_named_and_fails_the_run(models, 
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_ids.png", "a_mask.png", "c_ids.png", "c_mask.png"]
 
 
+def test_the_cpu_has_bf16_where_the_kernel_lists_bf16_instructions():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with (not Linux)")
+    flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    assert config.cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
+
+
 def test_amp_on_the_cpu_is_bf16_where_the_cpu_has_bf16_instructions(models, images, tmp_path, capsys, monkeypatch):
     rgb = str(images / "rgb.jpg")
     assert run(models, "--amp", "fp16", "--input", rgb, "--output", str(tmp_path / "o")) == 2
