@@ -55,6 +55,12 @@ class _LayerSet(NamedTuple):
     fuse: Optional[nn.Conv2d]  # only in sets that take context
 
 
+def _context_map(context: Optional[Context], field: int, level: int) -> Optional[Tensor]:
+    # Read at the moment of use: a lazy context map then lives only as long as the layer
+    # that consumes it.
+    return None if context is None else context[field][level]
+
+
 def _join(x: Tensor, context: Optional[Tensor]) -> Tensor:
     return x if context is None else torch.cat((x, context), dim=1)
 
@@ -135,29 +141,36 @@ class FPN(nn.Module):
             self.smooth = fuse
         return _LayerSet(top, lateral, smooth1, smooth2, fuse)  # type: ignore[arg-type]
 
+    def pyramid(self, c: Levels, context: Optional[Context] = None) -> tuple[Levels, Levels, Levels]:
+        """ps0, ps1, ps2 alone: what the other branch reads, without the head on top."""
+        return self._pyramid(self._layers(context), c, context)
+
     def forward(self, c: Levels, context: Optional[Context] = None) -> FPNOutput:
         """c: (c2, c3, c4, c5) of this branch; context: the other branch's maps or None."""
-        layers = self._sets.get(context is not None)
-        if layers is None:
-            raise ValueError(f"this FPN {'needs' if context is None else 'takes no'} context features")
-
-        def ctx(field: int, level: int) -> Optional[Tensor]:
-            # Read at the moment of use: a lazy context map then lives only as long as
-            # the layer that consumes it.
-            return None if context is None else context[field][level]
-
-        p = layers.top(_join(c[3], ctx(0, 3)))
-        ps0 = [p]
-        for lateral, level in zip(layers.lateral, (2, 1, 0)):
-            lat = lateral(_join(c[level], ctx(0, level)))
-            p = resize(p, lat.shape[-2:]) + lat
-            ps0.append(p)
-        ps1 = [conv(_join(p, ctx(1, i))) for i, (conv, p) in enumerate(zip(layers.smooth1, ps0))]
-        ps2 = [conv(_join(p, ctx(2, i))) for i, (conv, p) in enumerate(zip(layers.smooth2, ps1))]
+        layers = self._layers(context)
+        ps0, ps1, ps2 = self._pyramid(layers, c, context)
         # Context maps have the channels of the own maps they join.
         folds = 1 if context is None else 2
-        pieces = (m for i, p in enumerate(ps2) for m in (p, ctx(3, i)) if m is not None)
+        pieces = (m for i, p in enumerate(ps2) for m in (p, _context_map(context, 3, i)) if m is not None)
         ps3 = _concat_resized(pieces, folds * sum(p.shape[1] for p in ps2), ps2[-1].shape[-2:])
         if layers.fuse is not None:
             ps3 = layers.fuse(ps3)
-        return FPNOutput(self.classify(ps3), tuple(ps0), tuple(ps1), tuple(ps2), ps3)  # type: ignore[arg-type]
+        return FPNOutput(self.classify(ps3), ps0, ps1, ps2, ps3)
+
+    def _layers(self, context: Optional[Context]) -> _LayerSet:
+        layers = self._sets.get(context is not None)
+        if layers is None:
+            raise ValueError(f"this FPN {'needs' if context is None else 'takes no'} context features")
+        return layers
+
+    @staticmethod
+    def _pyramid(layers: _LayerSet, c: Levels, context: Optional[Context]) -> tuple[Levels, Levels, Levels]:
+        p = layers.top(_join(c[3], _context_map(context, 0, 3)))
+        ps0 = [p]
+        for lateral, level in zip(layers.lateral, (2, 1, 0)):
+            lat = lateral(_join(c[level], _context_map(context, 0, level)))
+            p = resize(p, lat.shape[-2:]) + lat
+            ps0.append(p)
+        ps1 = [conv(_join(p, _context_map(context, 1, i))) for i, (conv, p) in enumerate(zip(layers.smooth1, ps0))]
+        ps2 = [conv(_join(p, _context_map(context, 2, i))) for i, (conv, p) in enumerate(zip(layers.smooth2, ps1))]
+        return tuple(ps0), tuple(ps1), tuple(ps2)  # type: ignore[return-value]

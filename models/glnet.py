@@ -79,10 +79,14 @@ class _Crops(SequenceABC):
         return crop_to_patches(self.maps[level], self.grid, self.indices, self.sizes[level])
 
 
-def crop_context(global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int], local_c: Levels) -> Context:
-    """The global maps (batch of one image) cropped at each patch and resized to the local
+def image_context(context: Context, i: int) -> Context:
+    """The maps of the i-th image of a batch's context, keeping a batch dimension of one."""
+    return _map_tensors(context, lambda t: t[i : i + 1])
+
+
+def crop_context(g: Context, grid: PatchGrid, indices: Sequence[int], local_c: Levels) -> Context:
+    """The global maps g (batch of one image) cropped at each patch and resized to the local
     maps, lazily (see _Crops)."""
-    g = global_out.context()
     levels = _level_sizes(local_c)
     return Context(
         _Crops(g.c, grid, indices, [own.shape[-2:] for own in local_c]),
@@ -161,26 +165,24 @@ class GLNet(_GlobalBranchMixin, nn.Module):
         self.ensemble_conv = nn.Conv2d(2 * self.fpn_local.classify.in_channels, n_class, 3, padding=1)
         nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)
 
-    def local_branch(
-        self, patches: Tensor, global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int]
-    ) -> BranchOutput:
-        """Patches (n, 3, ph, pw) of one image, with that image's global features
-        (batch of one) as context, cropped at each patch."""
+    def local_branch(self, patches: Tensor, context: Context, grid: PatchGrid, indices: Sequence[int]) -> BranchOutput:
+        """Patches (n, 3, ph, pw) of one image, with that image's global maps (`context()`
+        of its global branch, batch of one) as context, cropped at each patch."""
         c = self.local_features(patches)
-        return BranchOutput(c, self.local_head(c, global_out, grid, indices))
+        return BranchOutput(c, self.local_head(c, context, grid, indices))
 
     def local_features(self, patches: Tensor) -> Levels:
         """The local backbone: the only part of the local branch whose result depends on
         which patches share a batch (BatchNorm statistics in training)."""
         return self.resnet_local(patches, self._checkpointing())
 
-    def local_head(self, c: Levels, global_out: BranchOutput, grid: PatchGrid, indices: Sequence[int]) -> FPNOutput:
+    def local_head(self, c: Levels, context: Context, grid: PatchGrid, indices: Sequence[int]) -> FPNOutput:
         """The local FPN on backbone maps c of the patches `indices`, with the global context.
 
         Never checkpointed: it is trained only in stage 2, whose loss is backpropagated right
         after each (micro-)batch's head, so recomputation could not lower the peak.
         """
-        return self.fpn_local(c, crop_context(global_out, grid, indices, c))
+        return self.fpn_local(c, crop_context(context, grid, indices, c))
 
     # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its
     # input channels, so it splits into a local term and a global term. Stage 3 evaluation
@@ -213,3 +215,10 @@ class GlobalBranch(_GlobalBranchMixin, nn.Module):
         super().__init__()
         self.resnet_global = ResNetBackbone(backbone)
         self.fpn_global = FPN(n_class, self.resnet_global.channels, plain=True, context_suffix=None)
+
+    def context_maps(self, images: Tensor) -> Context:
+        """What stage 3 reads of this branch: `global_branch(images).context()`, the maps the
+        local branch crops. The head on top (ps3 and logits, 33 MB in fp32 for a 508 x 508
+        image) is never read, so it is not computed."""
+        c = self.resnet_global(images, self._checkpointing())
+        return Context(c, *self.fpn_global.pyramid(c))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from models.fpn import Context, Levels
-from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, normalise_context_, paste_context
+from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, image_context, normalise_context_, paste_context
 from utils.images import to_unit_float
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
@@ -292,7 +292,7 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
         ensemble_logits = []
         for j, idx in enumerate(grid.batches(run.sub_batch_size)):
             if kept[i] is None:
-                context = fixed.image(i)  # type: ignore[union-attr]
+                context = image_context(fixed, i)  # type: ignore[arg-type]
                 term = model.ensemble_local_term(_local_ps3(model, image, grid, idx, context, run.micro_batch_size))
             else:
                 rows = kept[i].tensor[idx.start : idx.stop]  # type: ignore[union-attr]
@@ -307,18 +307,18 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
 
 def _merge_local_features(
     run: _Run, recompute: bool
-) -> tuple[Optional[BranchOutput], Context, list[Optional[_PerPatch]], list[Tensor]]:
+) -> tuple[Optional[Context], Context, list[Optional[_PerPatch]], list[Tensor]]:
     """Stage 3's first pass (the caller's no_grad: the canvases are divided in place): the
     frozen stage-1 maps if `recompute` will read them again, else None; the local features
     merged into whole-image maps (the global head's context); what the ensemble keeps of
     each patch (None where it recomputes); the local logits. Everything else made here, the
-    frozen maps included when not returned (their peak share is about 120 MB per 508 x 508
-    global image in fp32), is released before the global pass."""
-    fixed = run.frozen_global.global_branch(run.batch.global_images)  # type: ignore[union-attr]
+    frozen maps included when not returned (about 80 MB per 508 x 508 global image in
+    fp32), is released before the global pass."""
+    fixed = run.frozen_global.context_maps(run.batch.global_images)  # type: ignore[union-attr]
     merged, kept, local_logits = [], [], []
     for i, (image, grid) in enumerate(zip(run.batch.images, run.grids)):
-        context = fixed.image(i)
-        canvases = empty_context(context.context())
+        context = image_context(fixed, i)
+        canvases = empty_context(context)
         terms = None if recompute else _PerPatch(len(grid))
         logits = _PerPatch(len(grid))
         for idx in grid.batches(run.micro_batch_size):
@@ -415,7 +415,7 @@ def _global2local_head(
     sum to the sub-batch's: (fmreg, focal local, focal ensemble, total); none without a
     label (plain prediction then never waits for the device to report a loss)."""
     part = idx[rows.start : rows.stop]
-    local = model.local_head(tuple(m[rows.start : rows.stop] for m in c), context, grid, part)  # type: ignore[arg-type]
+    local = model.local_head(tuple(m[rows.start : rows.stop] for m in c), context.context(), grid, part)  # type: ignore[arg-type]
     ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, part)
     target = _patch_targets(label, grid, part, local.logits.shape[-2:])
     values: tuple[float, ...] = ()
@@ -434,7 +434,7 @@ def _local2global_pass(
     image: Tensor,
     grid: PatchGrid,
     idx: range,
-    context: BranchOutput,
+    context: Context,
     canvases: Context,
     logits: Optional[_PerPatch],
     terms: Optional[_PerPatch],
@@ -452,7 +452,7 @@ def _local2global_pass(
 
 
 def _local_ps3(
-    model: GLNet, image: Tensor, grid: PatchGrid, idx: range, context: BranchOutput, micro_batch_size: int
+    model: GLNet, image: Tensor, grid: PatchGrid, idx: range, context: Context, micro_batch_size: int
 ) -> Tensor:
     """Stage 3's frozen local ps3 of the patches idx, recomputed micro-batch by micro-batch
     (eval mode and no gradient, as in the first pass, so the values are the same)."""
@@ -514,8 +514,8 @@ def stream_patch_logits(
         return
     if frozen_global is None:
         raise ValueError("stage 3 needs the frozen stage-1 global branch")
-    context = frozen_global.global_branch(global_image).image(0)
-    canvases = empty_context(context.context())
+    context = frozen_global.context_maps(global_image)
+    canvases = empty_context(context)
     for idx in grid.batches(micro_batch_size):
         _local2global_pass(model, image, grid, idx, context, canvases, None, None, keep_ps3=False)
         report(len(idx))

@@ -191,7 +191,7 @@ def test_branch_shapes(device):
         grid = PatchGrid.build((100, 130), (64, 64))
         idx = range(3, 8)
         patches = extract_patches(torch.rand(3, 100, 130, device=device), grid, idx)
-        local = model.local_branch(patches, glob.image(1), grid, idx)
+        local = model.local_branch(patches, glob.image(1).context(), grid, idx)
         _check_branch(local, 5, (64, 64), N_CLASS)
 
         term = model.ensemble_local_term(local.ps3)
@@ -353,8 +353,8 @@ def test_the_local_heads_context_is_cropped_level_by_level_when_read():
     with torch.no_grad():
         glob = model.global_branch(torch.rand(1, 3, 64, 64))
         local_c = model.resnet_local(torch.rand(2, 3, 64, 64))
-    context = crop_context(glob, grid, [1, 3], local_c)
     full = glob.context()
+    context = crop_context(full, grid, [1, 3], local_c)
     for field, (lazy, maps) in enumerate(zip(context, full)):
         assert len(lazy) == len(maps) == 4
         for level, crop in enumerate(lazy):

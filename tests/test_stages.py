@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import STAGES, Batch, Stage, StageResult, run_stage, set_branch_modes
+from models.stages import STAGES, Batch, Stage, StageResult, run_stage, set_branch_modes, stream_patch_logits
 from utils.patches import PatchGrid
 
 N_CLASS = 4
@@ -289,6 +289,27 @@ def test_batch_of_images_of_different_sizes(stage, backward):
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_stage3_reads_the_frozen_branchs_maps_and_never_runs_its_head():
+    """The frozen stage-1 branch only gives context: its maps are those of its full forward,
+    and its head (ps3, logits) runs neither in run_stage nor in stream_patch_logits."""
+    model, frozen = _model(), _frozen()
+    set_branch_modes(model, Stage.LOCAL2GLOBAL, training=False)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        full, maps = frozen.global_branch(images).context(), frozen.context_maps(images)
+    assert all(torch.equal(a, b) for fa, fb in zip(full, maps) for a, b in zip(fa, fb, strict=True))
+    heads = []
+    frozen.fpn_global.classify.register_forward_hook(lambda *args: heads.append(1))
+    batch = _batch(labels=False)
+    with torch.inference_mode():
+        _run(Stage.LOCAL2GLOBAL, model, batch, frozen_global=frozen)
+        image = batch.images[0]
+        grid = PatchGrid.build(image.shape[-2:], SIZE_P)
+        rows = list(stream_patch_logits(Stage.LOCAL2GLOBAL, model, image, batch.global_images[:1], grid,
+                                        frozen_global=frozen))
+    assert len(rows) == grid.n_rows and heads == []
+
+
 @pytest.mark.parametrize("backward, checkpointing, kept", [(False, False, False), (True, False, False), (True, True, True)],
                          ids=["eval", "train", "train-checkpointing"])
 def test_stage3_keeps_the_frozen_maps_for_its_global_pass_only_to_recompute(backward, checkpointing, kept):
@@ -300,18 +321,18 @@ def test_stage3_keeps_the_frozen_maps_for_its_global_pass_only_to_recompute(back
     set_branch_modes(model, Stage.LOCAL2GLOBAL, training=backward)
     frozen_maps: list[weakref.ref] = []
     alive_at_global_pass: list[int] = []
-    frozen_forward, global_forward = frozen.global_branch, model.global_branch
+    frozen_forward, global_forward = frozen.context_maps, model.global_branch
 
     def recording_frozen(*args, **kwargs):
         out = frozen_forward(*args, **kwargs)
-        frozen_maps.extend(weakref.ref(m) for maps in out.context() for m in maps)
+        frozen_maps.extend(weakref.ref(m) for maps in out for m in maps)
         return out
 
     def counting_global(*args, **kwargs):
         alive_at_global_pass.append(sum(ref() is not None for ref in frozen_maps))
         return global_forward(*args, **kwargs)
 
-    frozen.global_branch, model.global_branch = recording_frozen, counting_global
+    frozen.context_maps, model.global_branch = recording_frozen, counting_global
     _run(Stage.LOCAL2GLOBAL, model, _batch(), frozen_global=frozen, backward=backward)
     assert len(frozen_maps) == 16  # c2..c5, ps0, ps1, ps2 at four levels each
     assert alive_at_global_pass == [16 if kept else 0]
