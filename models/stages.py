@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from models.fpn import Context, Levels
-from models.glnet import BranchOutput, GLNet, GlobalBranch, empty_context, image_context, normalise_context_, paste_context
+from models.glnet import (BranchOutput, GLNet, GlobalBranch, empty_context, image_context, normalise_context_,
+                          paste_context)
 from utils.images import to_unit_float
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
@@ -415,7 +416,8 @@ def _global2local_head(
     sum to the sub-batch's: (fmreg, focal local, focal ensemble, total); none without a
     label (plain prediction then never waits for the device to report a loss)."""
     part = idx[rows.start : rows.stop]
-    local = model.local_head(tuple(m[rows.start : rows.stop] for m in c), context.context(), grid, part)  # type: ignore[arg-type]
+    maps = tuple(m[rows.start : rows.stop] for m in c)
+    local = model.local_head(maps, context.context(), grid, part)  # type: ignore[arg-type]
     ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, part)
     target = _patch_targets(label, grid, part, local.logits.shape[-2:])
     values: tuple[float, ...] = ()
