@@ -319,14 +319,22 @@ def launch(cmd: Sequence[str], env: dict[str, str], stdout: Any = None, stderr: 
         return json.loads(result_file.read_text()) if result_file.exists() else {"status": "no result"}
 
 
-def run_measured(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run a command; its wall time (s) and the peak RSS (MB) of its largest process."""
+def run_logged(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run a command; its wall time (s), the peak RSS (MB) of its largest process and its
+    output (stdout and stderr)."""
     with tempfile.TemporaryFile() as log:
         result = launch(cmd, env, stdout=log, stderr=subprocess.STDOUT)
-        if result["status"] != 0:
-            log.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read().decode(errors='replace')[-3000:]}")
-    return result["seconds"], result["maxrss_kib"] / 1024
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    if result["status"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
+    return result["seconds"], result["maxrss_kib"] / 1024, output
+
+
+def run_measured(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run a command; its wall time (s) and the peak RSS (MB) of its largest process."""
+    seconds, peak, _ = run_logged(cmd, env)
+    return seconds, peak
 
 
 def run_cli_case(case: Case, folder: Path) -> Record:
