@@ -2,6 +2,7 @@
 process per case) and timing train_deep_globe.py as a whole."""
 import json
 import re
+import statistics
 
 import pytest
 import torch
@@ -278,3 +279,104 @@ def test_train_schedule_runs_the_three_stage_scripts_and_scales_their_epochs(tmp
         assert stage["last_epoch_training_s"] > 0 and stage["seconds"] > stage["last_epoch_training_s"]
     assert schedule["schedule_hours"] == pytest.approx(sum(s["deepglobe_stage_hours"] for s in stages), abs=0.01)
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
+
+
+# What the authors' train_deep_globe.py printed at the end of a mode-3 evaluation (their code,
+# run by bench/authors_side_by_side.py on 2026-11-30): NumPy arrays wrapped over lines.
+AUTHORS_LOG_TAIL = """val:[1.95383336e-05 0.00000000e+00 5.79158603e-02 1.82807327e-02
+ 0.00000000e+00 3.06604245e-03 1.25866498e-01]
+Local train:[nan nan nan nan nan nan nan]
+Local val:[3.90164083e-02 8.14061843e-03 0.00000000e+00 0.00000000e+00
+ 2.54868289e-03 7.45825331e-03 2.15345522e-05]
+Global train:[nan nan nan nan nan nan nan]
+Global val:[0.0908409  0.         0.         0.         0.08403608 0.02006381
+ 0.00046111]
+================================
+"""
+
+# Stands in for a clone of the authors' code: it records what it finds where their
+# evaluation would look, and prints IoU lines as theirs does.
+FAKE_AUTHORS_MAIN = '''
+import json, os, sys
+import torch
+import helper
+args = sys.argv[1:]
+flag = lambda name: args[args.index(name) + 1]
+data, models = flag("--data_path"), flag("--model_path")
+seen = {"helper": helper.WHO, "cwd": os.getcwd(), "argv0": sys.argv[0],
+        "tensor_cuda": torch.zeros(1).cuda().device.type,
+        "module_cuda": next(torch.nn.Linear(1, 1).cuda().parameters()).device.type,
+        "train": os.listdir(os.path.join(data, "train", "Sat")), "train_labels": os.listdir(os.path.join(data, "train", "Label")),
+        "offical_crossvali": os.path.isdir(os.path.join(data, "offical_crossvali", "Sat")),
+        "imagenet": os.path.isfile(os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", "resnet50-19c8e357.pth")),
+        "checkpoint_keys": len(torch.load(os.path.join(models, flag("--path_l2g")))),
+        "threads": os.environ["OMP_NUM_THREADS"], "mode": flag("--mode"), "evaluation": "--evaluation" in args,
+        "log_path_exists": os.path.isdir(flag("--log_path"))}
+with open("seen.jsonl", "a") as f:
+    f.write(json.dumps(seen) + "\\n")
+print("val:[0.   0.5\\n 0.25]")
+print("Local val:[1. 0. 0.]")
+print("Global val:[0.125 0.  0. ]")
+'''
+
+
+def test_authors_iou_reads_their_wrapped_numpy_lines():
+    from bench.authors_side_by_side import authors_iou
+
+    iou = authors_iou("epoch [1/120] IoU: train = 0.0000, val = 0.0342\n" + AUTHORS_LOG_TAIL)
+    assert iou["ensemble"] == [1.95383336e-05, 0.0, 5.79158603e-02, 1.82807327e-02, 0.0, 3.06604245e-03, 1.25866498e-01]
+    assert iou["local"][4:] == [2.54868289e-03, 7.45825331e-03, 2.15345522e-05]
+    assert iou["global"] == [0.0908409, 0.0, 0.0, 0.0, 0.08403608, 0.02006381, 0.00046111]
+    with pytest.raises(RuntimeError, match="Global val"):
+        authors_iou(AUTHORS_LOG_TAIL.replace("Global val", "Global"))
+
+
+def fake_authors_clone(folder):
+    (folder / "models").mkdir(parents=True)
+    (folder / "train_deep_globe.py").write_text(FAKE_AUTHORS_MAIN)
+    (folder / "helper.py").write_text("WHO = 'authors'\n")  # ours has the same name
+    (folder / "models" / "fpn_global_local_fmreg_ensemble.py").write_text("")
+    return folder
+
+
+def test_side_by_side_runs_their_entry_point_on_the_cpu_and_ours_in_turns(tmp_path, capsys, monkeypatch):
+    from bench import authors_side_by_side
+
+    clone = fake_authors_clone(tmp_path / "GLNet")
+    monkeypatch.setattr(authors_side_by_side, "AUTHORS_IMPORTS", {})  # the fake imports only torch
+    out = tmp_path / "r.jsonl"
+    flags = ["--authors", str(clone), "--size", "128", "--size_g", "96", "--rounds", "2", "--threads", "1",
+             "--lungseg_flags", "", "--folder", str(tmp_path / "scratch"), "--json", str(out)]
+    assert authors_side_by_side.main(flags) == 0
+    environment, *runs, authors, ours = (json.loads(line) for line in out.read_text().splitlines())
+    assert environment["commit"] and environment["authors_commit"] is None and len(environment["authors_sha256"]) == 16
+    assert [(r["round"], r["code"]) for r in runs] == [(0, "authors"), (0, "lungseg"), (1, "authors"), (1, "lungseg")]
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in runs)
+    assert runs[0]["iou"] == {"ensemble": [0.0, 0.5, 0.25], "local": [1.0, 0.0, 0.0], "global": [0.125, 0.0, 0.0]}
+    assert len(runs[1]["iou"]["ensemble"]) == 7  # DeepGlobe's classes, from our evaluation file
+    assert authors["summary"] == "authors" and authors["time_vs_authors"] == 1.0
+    assert ours["summary"] == "lungseg" and ours["runs"] == 2 and ours["iou_equals_authors"] is False
+    median = lambda code, key: statistics.median(r[key] for r in runs if r["code"] == code)
+    assert ours["time_vs_authors"] == pytest.approx(median("lungseg", "seconds") / median("authors", "seconds"), abs=1e-3)
+    assert ours["rss_vs_authors"] == pytest.approx(median("lungseg", "peak_rss_mb") / median("authors", "peak_rss_mb"),
+                                                   abs=1e-3)
+    seen = [json.loads(line) for line in (clone / "seen.jsonl").read_text().splitlines()]
+    assert len(seen) == 2
+    assert seen[0] == {
+        "helper": "authors", "cwd": str(clone), "argv0": str(clone / "train_deep_globe.py"),
+        "tensor_cuda": "cpu", "module_cuda": "cpu",
+        "train": ["democrossvali000_sat.jpg"], "train_labels": ["democrossvali000_mask.png"], "offical_crossvali": True,
+        "imagenet": True, "checkpoint_keys": seen[0]["checkpoint_keys"], "threads": "1", "mode": "3",
+        "evaluation": True, "log_path_exists": True}
+    assert seen[0]["checkpoint_keys"] > 100
+    assert list((tmp_path / "scratch").iterdir()) == []  # its temporary folder is gone
+
+
+def test_side_by_side_needs_a_clone_of_the_authors_code_and_its_imports(tmp_path, monkeypatch):
+    from bench import authors_side_by_side
+
+    with pytest.raises(SystemExit, match="VITA-Group/GLNet"):
+        authors_side_by_side.main(["--authors", str(tmp_path)])
+    monkeypatch.setattr(authors_side_by_side, "AUTHORS_IMPORTS", {"json": "json", "no_such_module_x": "no-such-x"})
+    with pytest.raises(SystemExit, match="pip install no-such-x$"):
+        authors_side_by_side.main(["--authors", str(fake_authors_clone(tmp_path / "GLNet"))])
