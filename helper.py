@@ -27,6 +27,7 @@ from models.stages import (CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, 
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
 from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
+from utils.memory import release_free_heap
 from utils.metrics import ConfusionMatrix
 from utils.patches import PatchGrid, class_dtype, merge_argmax, merge_logits, upsample_argmax, upsample_nearest
 from utils.resample import nearest_indices
@@ -73,6 +74,14 @@ class Session:
         """Patches per pass wherever splitting a sub-batch does not change results."""
         return self.micro_batch_size or default_micro_batch_size(self.device, self.sub_batch_size)
 
+    def after_pass(self, patches: int) -> None:
+        """Told of each local pass done: the progress callback hears of it and, on the CPU,
+        the pages the pass freed go back to the system (utils.memory.release_free_heap)."""
+        if self.on_patches is not None:
+            self.on_patches(patches)
+        if self.device.type == "cpu":
+            release_free_heap()
+
     def autocast(self) -> ContextManager:
         """The session's autocast (a context that does nothing in fp32)."""
         return torch.autocast(self.device.type, self.amp) if self.amp is not None else contextlib.nullcontext()
@@ -92,7 +101,7 @@ class Session:
                 lamb_fmreg=self.lamb_fmreg,
                 backward=backward,
                 micro_batch_size=self.micro_batch,
-                on_patches=self.on_patches,
+                on_patches=self.after_pass,
             )
 
 
@@ -390,7 +399,7 @@ def predict_bands(
     first = _first_grid_row(grid, start)
     stream = stream_patch_logits(session.stage, session.model, image, global_image, grid,
                                  frozen_global=session.frozen_global, micro_batch_size=session.micro_batch,
-                                 start_row=first, on_patches=session.on_patches)
+                                 start_row=first, on_patches=session.after_pass)
     kept: dict[int, Tensor] = {}
     y0 = start
     for row, logits in _each_under(session.autocast, stream):

@@ -124,18 +124,20 @@ def test_only_the_image_crosses_to_the_device_once_tables_are_made(mode):
 
 
 @pytest.mark.parametrize("mode, tta", [(2, False), (3, False), (3, True)])
-def test_progress_hears_of_every_patch_of_every_pass(mode, tta):
+def test_progress_hears_of_every_patch_of_every_pass_and_the_cpu_trims_the_heap_after_each(mode, tta, monkeypatch):
     stage = Stage(mode)
     model, frozen = GLNet(DEEPGLOBE.n_class, "resnet18"), GlobalBranch(DEEPGLOBE.n_class, "resnet18")
     args = predict.as_trainer_args(predict.parse_args(["--input", "-", "--output", "-", *SIZES]))
     session = helper.make_session(stage, model, frozen if mode == 3 else None, DEEPGLOBE, args, torch.device("cpu"),
                                   inference=True)
-    told: list[int] = []
+    told: list = []
+    monkeypatch.setattr(helper, "release_free_heap", lambda: told.append("trim"))
     image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
     helper.predict_image(dataclasses.replace(session, on_patches=told.append), image, tta)
-    # 150 x 200 in 96-px patches overlapping by at least 50 px: 3 rows x 4 columns.
-    assert sum(told) == 12 * (8 if tta else 1)
-    assert told == [4] * len(told)  # --micro_batch_size 4 patches per pass
+    # 150 x 200 in 96-px patches overlapping by at least 50 px: 3 rows x 4 columns, passed
+    # --micro_batch_size 4 at a time, each pass followed by a trim.
+    passes = 3 * (8 if tta else 1)
+    assert told == [4, "trim"] * passes
 
 
 def test_without_a_terminal_each_image_gets_a_line(models, images, tmp_path, capsys):
