@@ -101,7 +101,8 @@ class Session:
                 lamb_fmreg=self.lamb_fmreg,
                 backward=backward,
                 micro_batch_size=self.micro_batch,
-                on_patches=self.after_pass,
+                # Training maps large blocks apart (utils.memory), so its heap holds little to trim.
+                on_patches=self.on_patches if backward else self.after_pass,
             )
 
 

@@ -3,12 +3,12 @@ taking turns on one machine: wall time, peak RSS and the per-class IoU each prin
 target 4). Their code is not in this repository; bring a clone of it:
 
     git clone https://github.com/VITA-Group/GLNet /path/to/GLNet      # where there is internet
-    pip install tensorboardX opencv-python-headless                   # their imports beyond ours
+    pip install opencv-python-headless                                # their one import beyond ours
     python bench/authors_side_by_side.py --authors /path/to/GLNet --rounds 3 --json out.jsonl
 
-Their `train_deep_globe.py` runs as their `eval_deep_globe.sh` starts it, on the CPU: `.cuda()`
-becomes a no-op (their DataParallel already passes straight through without a GPU) and nothing
-else of theirs is changed. Both load the same rule-weight checkpoints (utils/weight_rule.py) and
+Their `train_deep_globe.py` runs as their `eval_deep_globe.sh` starts it, on the CPU with no GPU
+visible: `.cuda()` becomes a no-op (their DataParallel passes straight through without a GPU)
+and nothing else of theirs is changed. Both load the same rule-weight checkpoints (utils/weight_rule.py) and
 score the same generated image, so equal IoUs show that both ran the same evaluation.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run as a script from anywhere, the repo's modules must still import.
@@ -39,13 +40,15 @@ from bench.records import add_output_flags, environment, reporter, reports_faile
 from config import cpu_has_bf16, default_checkpoint  # noqa: E402
 from models.stages import Stage  # noqa: E402
 
-# The files their evaluation runs; they name the code measured when the clone has no git.
+# Files a clone of their code has; check_authors looks for them.
 AUTHORS_FILES = ("train_deep_globe.py", "helper.py", "models/fpn_global_local_fmreg_ensemble.py")
 # Imported by their train_deep_globe.py whether or not it trains.
 AUTHORS_IMPORTS = {"tensorboardX": "tensorboardX", "cv2": "opencv-python-headless", "tqdm": "tqdm"}
 # Their ResNet constructor loads ImageNet weights through torch's model zoo, under this name.
 IMAGENET_FILE = "resnet50-19c8e357.pth"
 KINDS = {"ensemble": "val", "local": "Local val", "global": "Global val"}
+# NumPy prints their IoUs to 8 decimals; ours, exact, may differ from that by half a unit.
+PRINTED_HALF_UNIT = 5e-9
 
 # Runs their train_deep_globe.py (the clone is argv[1]) with their own packages first on the
 # path: ours (helper, models, dataset, utils) share their names.
@@ -63,13 +66,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def authors_code_id(authors: Path) -> dict:
-    """The clone's commit when it is a git checkout, and a digest of the files it runs."""
+    """The clone's commit when it is a git checkout of its own (not a copy inside another
+    one), and a digest of all its Python files, which name the code without git."""
     digest = hashlib.sha256()
-    for name in AUTHORS_FILES:
-        digest.update((authors / name).read_bytes())
+    for path in sorted(authors.rglob("*.py")):
+        digest.update(str(path.relative_to(authors)).encode() + b"\0" + path.read_bytes())
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(authors), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "-C", str(authors), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD") if Path(git("rev-parse", "--show-toplevel")) == authors else None
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {"authors_commit": commit, "authors_sha256": digest.hexdigest()[:16]}
@@ -130,9 +138,11 @@ def lungseg_iou(logs: Path) -> dict[str, list[float]]:
 
 
 def same_iou(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:
-    """Equal to the 8 significant digits NumPy prints."""
-    return all(len(a[k]) == len(b[k]) and all(abs(x - y) <= 1e-7 + 1e-7 * abs(y) for x, y in zip(a[k], b[k]))
-               for k in KINDS)
+    """Equal as far as NumPy prints them; a class in neither truth nor prediction is NaN in theirs."""
+    def same(x: float, y: float) -> bool:
+        return (math.isnan(x) and math.isnan(y)) or abs(x - y) <= PRINTED_HALF_UNIT * (1 + 1e-6)
+
+    return all(len(a[k]) == len(b[k]) and all(same(x, y) for x, y in zip(a[k], b[k])) for k in KINDS)
 
 
 def summary(records: list[dict]) -> list[dict]:
@@ -153,6 +163,15 @@ def summary(records: list[dict]) -> list[dict]:
                      "rss_vs_authors": round(mb / base_mb, 3),
                      "iou_equals_authors": all(same_iou(r["iou"], authors[0]["iou"]) for r in runs)})
     return rows
+
+
+def report_run(report: Callable[[dict], None], round_: int, code: str, flags: str, seconds: float, peak: float,
+               iou: dict[str, list[float]]) -> dict:
+    """Report one run as soon as it is measured; the record."""
+    record = {"round": round_, "code": code, "flags": flags, "seconds": round(seconds, 2), "peak_rss_mb": round(peak),
+              "iou": iou}
+    report(record)
+    return record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,24 +206,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data, models = write_cli_inputs(folder, args.size, "resnet50")
         prepare_authors_inputs(data, folder / "torch_home")
         size = (args.size_g, args.size_g)
+        authors_env = {**env, "TORCH_HOME": str(folder / "torch_home"), "CUDA_VISIBLE_DEVICES": "",
+                       "PYTHONDONTWRITEBYTECODE": "1"}  # their clone stays as it was
         for r in range(args.rounds):
             logs = folder / "runs" / str(r)
-
-            def measured(code: str, flags: str, seconds: float, peak: float, iou: dict) -> None:
-                record = {"round": r, "code": code, "flags": flags, "seconds": round(seconds, 2),
-                          "peak_rss_mb": round(peak), "iou": iou}
-                records.append(record)
-                report(record)
-
             (logs / "authors").mkdir(parents=True)  # their os.mkdir makes only the last folder
             cmd = authors_command(authors, data, models, logs / "authors", args.size_g, args.size_g)
-            seconds, peak, output = run_logged(cmd, {**env, "TORCH_HOME": str(folder / "torch_home")})
-            measured("authors", "", seconds, peak, authors_iou(output))
+            seconds, peak, output = run_logged(cmd, authors_env)
+            records.append(report_run(report, r, "authors", "", seconds, peak, authors_iou(output)))
             for i, flags in enumerate(variants):
                 ours = logs / f"lungseg{i}"
                 case = Case(mode=3, size=args.size, size_g=size, size_p=size)
                 seconds, peak, _ = run_logged(cli_command(case, data, models, ours) + shlex.split(flags), env)
-                measured("lungseg", flags, seconds, peak, lungseg_iou(ours))
+                records.append(report_run(report, r, "lungseg", flags, seconds, peak, lungseg_iou(ours)))
     for row in summary(records):
         report(row)
     return 0

@@ -3,6 +3,7 @@ process per case) and timing train_deep_globe.py as a whole."""
 import json
 import re
 import statistics
+import subprocess
 
 import pytest
 import torch
@@ -303,7 +304,13 @@ import helper
 args = sys.argv[1:]
 flag = lambda name: args[args.index(name) + 1]
 data, models = flag("--data_path"), flag("--model_path")
-seen = {"helper": helper.WHO, "cwd": os.getcwd(), "argv0": sys.argv[0],
+try:
+    import config  # LUNGseg's, which the clone does not have
+    ours_found = True
+except ImportError:
+    ours_found = False
+seen = {"helper": helper.WHO, "ours_found": ours_found, "cwd": os.getcwd(), "argv0": sys.argv[0],
+        "gpus_visible": os.environ["CUDA_VISIBLE_DEVICES"], "bytecode": os.environ["PYTHONDONTWRITEBYTECODE"],
         "tensor_cuda": torch.zeros(1).cuda().device.type,
         "module_cuda": next(torch.nn.Linear(1, 1).cuda().parameters()).device.type,
         "train": os.listdir(os.path.join(data, "train", "Sat")), "train_labels": os.listdir(os.path.join(data, "train", "Label")),
@@ -363,12 +370,14 @@ def test_side_by_side_runs_their_entry_point_on_the_cpu_and_ours_in_turns(tmp_pa
     seen = [json.loads(line) for line in (clone / "seen.jsonl").read_text().splitlines()]
     assert len(seen) == 2
     assert seen[0] == {
-        "helper": "authors", "cwd": str(clone), "argv0": str(clone / "train_deep_globe.py"),
+        "helper": "authors", "ours_found": False, "cwd": str(clone), "argv0": str(clone / "train_deep_globe.py"),
+        "gpus_visible": "", "bytecode": "1",
         "tensor_cuda": "cpu", "module_cuda": "cpu",
         "train": ["democrossvali000_sat.jpg"], "train_labels": ["democrossvali000_mask.png"], "offical_crossvali": True,
         "imagenet": True, "checkpoint_keys": seen[0]["checkpoint_keys"], "threads": "1", "mode": "3",
         "evaluation": True, "log_path_exists": True}
     assert seen[0]["checkpoint_keys"] > 100
+    assert not list(clone.rglob("__pycache__"))  # their clone is left as it was
     assert list((tmp_path / "scratch").iterdir()) == []  # its temporary folder is gone
 
 
@@ -380,3 +389,34 @@ def test_side_by_side_needs_a_clone_of_the_authors_code_and_its_imports(tmp_path
     monkeypatch.setattr(authors_side_by_side, "AUTHORS_IMPORTS", {"json": "json", "no_such_module_x": "no-such-x"})
     with pytest.raises(SystemExit, match="pip install no-such-x$"):
         authors_side_by_side.main(["--authors", str(fake_authors_clone(tmp_path / "GLNet"))])
+
+
+def test_authors_code_id_names_a_commit_only_for_a_checkout_of_its_own(tmp_path):
+    from bench.authors_side_by_side import authors_code_id
+
+    outer = tmp_path / "outer"
+    clone = fake_authors_clone(outer / "GLNet")
+    git = lambda folder, *args: subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                                               check=True).stdout.strip()
+    before = authors_code_id(clone)
+    assert before["authors_commit"] is None
+    git(outer, "init", "-q")
+    assert authors_code_id(clone)["authors_commit"] is None  # a copy inside another checkout
+    git(clone, "init", "-q")
+    git(clone, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x")
+    assert authors_code_id(clone)["authors_commit"] == git(clone, "rev-parse", "HEAD")
+    (clone / "utils").mkdir()
+    (clone / "utils" / "metrics.py").write_text("# scores\n")
+    assert authors_code_id(clone)["authors_sha256"] != before["authors_sha256"]  # every .py counts
+
+
+def test_same_iou_is_equality_as_far_as_numpy_prints_it():
+    from bench.authors_side_by_side import same_iou
+
+    nan = float("nan")
+    theirs = {"ensemble": [nan, 0.0908409], "local": [0.0], "global": [1.95383336e-05]}
+    ours = {"ensemble": [nan, 0.09084090492925394], "local": [0.0], "global": [1.9538333599950176e-05]}
+    assert same_iou(ours, theirs)
+    assert not same_iou({**ours, "ensemble": [nan, 0.0908410]}, theirs)
+    assert not same_iou({**ours, "ensemble": [0.0, 0.0908409]}, theirs)
+    assert not same_iou({**ours, "local": [0.0, 0.0]}, theirs)

@@ -138,6 +138,9 @@ def test_progress_hears_of_every_patch_of_every_pass_and_the_cpu_trims_the_heap_
     # --micro_batch_size 4 at a time, each pass followed by a trim.
     passes = 3 * (8 if tta else 1)
     assert told == [4, "trim"] * passes
+    told.clear()
+    dataclasses.replace(session, device=torch.device("meta"), on_patches=told.append).after_pass(4)
+    assert told == [4]  # a GPU's host heap is left alone
 
 
 def test_without_a_terminal_each_image_gets_a_line(models, images, tmp_path, capsys):

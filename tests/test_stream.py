@@ -118,4 +118,4 @@ def test_band_patch_count_is_what_the_bands_pass_through(networks, image, mode, 
         monkeypatch.setattr(helper, "release_free_heap", lambda: counted.append("trim"))
         list(helper.predict_bands(s, image, global_image(image, SIZE_G), 64, start=start))
         assert sum(n for n in counted if n != "trim") == patches
-        assert counted[1::2] == ["trim"] * (len(counted) // 2) and "trim" not in counted[::2]
+        assert counted[1::2] == ["trim"] * len(counted[::2]) and "trim" not in counted[::2]

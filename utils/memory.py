@@ -31,10 +31,10 @@ def release_free_heap() -> bool:
 
     Each patch pass on the CPU frees a few hundred MB of activations into the heap; the
     free blocks caught between live ones stay resident, and more of them pass after pass.
-    Trimmed after each pass, the mode-3 evaluation of a 2448 x 2448 image peaked at
-    1530-1580 MB in six runs instead of 1550-1670 MB, for about 2 % more time (bench/README.md),
-    where mapping large blocks apart (above) costs a third. Returns whether anything was
-    trimmed: False off glibc.
+    Trimmed after each pass, the mode-3 evaluation of a 2448 x 2448 image on two cores peaked
+    at 1566 MB instead of 1657 MB (medians of three) for 2.4 % more time (bench/README.md), where
+    mapping large blocks apart (above) costs a third. Returns whether anything was trimmed:
+    False off glibc.
     """
     trim = getattr(_libc(), "malloc_trim", None)
     return bool(trim is not None and trim(0))
