@@ -132,6 +132,10 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
       "BatchNorm is folded into the convolutions for inference. Faster, and results differ from fp32")
     a("--channels_last", action="store_true", help="channels-last memory format: faster convolutions on GPUs, and "
       "on CPUs once warmed up; results differ from the default's in the last bits")
+    a("--compile", action="store_true", help="evaluation and prediction: compile the backbones and FPN heads with "
+      "torch.compile (inductor), fusing the layers' glue into fewer kernels for the GPU. The first image of each "
+      "size_g, size_p and patches per pass pays for compiling (minutes; later runs reuse torch's compile cache); "
+      "results differ from the default's in the last bits. On the CPU it needs a C++ compiler and is no faster")
     add_cuda_math_flag(parser)
 
 
@@ -188,7 +192,7 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         problems.append("--test selects the split to evaluate; add --evaluation")
     if not args.evaluation:
         problems += [f"--{flag} applies to --evaluation; add it, or drop --{flag}"
-                     for flag in ("tta", "save_predictions") if getattr(args, flag)]
+                     for flag in ("tta", "save_predictions", "compile") if getattr(args, flag)]
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -202,10 +206,24 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
     elif args.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         problems.append("--amp bf16 on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), on which bf16 "
                         "runs slower than fp32; drop --amp")
+    if args.compile and device.type == "cpu" and not has_cpp_compiler():
+        problems.append("--compile on the CPU needs a C++ compiler (g++, or the one $CXX names) and none was found; "
+                        "install one (e.g. apt install g++) or drop --compile")
     if args.amp == "fp16" and not args.evaluation:
         problems.append("--amp fp16 is for evaluation; train with --amp bf16 (it needs no loss scaling)")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def has_cpp_compiler() -> bool:
+    """Whether torch.compile finds the C++ compiler it builds CPU kernels with."""
+    from torch._inductor.cpp_builder import get_cpp_compiler  # only for --compile: it imports inductor
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # inductor's InvalidCxxCompiler, or whatever a broken toolchain raises
+        return False
+    return True
 
 
 def checkpoint_paths(args: argparse.Namespace) -> dict[str, Optional[Path]]:

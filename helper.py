@@ -21,6 +21,7 @@ from dataset.large_image import LargeImage, RegionView
 from dataset.streamed_global import global_image_large
 from dataset.transforms import global_image
 from models.backbone import ResNetBackbone, fold_batchnorm
+from models.compiled import compile_for_inference
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import (CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, StageResult, run_stage,
                            set_branch_modes, stream_patch_logits)
@@ -232,7 +233,7 @@ def make_session(
 ) -> Session:
     """A session of the networks on `device`, configured by train_deep_globe.py's flags in
     `config` (size_g, size_p, sub_batch_size, lamb_fmreg, micro_batch_size, amp,
-    channels_last, checkpointing, cuda_math; the last is process-wide).
+    channels_last, checkpointing, compile, cuda_math; the last is process-wide).
 
     inference=True is for networks that only predict: they go to eval mode and, under
     autocast, keep their convolution weights in its dtype with BatchNorm folded into them
@@ -249,6 +250,10 @@ def make_session(
     if inference:
         set_branch_modes(model, stage, training=False)
         store_for_inference(amp, model, frozen_global)
+        if config.compile:
+            compile_for_inference(model, frozen_global)
+    elif config.compile:
+        raise ValueError("compile applies to networks that only predict (inference=True)")
     return Session(stage, model, frozen_global, table, tuple(config.size_g), tuple(config.size_p),
                    config.sub_batch_size, config.lamb_fmreg, device, dist, amp, config.micro_batch_size)
 

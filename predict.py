@@ -186,7 +186,7 @@ def large_identity(args: argparse.Namespace, path: Path) -> dict:
             "checkpoints": {flag: file_identity(paths[flag]) for flag in STAGES[Stage(args.mode)].reads(False)},
             "mode": args.mode, "size_g": list(args.size_g), "size_p": list(args.size_p), "amp": args.amp,
             "global": "exact" if args.exact_global else "level", "device": torch.device(args.device).type,
-            "cuda_math": args.cuda_math, "channels_last": args.channels_last,
+            "cuda_math": args.cuda_math, "channels_last": args.channels_last, "compile": args.compile,
             "micro_batch_size": args.micro_batch_size, "torch": torch.__version__, "code": helper.code_version()}
 
 

@@ -62,6 +62,7 @@ class Case:
     device: str = "cpu"
     amp: Optional[str] = None
     channels_last: bool = False
+    compile: bool = False
     checkpointing: bool = False
     sub_batch_size: int = SUB_BATCH_SIZE
     lamb_fmreg: float = LAMB_FMREG
@@ -81,7 +82,8 @@ class Case:
 @dataclass
 class Record:
     """What a case measured. seconds: median over the timed runs of one image (eval) or
-    one step (train); peak_mb: the process's peak RSS on the CPU, peak allocated CUDA
+    one step (train); first_seconds: the warm-up run before them (with compile: compiling
+    included, the first image's latency); peak_mb: the process's peak RSS on the CPU, peak allocated CUDA
     memory on a GPU; tensor_peak_mb (eval with --tensor_peak): peak bytes of live tensors,
     weights included, on any device (bench/tensor_peak.py); ops, view_ops (eval with --count_ops):
     operator calls per image, and how many of them only made views (bench/op_count.py)."""
@@ -93,6 +95,7 @@ class Record:
     peak_of: str
     patches: int
     environment: dict[str, Any] = field(default_factory=dict)
+    first_seconds: Optional[float] = None
     tensor_peak_mb: Optional[float] = None
     ops: Optional[int] = None
     view_ops: Optional[int] = None
@@ -213,7 +216,7 @@ def run_case(case: Case) -> Record:
     step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed(step, device)
+    first_seconds = timed(step, device)
     runs = [timed(step, device) for _ in range(case.repeat)]
     if case.profile:
         print_profile(step, device)
@@ -236,6 +239,7 @@ def run_case(case: Case) -> Record:
         peak_of="cuda allocated" if on_cuda else "process rss",
         patches=patch_count(case),
         environment=environment(device, case.threads),
+        first_seconds=first_seconds,
         tensor_peak_mb=tensor_peak_mb,
         ops=None if counted is None else counted.calls,
         view_ops=None if counted is None else counted.views,
@@ -288,6 +292,7 @@ def cli_command(case: Case, data: Path, models: Path, logs: Path) -> list[str]:
            "--size_p", "{},{}".format(*case.size_p), "--device", case.device, "--backbone", case.backbone,
            "--cuda_math", case.cuda_math]
     cmd += (["--amp", case.amp] if case.amp else []) + (["--channels_last"] if case.channels_last else [])
+    cmd += ["--compile"] if case.compile else []
     if case.micro_batch_size is not None:
         cmd += ["--micro_batch_size", str(case.micro_batch_size)]
     for flag, stage in CHECKPOINT_FLAGS.items():
@@ -357,15 +362,16 @@ def run_cli_case(case: Case, folder: Path) -> Record:
 
 
 TABLE_HEADER = (f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} "
-                f"{'peak MB':>9} {'tensor MB':>9} {'ops':>7}")
+                f"{'first s':>8} {'peak MB':>9} {'tensor MB':>9} {'ops':>7}")
 
 
 def format_row(r: Record) -> str:
     c = r.case
     tensors = "-" if r.tensor_peak_mb is None else f"{r.tensor_peak_mb:.0f}"
+    first = "-" if r.first_seconds is None else f"{r.first_seconds:.1f}"
     return (
         f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
-        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {r.peak_mb:>9.0f} {tensors:>9} {r.ops if r.ops is not None else '-':>7}"
+        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {first:>8} {r.peak_mb:>9.0f} {tensors:>9} {r.ops if r.ops is not None else '-':>7}"
     )
 
 
@@ -389,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=sorted(helper.AMP_DTYPES), default=None, help="autocast dtype; bf16 also on the CPU (in-process "
       "on any CPU, where with --tensor_peak it shows what a GPU would hold; --via-cli as the command line allows)")
     a("--channels_last", action="store_true", help="channels-last weights")
+    a("--compile", action="store_true", help="torch.compile the networks (the warm-up run compiles; its time is "
+      "first_seconds)")
     a("--checkpointing", action="store_true", help="activation checkpointing in training steps")
     a("--sub_batch_size", type=int, default=SUB_BATCH_SIZE, help=f"the trainer's --sub_batch_size (default: {SUB_BATCH_SIZE})")
     a("--micro_batch_size", type=int, default=None, help="the trainer's --micro_batch_size (default: its default, "
@@ -412,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cases_of(args: argparse.Namespace) -> list[Case]:
     kinds = ("eval", "train") if args.train and not args.via_cli else ("eval",)
-    common = dict(device=args.device, amp=args.amp, channels_last=args.channels_last, checkpointing=args.checkpointing,
+    common = dict(device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                  checkpointing=args.checkpointing,
                   sub_batch_size=args.sub_batch_size, micro_batch_size=args.micro_batch_size,
                   size_g=args.size_g, size_p=args.size_p,
                   backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile,
@@ -432,10 +441,16 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append("--repeat must be at least 1")
     if args.threads is not None and args.threads < 1:
         problems.append("--threads must be at least 1")
+    if args.compile and args.train:
+        problems.append("--compile applies to evaluation; drop --train (training runs eager)")
+    if args.compile and (args.tensor_peak or args.count_ops):
+        # Both watch operators one by one (a dispatch mode), under which compiled code runs eager.
+        problems.append("--tensor_peak and --count_ops would measure the eager networks; drop them with --compile")
     shared = ["--evaluation", "--device", args.device, "--sub_batch_size", str(args.sub_batch_size),
               "--size_g", "{},{}".format(*args.size_g), "--size_p", "{},{}".format(*args.size_p)]
     if args.micro_batch_size is not None:
         shared += ["--micro_batch_size", str(args.micro_batch_size)]
+    shared += ["--compile"] if args.compile else []
     if args.amp == "fp16" and torch.device(args.device).type != "cuda":
         problems.append(f"--amp fp16 needs a CUDA device, got --device {args.device} (on the CPU the benchmark "
                         "takes --amp bf16)")

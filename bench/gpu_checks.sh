@@ -24,11 +24,17 @@ git rev-parse HEAD > "$out/commit.txt" 2>/dev/null || echo "${LUNGSEG_COMMIT:-un
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$out/torch.txt" 2>&1
 
-# 1. The targets, bf16 + channels-last: memory with 2 patches per pass (the live-tensor
-#    peak beside the allocator's, to check the CPU estimate), speed with all 36 patches in
-#    one pass and cuDNN's autotuner, then the default 6 per pass with the autotuner. The
-#    profiled cases also count operators, to set against the host time.
+# 1. The targets, bf16 + channels-last. First compiled (--compile; first_seconds is the
+#    first image, compiling included): 6 patches per pass with cuDNN's autotuner (speed,
+#    profiled), then 2 per pass (memory). Then eager: memory with 2 patches per pass (the
+#    live-tensor peak beside the allocator's, to check the CPU estimate), speed with all 36
+#    patches in one pass and the autotuner, then the default 6 per pass with the autotuner.
+#    The profiled eager cases also count operators, to set against the host time.
 echo "$(date +%T) step 1" >&2
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --cudnn_benchmark \
+    --profile --json "$out/eval_bf16_compile_mb6.json" > "$out/eval_bf16_compile_mb6.txt" 2>&1
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --micro_batch_size 2 \
+    --json "$out/eval_bf16_compile_mb2.json" > "$out/eval_bf16_compile_mb2.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 2 --tensor_peak \
     --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 36 \
@@ -38,12 +44,14 @@ echo "$(date +%T) step 1" >&2
 
 # 2. End to end (target 2): predict.py over 124 JPEGs of 2448 x 2448, files in to files out,
 #    beside the in-process figure of the same flags (6 patches per pass, no autotuner), and
-#    the host's reading and writing alone.
+#    the host's reading and writing alone; then compiled (its in-process figure is step 1's).
 echo "$(date +%T) step 2" >&2
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last \
     --json "$out/eval_bf16_mb6.json" > "$out/eval_bf16_mb6.txt" 2>&1
 "$py" bench/predict_folder.py --device cuda --json "$out/predict_folder_bf16.json" \
     -- --amp bf16 --cuda_math fast --channels_last > "$out/predict_folder_bf16.txt" 2>&1
+"$py" bench/predict_folder.py --device cuda --json "$out/predict_folder_bf16_compile.json" \
+    -- --amp bf16 --cuda_math fast --channels_last --compile > "$out/predict_folder_bf16_compile.txt" 2>&1
 
 # 3. The training schedule (target 3): the three stage scripts for 2 epochs each on a small
 #    demo, the last epoch scaled to DeepGlobe's split and 120 + 50 + 120 epochs; the fast

@@ -84,14 +84,15 @@ def image_context(context: Context, i: int) -> Context:
     return _map_tensors(context, lambda t: t[i : i + 1])
 
 
-def crop_context(g: Context, grid: PatchGrid, indices: Sequence[int], local_c: Levels) -> Context:
+def crop_context(g: Context, grid: PatchGrid, indices: Sequence[int], local_c: Levels, lazy: bool = True) -> Context:
     """The global maps g (batch of one image) cropped at each patch and resized to the local
-    maps, lazily (see _Crops)."""
+    maps, lazily (see _Crops), or with lazy=False all made now."""
     levels = _level_sizes(local_c)
-    return Context(
+    crops = Context(
         _Crops(g.c, grid, indices, [own.shape[-2:] for own in local_c]),
         *(_Crops(maps, grid, indices, levels) for maps in g[1:]),
     )
+    return crops if lazy else Context(*(tuple(field) for field in crops))
 
 
 def empty_context(like: Context) -> Context:
@@ -152,6 +153,11 @@ class GLNet(_GlobalBranchMixin, nn.Module):
     """The whole two-branch network. Attribute names and registration order give the
     authors' state-dict keys and order."""
 
+    # A lazy crop lives only as long as the layer that reads it. A compiled local head
+    # (models/compiled.py) would trace into the crops and specialise on each pass's patch
+    # positions, so it is given every crop made beforehand.
+    lazy_crops: bool = True
+
     def __init__(self, n_class: int, backbone: str = "resnet50") -> None:
         super().__init__()
         if n_class < 2:
@@ -182,7 +188,7 @@ class GLNet(_GlobalBranchMixin, nn.Module):
         Never checkpointed: it is trained only in stage 2, whose loss is backpropagated right
         after each (micro-)batch's head, so recomputation could not lower the peak.
         """
-        return self.fpn_local(c, crop_context(context, grid, indices, c))
+        return self.fpn_local(c, crop_context(context, grid, indices, c, self.lazy_crops))
 
     # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its
     # input channels, so it splits into a local term and a global term. Stage 3 evaluation

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from dataset.transforms import global_image
 from models import reference
+from models.compiled import compile_for_inference
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import Batch, Stage, StageResult, run_stage, set_branch_modes
 from utils.images import to_unit_float
@@ -157,12 +158,13 @@ def engine_arrays(
     seed: int, image: np.ndarray, label: np.ndarray, size_g: Sequence[int], size_p: Sequence[int],
     sub_batch_size: int, mode: int, device: str | torch.device = "cpu", n_class: int = 7,
     backbone: str = "resnet50", micro_batch_size: Optional[int] = None,
-    prepare: Callable[[GLNet], None] = lambda model: None,
+    prepare: Callable[[GLNet], None] = lambda model: None, compiled: bool = False,
 ) -> Arrays:
     """As reference_arrays, through the engine and its own input pipeline (global_image,
     resize_labels). micro_batch_size: as helper.Session uses it (patches per evaluation pass,
     and per pass of stage 2's head in training); None for whole sub-batches everywhere.
-    prepare: applied to each model before it runs (e.g. to turn on activation checkpointing)."""
+    prepare: applied to each model before it runs (e.g. to turn on activation checkpointing).
+    compiled: the evaluation alone, with the networks compiled (models/compiled.py)."""
     stage = Stage(mode)
     device = torch.device(device)
     image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
@@ -187,6 +189,8 @@ def engine_arrays(
     out: Arrays = {}
     model = network()
     set_branch_modes(model, stage, training=False)
+    if compiled:
+        compile_for_inference(model, frozen)
     with torch.inference_mode():
         res = run_stage(stage, model, batch, sub_batch_size=micro_batch_size or sub_batch_size, **kwargs)
     _record_engine(out, f"eval_m{mode}", res, image.shape[:2])
@@ -194,6 +198,8 @@ def engine_arrays(
         out["eval_m2_fmreg"] = _per_sub_batch(
             res.fmreg, len(res.images[0].grid), micro_batch_size or sub_batch_size, sub_batch_size  # type: ignore[arg-type]
         )
+    if compiled:
+        return out
 
     model = network()
     set_branch_modes(model, stage, training=True)

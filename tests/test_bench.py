@@ -34,6 +34,7 @@ def test_run_case_measures_every_repeat(mode, kind, patches):
     record = run_case(Case(mode, kind=kind, **TINY))
     assert len(record.runs) == TINY["repeat"] and all(t > 0 for t in record.runs)
     assert min(record.runs) <= record.seconds <= max(record.runs)
+    assert record.first_seconds > 0  # the warm-up, timed apart
     check_record(record_to_json(record), kind, mode, patches)
 
 
@@ -90,6 +91,8 @@ def test_cpu_autocast_is_refused_where_the_cpu_cannot_run_it(flags, message, mon
         (["--threads", "0"], "--threads must be at least 1"),
         (["--device", "gpu"], "--device gpu: not a device"),
         (["--size_p", "30"], "--size_p 30 must be a multiple of 4 (the network's output stride), e.g. 508; --size_p must"),
+        (["--compile", "--train"], "--compile applies to evaluation; drop --train"),
+        (["--compile", "--count_ops"], "--tensor_peak and --count_ops would measure the eager networks"),
     ],
 )
 def test_flags_that_cannot_work_stop_before_any_case(flags, message, monkeypatch):
@@ -152,7 +155,8 @@ def test_the_gpu_check_script_passes_only_flags_the_benchmark_knows():
     script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_checks.sh").read_text()
     joined = script.replace("\\\n", " ")
     lines = [line for line in joined.splitlines() if '"${bench[@]}"' in line and not line.lstrip().startswith("#")]
-    assert len(lines) == 10
+    assert len(lines) == 12
+    assert sum("--compile" in line for line in lines) == 2
     for line in lines:
         words = shlex.split(line.split('"${bench[@]}"', 1)[1].split(">")[0].replace('"$out', '"out'))
         args = build_parser().parse_args(["--device", "cuda", *words])
@@ -183,10 +187,11 @@ def test_the_gpu_check_script_passes_only_flags_the_other_benchmarks_and_their_c
         flags = args.predict_flags if hasattr(args, "predict_flags") else args.train_flags
         inner[name](flags)
         seen.append((name, flags))
-    assert [name for name, _ in seen] == ["predict_folder.py", "train_schedule.py", "train_schedule.py",
-                                          "predict_large_rss.py"]
-    assert all("--amp" in flags for name, flags in seen[:2])  # the fast settings, then the default
-    assert seen[2][1] == []
+    assert [name for name, _ in seen] == ["predict_folder.py", "predict_folder.py", "train_schedule.py",
+                                          "train_schedule.py", "predict_large_rss.py"]
+    assert all("--amp" in flags for name, flags in seen[:3])  # the fast settings, then the default
+    assert "--compile" in seen[1][1] and "--compile" not in seen[0][1]
+    assert seen[3][1] == []
 
 
 def test_via_cli_peak_is_the_commands_own():

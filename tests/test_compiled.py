@@ -1,0 +1,109 @@
+"""--compile (models/compiled.py): compiled evaluation against the reference and against eager
+autocast, one graph per network for a folder of images, and the flag's rules.
+
+ResNet-18 on small images: compiling costs about a minute per mode on two cores, whatever
+the image size. The parity test's tolerances are the authors' (tests/parity.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import config
+import helper
+from conftest import DEVICES, exact_cuda_math
+from dataset.classes import DEEPGLOBE
+from dataset.transforms import global_image
+from models.glnet import GLNet
+from models.stages import STAGES, Stage
+from parity import EVAL_LOGITS_ATOL, check_predictions, engine_arrays, mode_keys, reference_arrays
+from utils.patches import PatchGrid
+from utils.weight_rule import apply_rule_weights
+
+IMAGE, SIZE_G, SIZE_P, MICRO_BATCH = (100, 160), (64, 64), (80, 80), 2  # a 2 x 4 grid: four passes of two
+
+
+def _graphs() -> tuple[int, int]:
+    """Graphs compiled so far in this process, and graph breaks."""
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_evaluation_equals_the_reference(device):
+    """Mode 3 compiles every network there is (both backbones, both heads, the frozen
+    stage-1 backbone): the logits stay within the authors' evaluation tolerance of the
+    reference, the argmax maps equal wherever the top-2 margin is not a near-tie, and the
+    networks compile whole (no graph breaks)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (*IMAGE, 3), dtype=np.uint8)
+    label = rng.integers(0, 7, IMAGE, dtype=np.uint8)
+    args = (1, image, label, SIZE_G, SIZE_P, MICRO_BATCH, 3)
+    with exact_cuda_math(device):
+        expected = reference_arrays(*args, device=device, backbone="resnet18")
+        graphs, breaks = _graphs()
+        out = engine_arrays(*args, device=device, backbone="resnet18", micro_batch_size=MICRO_BATCH, compiled=True)
+    assert _graphs()[0] > graphs
+    assert _graphs()[1] == breaks
+    keys = mode_keys(expected, 3, "eval_", "_logits")
+    assert len(keys) == 3
+    for key in keys:
+        np.testing.assert_allclose(out[key], expected[key], rtol=0, atol=EVAL_LOGITS_ATOL, err_msg=key)
+    check_predictions(out, expected, 3, PatchGrid.build(IMAGE, SIZE_P))
+
+
+def _session(compiled: bool, *flags: str) -> helper.Session:
+    """A mode-2 session built as predict.py builds it (make_session), on rule weights."""
+    model = GLNet(DEEPGLOBE.n_class, "resnet18")
+    apply_rule_weights(model, 0)  # trained-like BatchNorm statistics, which folding changes
+    args = config.parse_args(["--evaluation", "--mode", "2", "--size_g", "64", "--size_p", "80",
+                              "--micro_batch_size", str(MICRO_BATCH), *flags, *(["--compile"] if compiled else [])])
+    return helper.make_session(Stage.GLOBAL2LOCAL, model, None, DEEPGLOBE, args, torch.device("cpu"), inference=True)
+
+
+def _logits(session: helper.Session, shape: tuple[int, int], seed: int) -> list[torch.Tensor]:
+    """Global, local and ensemble logits of a random image."""
+    image = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    samples = {"id": ["a"], "image": [image], "global": [global_image(image, SIZE_G)], "label": [None]}
+    with torch.inference_mode():
+        result = session.run(helper.to_batch(samples, session.device, with_labels=False)).images[0]
+    return [result.global_logits] + [result.patch_logits(kind) for kind in STAGES[Stage.GLOBAL2LOCAL].predictions[1:]]
+
+
+def test_compiled_autocast_is_as_close_to_fp32_as_eager_autocast_and_compiles_once_per_pass_shape():
+    """bf16 and channels-last, the GPU's fast settings, here under CPU autocast: compiled,
+    the logits stay as close to fp32 as eager autocast's (whose rounding sets the scale).
+    Then a folder: another image of the size, and one of another size whose passes also
+    hold two patches each, add no graph (shapes depend on size_g, size_p and the pass)."""
+    fast = ("--amp", "bf16", "--channels_last")
+    fp32 = _logits(_session(False), IMAGE, 0)
+    eager = _logits(_session(False, *fast), IMAGE, 0)
+    session = _session(True, *fast)
+    graphs, breaks = _graphs()
+    compiled = _logits(session, IMAGE, 0)
+    after_first = _graphs()
+    assert after_first[0] > graphs and after_first[1] == breaks
+    for got, eager_bf16, reference in zip(compiled, eager, fp32):
+        assert 0 < (got - reference).abs().max() <= 2 * (eager_bf16 - reference).abs().max()
+    assert len(PatchGrid.build((150, 90), SIZE_P)) % MICRO_BATCH == 0
+    for seed, shape in ((1, IMAGE), (2, (150, 90))):
+        assert all(torch.isfinite(t).all() for t in _logits(session, shape, seed))
+    assert _graphs() == after_first
+
+
+def test_compile_applies_to_evaluation_only():
+    with pytest.raises(config.ConfigError, match="--compile applies to --evaluation"):
+        config.check_args(config.parse_args(["--compile", "--size_g", "64", "--size_p", "80"]), DEEPGLOBE)
+    with pytest.raises(ValueError, match="networks that only predict"):
+        helper.make_session(Stage.GLOBAL, GLNet(7, "resnet18"), None, DEEPGLOBE, config.parse_args(["--compile"]),
+                            torch.device("cpu"), inference=False)
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_clear_line(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler-lungseg",))
+    args = config.parse_args(["--evaluation", "--compile", "--device", "cpu", "--size_g", "64", "--size_p", "80"])
+    with pytest.raises(config.ConfigError, match=r"--compile on the CPU needs a C\+\+ compiler"):
+        config.check_args(args, DEEPGLOBE)
