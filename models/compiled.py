@@ -5,13 +5,12 @@ the state-dict keys keep their names). Everything between them stays eager: cutt
 patches, cropping the global maps at them, pasting the local maps into the whole-image
 canvases and the ensemble. Those depend on which patches a pass holds, and a compiled
 graph would be specialised on each pass's positions. Shapes then depend only on size_g,
-size_p and the patches in a pass: a folder of images of one size compiles once (and once
-more where an image's last pass holds fewer patches); another size adds at most a graph
-for its own last pass. The frozen stage-1 branch's head (`GlobalBranch.context_maps`)
-runs once per image and stays eager.
-
-Graphs are static (`dynamic=False`): the convolutions and the FPN glue between them
-(upsampling, additions, concatenations) are planned for their exact shapes.
+size_p and the patches in a pass: a folder of images of one size compiles once. A pass
+with another number of patches adds a graph whose batch dimension is dynamic (torch's
+automatic dynamic shapes), which every later count shares, except a pass of one patch
+(sizes of 1 are always specialised): at most three graphs per local network, well within
+torch's limit of eight per function (past it a function runs eager). The frozen stage-1
+branch's head (`GlobalBranch.context_maps`) runs once per image and stays eager.
 """
 from __future__ import annotations
 
@@ -31,4 +30,4 @@ def compile_for_inference(model: GLNet, frozen_global: Optional[GlobalBranch] = 
     if frozen_global is not None:
         nets.append(frozen_global.resnet_global)
     for net in nets:
-        net.compile(dynamic=False)
+        net.compile()

@@ -200,3 +200,24 @@ def test_a_pyramid_level_makes_the_global_image_by_default(models, inputs, pixel
     exact = tifffile.imread(tmp_path / "exact" / "pyramid_ids.tif")
     np.testing.assert_array_equal(exact, np.asarray(Image.open(tmp_path / "png" / "pyramid_ids.png")))
     assert (from_level != exact).any()  # the level's inverted pixels reached the network
+
+
+@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--cuda_math", "fast"], ["--channels_last"], ["--compile"],
+                                   ["--micro_batch_size", "2"], ["--exact_global"]],
+                         ids=lambda flags: flags[0])
+def test_each_setting_that_changes_results_changes_what_a_partial_map_resumes_from(flags, tmp_path):
+    """Each changes the predicted values, if only in the last bits (other arithmetic, memory
+    format, kernels, grouping of patches, global image): bands computed under one must not
+    join a partial map made under another."""
+    for name in ("fpn_deepglobe_global.pth", "fpn_deepglobe_local2global.pth"):  # mode 3 reads both
+        (tmp_path / name).write_bytes(b"weights")
+    (tmp_path / "image.tif").write_bytes(b"pixels")
+
+    def identity(*extra: str) -> dict:
+        args = predict.as_trainer_args(predict.parse_args(["--input", str(tmp_path / "image.tif"), "--output", "o",
+                                                           "--model_path", str(tmp_path), "--mode", "3",
+                                                           "--size_g", "64", "--size_p", "96", *extra]))
+        return predict.large_identity(args, tmp_path / "image.tif")
+
+    assert identity(*flags) != identity()
+    assert identity() == identity()
