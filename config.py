@@ -3,7 +3,10 @@ class table), shared by the trainer, predict.py and bench/."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -135,7 +138,8 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     a("--compile", action="store_true", help="evaluation and prediction: compile the backbones and FPN heads with "
       "torch.compile (inductor), fusing the layers' glue into fewer kernels for the GPU. The first image of each "
       "size_g, size_p and patches per pass pays for compiling (minutes; later runs reuse torch's compile cache); "
-      "results differ from the default's in the last bits. On the CPU it needs a C++ compiler and is no faster")
+      "results differ from the default's in the last bits. Needs Triton and a C compiler on CUDA, a C++ compiler on "
+      "the CPU (where it gains nothing, and fp32 is slower)")
     add_cuda_math_flag(parser)
 
 
@@ -206,24 +210,32 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
     elif args.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         problems.append("--amp bf16 on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), on which bf16 "
                         "runs slower than fp32; drop --amp")
-    if args.compile and device.type == "cpu" and not has_cpp_compiler():
-        problems.append("--compile on the CPU needs a C++ compiler (g++, or the one $CXX names) and none was found; "
-                        "install one (e.g. apt install g++) or drop --compile")
+    if args.compile and device.type in ("cpu", "cuda") and (missing := missing_compile_toolchain(device)):
+        problems.append(f"--compile on {device.type.upper()} needs {missing} and none was found; install it or drop "
+                        "--compile")
     if args.amp == "fp16" and not args.evaluation:
         problems.append("--amp fp16 is for evaluation; train with --amp bf16 (it needs no loss scaling)")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def has_cpp_compiler() -> bool:
-    """Whether torch.compile finds the C++ compiler it builds CPU kernels with."""
+def missing_compile_toolchain(device: torch.device) -> Optional[str]:
+    """What torch.compile would lack to build kernels for the device, or None: on the CPU
+    inductor's C++ compiler, on CUDA Triton and the C compiler Triton builds its launchers
+    with (it takes $CC, else gcc, else clang)."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton (the triton package of the torch build)"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return "a C compiler for Triton (gcc or clang, or the one $CC names)"
+        return None
     from torch._inductor.cpp_builder import get_cpp_compiler  # only for --compile: it imports inductor
 
     try:
         get_cpp_compiler()
     except Exception:  # inductor's InvalidCxxCompiler, or whatever a broken toolchain raises
-        return False
-    return True
+        return "a C++ compiler (g++, or the one $CXX names)"
+    return None
 
 
 def checkpoint_paths(args: argparse.Namespace) -> dict[str, Optional[Path]]:

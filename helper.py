@@ -251,7 +251,8 @@ def make_session(
         set_branch_modes(model, stage, training=False)
         store_for_inference(amp, model, frozen_global)
         if config.compile:
-            compile_for_inference(model, frozen_global)
+            compile_for_inference(model, frozen_global, config.micro_batch_size
+                                  or default_micro_batch_size(device, config.sub_batch_size))
     elif config.compile:
         raise ValueError("compile applies to networks that only predict (inference=True)")
     return Session(stage, model, frozen_global, table, tuple(config.size_g), tuple(config.size_p),

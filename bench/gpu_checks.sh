@@ -24,23 +24,23 @@ git rev-parse HEAD > "$out/commit.txt" 2>/dev/null || echo "${LUNGSEG_COMMIT:-un
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$out/torch.txt" 2>&1
 
-# 1. The targets, bf16 + channels-last. First compiled (--compile; first_seconds is the
-#    first image, compiling included): 6 patches per pass with cuDNN's autotuner (speed,
-#    profiled), then 2 per pass (memory). Then eager: memory with 2 patches per pass (the
+# 1. The targets, bf16 + channels-last. Eager: memory with 2 patches per pass (the
 #    live-tensor peak beside the allocator's, to check the CPU estimate), speed with all 36
-#    patches in one pass and the autotuner, then the default 6 per pass with the autotuner.
-#    The profiled eager cases also count operators, to set against the host time.
+#    patches in one pass and cuDNN's autotuner, then the default 6 per pass with the
+#    autotuner (the profiled cases also count operators, to set against the host time).
+#    Then compiled (--compile; first_seconds is the first image, compiling included):
+#    6 patches per pass as predict.py runs (speed, profiled), then 2 per pass (memory).
 echo "$(date +%T) step 1" >&2
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --cudnn_benchmark \
-    --profile --json "$out/eval_bf16_compile_mb6.json" > "$out/eval_bf16_compile_mb6.txt" 2>&1
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --micro_batch_size 2 \
-    --json "$out/eval_bf16_compile_mb2.json" > "$out/eval_bf16_compile_mb2.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 2 --tensor_peak \
     --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 36 \
     --cudnn_benchmark --profile --count_ops --json "$out/eval_bf16_mb36.json" > "$out/eval_bf16_mb36.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --cudnn_benchmark --profile --count_ops \
     --json "$out/eval_bf16_cudnn.json" > "$out/eval_bf16_cudnn.txt" 2>&1
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --profile \
+    --json "$out/eval_bf16_compile_mb6.json" > "$out/eval_bf16_compile_mb6.txt" 2>&1
+"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --micro_batch_size 2 \
+    --json "$out/eval_bf16_compile_mb2.json" > "$out/eval_bf16_compile_mb2.txt" 2>&1
 
 # 2. End to end (target 2): predict.py over 124 JPEGs of 2448 x 2448, files in to files out,
 #    beside the in-process figure of the same flags (6 patches per pass, no autotuner), and
