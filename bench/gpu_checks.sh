@@ -29,7 +29,8 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 #    patches in one pass and cuDNN's autotuner, then the default 6 per pass with the
 #    autotuner (the profiled cases also count operators, to set against the host time).
 #    Then compiled (--compile; first_seconds is the first image, compiling included):
-#    6 patches per pass as predict.py runs (speed, profiled), then 2 per pass (memory).
+#    6 patches per pass as predict.py runs (speed, profiled), then 2 per pass (memory),
+#    each cut off after 5 minutes so that a slow compile cannot take the steps after it.
 echo "$(date +%T) step 1" >&2
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 2 --tensor_peak \
     --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
@@ -37,9 +38,9 @@ echo "$(date +%T) step 1" >&2
     --cudnn_benchmark --profile --count_ops --json "$out/eval_bf16_mb36.json" > "$out/eval_bf16_mb36.txt" 2>&1
 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --cudnn_benchmark --profile --count_ops \
     --json "$out/eval_bf16_cudnn.json" > "$out/eval_bf16_cudnn.txt" 2>&1
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --profile \
+timeout 300 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --profile \
     --json "$out/eval_bf16_compile_mb6.json" > "$out/eval_bf16_compile_mb6.txt" 2>&1
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --micro_batch_size 2 \
+timeout 300 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --micro_batch_size 2 \
     --json "$out/eval_bf16_compile_mb2.json" > "$out/eval_bf16_compile_mb2.txt" 2>&1
 
 # 2. End to end (target 2): predict.py over 124 JPEGs of 2448 x 2448, files in to files out,
