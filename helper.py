@@ -388,7 +388,10 @@ def predict_bands(
     if band_rows < 1:
         raise ValueError(f"band_rows must be at least 1, got {band_rows}")
     height, width = (int(s) for s in image.shape[-2:])
-    global_image = global_image.to(session.device)
+    with torch.inference_mode():
+        # An inference tensor, as predict_image's global images are: compiled networks
+        # (--compile) guard on the kind, and then one graph serves both paths.
+        global_image = global_image.to(session.device).clone()
     global_image = global_image if global_image.dim() == 4 else global_image[None]
     if session.stage is Stage.GLOBAL:
         with torch.inference_mode(), session.autocast():
