@@ -40,6 +40,10 @@ BAND_ROWS = 512
 # Image columns merged at a time within a band (predict_bands): about ten 508-pixel patches.
 MERGE_COLUMNS = 4096
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Compiling shows no progress of its own: said once, so a first image that takes minutes is
+# not taken for a hang.
+COMPILE_NOTE = ("--compile: the first image, and the first pass of each other size, compile the networks (minutes); "
+                "later ones, and later runs through torch's compile cache, reuse them")
 WEIGHT_DECAY = 5e-4
 POLY_POWER = 0.9
 

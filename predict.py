@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     # Locked before the models load: a second run on this folder stops at once, not seconds later.
     with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
         session = build_session(args, table)
+        if args.compile:
+            print(helper.COMPILE_NOTE, file=sys.stderr)
         remove_temporaries(output, [name for path in small for name in output_names(path.stem)]
                            + [name for path in large for name in large_output_names(path.stem)]
                            + [world_file_name(large_output_names(path.stem)[0]) for path in large]

@@ -540,6 +540,8 @@ def run(args: argparse.Namespace) -> int:
                 log.line(note)
             log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
                      f"with {helper.environment_summary(device)}")
+            if args.compile:
+                log.line(helper.COMPILE_NOTE)
             if frozen is not None and not args.evaluation and (differ := helper.frozen_context_differs(model, frozen)):
                 log.line(f"warning: --path_g {args.path_g} is not the stage-1 file that --path_g2l {args.path_g2l} "
                          f"was trained with ({differ} of its global-branch tensors differ); stage 3 takes its frozen "

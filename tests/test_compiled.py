@@ -144,3 +144,24 @@ def test_compile_on_cuda_names_what_triton_lacks(monkeypatch):
     assert "a C compiler for Triton" in config.missing_compile_toolchain(cuda)
     monkeypatch.setenv("CC", "/opt/cc")
     assert config.missing_compile_toolchain(cuda) is None
+
+
+def test_predict_compiles_the_networks_it_runs_and_says_the_first_image_will_wait(models, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The command line's wiring, without the minutes of compiling (the tests above hold
+    what compiling does): predict.py hands its networks, the frozen stage-1 branch and
+    the largest pass to compile_for_inference once, and tells the user why the first
+    image takes long."""
+    import predict
+    from PIL import Image
+
+    calls = []
+    monkeypatch.setattr(helper, "compile_for_inference", lambda *args: calls.append(args))
+    Image.fromarray(np.zeros((100, 150, 3), np.uint8)).save(tmp_path / "a.png")
+    assert predict.main(["--model_path", str(models), "--device", "cpu", "--mode", "3", "--size_g", "64",
+                         "--size_p", "96", "--micro_batch_size", "3", "--backbone", "resnet18", "--compile",
+                         "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "out")]) == 0
+    ((model, frozen, largest_pass),) = calls
+    assert isinstance(model, GLNet) and frozen is not None and largest_pass == 3
+    assert helper.COMPILE_NOTE in capsys.readouterr().err
+    assert (tmp_path / "out" / "a_ids.png").exists()
