@@ -44,7 +44,7 @@ from utils.files import writing  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.weight_rule import apply_rule_weights  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
-from bench.op_count import OpCount  # noqa: E402
+from bench.op_count import KernelCount, OpCount, show_compiled_kernels  # noqa: E402
 from bench.tensor_peak import TensorPeak, module_tensors  # noqa: E402
 
 KINDS = ("eval", "train")
@@ -75,6 +75,7 @@ class Case:
     profile: bool = False
     tensor_peak: bool = False
     count_ops: bool = False
+    count_kernels: bool = False
     cudnn_benchmark: bool = False
     cuda_math: str = "strict"
 
@@ -85,7 +86,9 @@ class Record:
     one step (train); first_seconds: the warm-up run before them (with compile: compiling
     included, the first image's latency); peak_mb: the process's peak RSS on the CPU, peak allocated CUDA
     memory on a GPU; tensor_peak_mb (eval with --tensor_peak): peak bytes of live tensors,
-    weights included, on any device (bench/tensor_peak.py); ops, view_ops (eval with --count_ops):
+    weights included, on any device (bench/tensor_peak.py); kernels, kernel_views (eval with
+    --count_kernels): host calls per image that each stand for a kernel, eager or compiled,
+    and the views among them (bench/op_count.KernelCount); ops, view_ops (eval with --count_ops):
     operator calls per image, and how many of them only made views (bench/op_count.py)."""
 
     case: dict[str, Any]
@@ -99,6 +102,8 @@ class Record:
     tensor_peak_mb: Optional[float] = None
     ops: Optional[int] = None
     view_ops: Optional[int] = None
+    kernels: Optional[int] = None
+    kernel_views: Optional[int] = None
 
     @property
     def images_per_s(self) -> float:
@@ -211,6 +216,8 @@ def run_case(case: Case) -> Record:
     torch.backends.cudnn.benchmark = case.cudnn_benchmark
     device = torch.device(case.device)
     generator = torch.Generator().manual_seed(0)
+    if case.count_kernels:
+        show_compiled_kernels()  # before the warm-up compiles
     session = rule_session(case)
     image = random_image(case.size, generator)
     step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator)
@@ -230,6 +237,10 @@ def run_case(case: Case) -> Record:
     if case.count_ops and case.kind == "eval":
         with OpCount() as counted:
             step()
+    kernels: Optional[KernelCount] = None
+    if case.count_kernels and case.kind == "eval":
+        with KernelCount() as kernels:
+            step()
     on_cuda = device.type == "cuda"
     return Record(
         case=asdict(case),
@@ -243,6 +254,8 @@ def run_case(case: Case) -> Record:
         tensor_peak_mb=tensor_peak_mb,
         ops=None if counted is None else counted.calls,
         view_ops=None if counted is None else counted.views,
+        kernels=None if kernels is None else kernels.calls,
+        kernel_views=None if kernels is None else kernels.views,
     )
 
 
@@ -362,16 +375,18 @@ def run_cli_case(case: Case, folder: Path) -> Record:
 
 
 TABLE_HEADER = (f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {'s/image':>9} {'images/s':>9} "
-                f"{'first s':>8} {'peak MB':>9} {'tensor MB':>9} {'ops':>7}")
+                f"{'first s':>8} {'peak MB':>9} {'tensor MB':>9} {'ops':>7} {'kernels':>7}")
 
 
 def format_row(r: Record) -> str:
     c = r.case
-    tensors = "-" if r.tensor_peak_mb is None else f"{r.tensor_peak_mb:.0f}"
-    first = "-" if r.first_seconds is None else f"{r.first_seconds:.1f}"
+    def shown(value: Any, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec)
+
     return (
         f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
-        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {first:>8} {r.peak_mb:>9.0f} {tensors:>9} {r.ops if r.ops is not None else '-':>7}"
+        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {shown(r.first_seconds, '.1f'):>8} {r.peak_mb:>9.0f} "
+        f"{shown(r.tensor_peak_mb, '.0f'):>9} {shown(r.ops):>7} {shown(r.kernels):>7}"
     )
 
 
@@ -411,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tensor_peak", action="store_true", help="one more evaluation run recording the peak bytes of live "
       "tensors, weights included (any device; slower)")
     a("--count_ops", action="store_true", help="one more evaluation run counting the operator calls per image "
-      "(each costs host time on a GPU; any device)")
+      "(each costs host time on a GPU; any device; not with --compile)")
+    a("--count_kernels", action="store_true", help="one more evaluation run counting, with the profiler, the host's "
+      "calls per image that each stand for a kernel: ATen operators and inductor's kernels, so eager and --compile "
+      "compare (the CPU only)")
     config.add_cuda_math_flag(p)
     a("--json", default=None, metavar="OUT", help="write every record to this JSON file")
     a("--one-case", default=None, help=argparse.SUPPRESS)
@@ -425,7 +443,8 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
                   sub_batch_size=args.sub_batch_size, micro_batch_size=args.micro_batch_size,
                   size_g=args.size_g, size_p=args.size_p,
                   backbone=args.backbone, threads=args.threads, repeat=args.repeat, profile=args.profile,
-                  tensor_peak=args.tensor_peak, count_ops=args.count_ops, cudnn_benchmark=args.cudnn_benchmark,
+                  tensor_peak=args.tensor_peak, count_ops=args.count_ops, count_kernels=args.count_kernels,
+                  cudnn_benchmark=args.cudnn_benchmark,
                   cuda_math=args.cuda_math)
     return [Case(mode, size, kind, **common) for size in args.sizes for mode in args.modes for kind in kinds]
 
@@ -445,7 +464,10 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append("--compile applies to evaluation; drop --train (training runs eager)")
     if args.compile and (args.tensor_peak or args.count_ops):
         # Both watch operators one by one (a dispatch mode), under which compiled code runs eager.
-        problems.append("--tensor_peak and --count_ops would measure the eager networks; drop them with --compile")
+        problems.append("--tensor_peak and --count_ops would measure the eager networks; drop them with --compile "
+                        "(--count_kernels counts compiled code)")
+    if args.count_kernels and torch.device(args.device).type != "cpu":
+        problems.append("--count_kernels counts on the CPU; on a GPU, --profile lists the kernels that ran")
     shared = ["--evaluation", "--device", args.device, "--sub_batch_size", str(args.sub_batch_size),
               "--size_g", "{},{}".format(*args.size_g), "--size_p", "{},{}".format(*args.size_p)]
     if args.micro_batch_size is not None:

@@ -7,8 +7,10 @@ measured and lowered without one.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -25,3 +27,58 @@ class OpCount(TorchDispatchMode):
         self.calls += 1
         self.views += bool(func.is_view)
         return func(*args, **(kwargs or {}))
+
+
+# Inductor's generated kernels as the profiler names them: C++ on the CPU (once
+# torch._inductor.config.cpp.enable_kernel_profile is set before compiling), Triton on a GPU.
+_KERNEL_NAME = re.compile(r"^(graph_\d+_cpp_fused|triton_)")
+
+
+class KernelCount:
+    """Inside `with KernelCount() as c:`, c.calls counts the host's calls that each stand
+    for a kernel, in eager and compiled code alike (where OpCount cannot see into compiled
+    code, which a dispatch mode makes run eager): the outermost ATen operators (one per
+    call from Python or from a compiled graph, such as its convolutions) and inductor's
+    generated kernels; c.views those operators that only make a view. From the profiler's
+    CPU events, so on a GPU it counts launches, not the kernels that ran."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.views = 0
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    def __enter__(self) -> KernelCount:
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._profile.__exit__(*exc)
+        for event in self._profile.events():
+            if _KERNEL_NAME.match(event.name):
+                self.calls += 1
+            elif event.name.startswith("aten::") and not _inside_aten(event):
+                self.calls += 1
+                self.views += _is_view(event.name)
+
+
+def show_compiled_kernels() -> None:
+    """Have inductor record each C++ kernel it generates from now on, for KernelCount."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True
+
+
+def _inside_aten(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _is_view(name: str) -> bool:
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None:
+        return False
+    return any(getattr(packet, overload).is_view for overload in packet.overloads())

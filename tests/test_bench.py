@@ -11,7 +11,7 @@ import torch
 import config
 from bench import bench_inference
 from bench.bench_inference import Case, build_parser, cases_of, format_row, main, record_to_json, rule_session, run_case
-from bench.op_count import OpCount
+from bench.op_count import KernelCount, OpCount, show_compiled_kernels
 from bench.tensor_peak import TensorPeak, module_tensors
 
 # One thread: these tests check what the benchmark reports, not speed, and a single
@@ -93,6 +93,7 @@ def test_cpu_autocast_is_refused_where_the_cpu_cannot_run_it(flags, message, mon
         (["--size_p", "30"], "--size_p 30 must be a multiple of 4 (the network's output stride), e.g. 508; --size_p must"),
         (["--compile", "--train"], "--compile applies to evaluation; drop --train"),
         (["--compile", "--count_ops"], "--tensor_peak and --count_ops would measure the eager networks"),
+        (["--count_kernels", "--device", "cuda"], "--count_kernels counts on the CPU"),
     ],
 )
 def test_flags_that_cannot_work_stop_before_any_case(flags, message, monkeypatch):
@@ -126,7 +127,7 @@ def test_bf16_evaluation_on_the_cpu_reports_the_tensor_peak(capsys):
     weights = sum(t.numel() * 4 for t in module_tensors(rule_session(Case(3, **TINY)).model))
     assert weights < fp32.tensor_peak_mb * (1 << 20)
     assert bf16.tensor_peak_mb < fp32.tensor_peak_mb - 0.4 * weights / (1 << 20)
-    assert format_row(bf16).split()[-2] == f"{bf16.tensor_peak_mb:.0f}"
+    assert format_row(bf16).split()[-3] == f"{bf16.tensor_peak_mb:.0f}"
     assert run_case(Case(3, **{**TINY, "repeat": 1})).tensor_peak_mb is None
 
 
@@ -140,10 +141,49 @@ def test_op_count_tells_views_from_kernels():
     assert (count.calls, count.views) == (4, 2)
 
 
+@pytest.fixture
+def kernel_profile_restored(monkeypatch):
+    """show_compiled_kernels sets inductor's configuration for the process; undone after."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "enable_kernel_profile", inductor_config.cpp.enable_kernel_profile)
+
+
+def test_kernel_count_sees_into_compiled_code(kernel_profile_restored):
+    """Eager, three operators are three kernels; compiled, inductor fuses them into one,
+    which the profiler shows once inductor records its kernels (OpCount's dispatch mode
+    would make the compiled function run eager)."""
+    show_compiled_kernels()
+
+    def f(x):
+        return x.sin().cos().add(1)
+
+    compiled, x = torch.compile(f), torch.randn(100)
+    compiled(x)
+    counts = []
+    for fn in (f, compiled):
+        with KernelCount() as count:
+            fn(x)
+        counts.append((count.calls, count.views))
+    assert counts == [(3, 0), (1, 0)]
+    with KernelCount() as count:
+        y = x[1:]  # a view
+        z = y + 1
+        torch.zeros(2)  # one call, however many operators it calls inside
+        z.view(-1, 1)  # a view
+    assert (count.calls, count.views) == (4, 2)
+
+
+def test_count_kernels_reports_host_calls_per_image(kernel_profile_restored):
+    record = run_case(Case(3, count_kernels=True, **{**TINY, "repeat": 1}))
+    assert record.kernels > record.kernel_views > 0
+    assert format_row(record).split()[-1] == str(record.kernels)
+
+
 def test_count_ops_reports_operators_per_image(capsys):
     record = run_case(Case(3, count_ops=True, **{**TINY, "repeat": 1}))
     assert record.ops > record.view_ops > 0
-    assert format_row(record).split()[-1] == str(record.ops)
+    assert format_row(record).split()[-2] == str(record.ops)
     assert run_case(Case(1, **{**TINY, "repeat": 1})).ops is None
 
 
