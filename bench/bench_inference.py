@@ -88,7 +88,7 @@ class Record:
     memory on a GPU; tensor_peak_mb (eval with --tensor_peak): peak bytes of live tensors,
     weights included, on any device (bench/tensor_peak.py); kernels, kernel_views (eval with
     --count_kernels): host calls per image that each stand for a kernel, eager or compiled,
-    and the views among them (bench/op_count.KernelCount); ops, view_ops (eval with --count_ops):
+    the views among them and those made inside compiled code (bench/op_count.KernelCount); ops, view_ops (eval with --count_ops):
     operator calls per image, and how many of them only made views (bench/op_count.py)."""
 
     case: dict[str, Any]
@@ -104,6 +104,7 @@ class Record:
     view_ops: Optional[int] = None
     kernels: Optional[int] = None
     kernel_views: Optional[int] = None
+    kernels_compiled: Optional[int] = None
 
     @property
     def images_per_s(self) -> float:
@@ -256,6 +257,7 @@ def run_case(case: Case) -> Record:
         view_ops=None if counted is None else counted.views,
         kernels=None if kernels is None else kernels.calls,
         kernel_views=None if kernels is None else kernels.views,
+        kernels_compiled=None if kernels is None else kernels.compiled,
     )
 
 

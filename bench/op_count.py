@@ -39,12 +39,14 @@ class KernelCount:
     for a kernel, in eager and compiled code alike (where OpCount cannot see into compiled
     code, which a dispatch mode makes run eager): the outermost ATen operators (one per
     call from Python or from a compiled graph, such as its convolutions) and inductor's
-    generated kernels; c.views those operators that only make a view. From the profiler's
-    CPU events, so on a GPU it counts launches, not the kernels that ran."""
+    generated kernels; c.views those operators that only make a view; c.compiled the calls
+    made inside compiled code. From the profiler's CPU events, so on a GPU it counts
+    launches, not the kernels that ran."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.views = 0
+        self.compiled = 0
         self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
     def __enter__(self) -> KernelCount:
@@ -54,11 +56,11 @@ class KernelCount:
     def __exit__(self, *exc: Any) -> None:
         self._profile.__exit__(*exc)
         for event in self._profile.events():
-            if _KERNEL_NAME.match(event.name):
+            kernel = bool(_KERNEL_NAME.match(event.name))
+            if kernel or (event.name.startswith("aten::") and not _within(event, "aten::")):
                 self.calls += 1
-            elif event.name.startswith("aten::") and not _inside_aten(event):
-                self.calls += 1
-                self.views += _is_view(event.name)
+                self.views += not kernel and _is_view(event.name)
+                self.compiled += _within(event, "Torch-Compiled Region")
 
 
 def show_compiled_kernels() -> None:
@@ -68,10 +70,11 @@ def show_compiled_kernels() -> None:
     inductor_config.cpp.enable_kernel_profile = True
 
 
-def _inside_aten(event: Any) -> bool:
+def _within(event: Any, prefix: str) -> bool:
+    """Whether an enclosing event's name starts with prefix."""
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("aten::"):
+        if parent.name.startswith(prefix):
             return True
         parent = parent.cpu_parent
     return False
