@@ -250,17 +250,17 @@ def make_session(
         frozen_global.to(device).eval()
     if config.channels_last:
         use_channels_last(model, frozen_global)
+    if config.compile and not inference:
+        raise ValueError("compile applies to networks that only predict (inference=True)")
     amp = AMP_DTYPES.get(config.amp)
+    session = Session(stage, model, frozen_global, table, tuple(config.size_g), tuple(config.size_p),
+                      config.sub_batch_size, config.lamb_fmreg, device, dist, amp, config.micro_batch_size)
     if inference:
         set_branch_modes(model, stage, training=False)
         store_for_inference(amp, model, frozen_global)
         if config.compile:
-            compile_for_inference(model, frozen_global, config.micro_batch_size
-                                  or default_micro_batch_size(device, config.sub_batch_size))
-    elif config.compile:
-        raise ValueError("compile applies to networks that only predict (inference=True)")
-    return Session(stage, model, frozen_global, table, tuple(config.size_g), tuple(config.size_p),
-                   config.sub_batch_size, config.lamb_fmreg, device, dist, amp, config.micro_batch_size)
+            compile_for_inference(model, frozen_global, session.micro_batch)
+    return session
 
 
 def build_optimizer(model: GLNet, stage: Stage, lr: float) -> torch.optim.Adam:

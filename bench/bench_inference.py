@@ -84,12 +84,13 @@ class Case:
 class Record:
     """What a case measured. seconds: median over the timed runs of one image (eval) or
     one step (train); first_seconds: the warm-up run before them (with compile: compiling
-    included, the first image's latency); peak_mb: the process's peak RSS on the CPU, peak allocated CUDA
-    memory on a GPU; tensor_peak_mb (eval with --tensor_peak): peak bytes of live tensors,
-    weights included, on any device (bench/tensor_peak.py); kernels, kernel_views (eval with
-    --count_kernels): host calls per image that each stand for a kernel, eager or compiled,
-    the views among them and those made inside compiled code (bench/op_count.KernelCount); ops, view_ops (eval with --count_ops):
-    operator calls per image, and how many of them only made views (bench/op_count.py)."""
+    included, the first image's latency); peak_mb: the process's peak RSS on the CPU, peak
+    allocated CUDA memory on a GPU; tensor_peak_mb (eval with --tensor_peak): peak bytes of
+    live tensors, weights included, on any device (bench/tensor_peak.py); ops, view_ops (eval
+    with --count_ops): operator calls per image, and how many of them only made views
+    (bench/op_count.py); kernels, kernel_views, kernels_compiled (eval with --count_kernels):
+    host calls per image that each stand for a kernel, eager or compiled, the views among
+    them and those made inside compiled code (bench/op_count.KernelCount)."""
 
     case: dict[str, Any]
     seconds: float
@@ -380,15 +381,16 @@ TABLE_HEADER = (f"{'mode':>4} {'size':>6} {'kind':>8} {'device':>7} {'amp':>5} {
                 f"{'first s':>8} {'peak MB':>9} {'tensor MB':>9} {'ops':>7} {'kernels':>7}")
 
 
+def _shown(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_row(r: Record) -> str:
     c = r.case
-    def shown(value: Any, spec: str = "") -> str:
-        return "-" if value is None else format(value, spec)
-
     return (
         f"{c['mode']:>4} {c['size']:>6} {c['kind']:>8} {c['device']:>7} {c['amp'] or '-':>5} "
-        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {shown(r.first_seconds, '.1f'):>8} {r.peak_mb:>9.0f} "
-        f"{shown(r.tensor_peak_mb, '.0f'):>9} {shown(r.ops):>7} {shown(r.kernels):>7}"
+        f"{r.seconds:>9.3f} {r.images_per_s:>9.3f} {_shown(r.first_seconds, '.1f'):>8} {r.peak_mb:>9.0f} "
+        f"{_shown(r.tensor_peak_mb, '.0f'):>9} {_shown(r.ops):>7} {_shown(r.kernels):>7}"
     )
 
 
