@@ -59,7 +59,7 @@ class KernelCount:
             kernel = bool(_KERNEL_NAME.match(event.name))
             if kernel or (event.name.startswith("aten::") and not _within(event, "aten::")):
                 self.calls += 1
-                self.views += not kernel and _is_view(event.name)
+                self.views += not kernel and _only_views(event)
                 self.compiled += _within(event, "Torch-Compiled Region")
 
 
@@ -78,6 +78,13 @@ def _within(event: Any, prefix: str) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+def _only_views(event: Any) -> bool:
+    """Whether an operator's call made views only: a view operator none of whose inner
+    calls made anything else (a reshape that cannot view copies)."""
+    return _is_view(event.name) and all(_only_views(child) for child in event.cpu_children
+                                        if child.name.startswith("aten::"))
 
 
 def _is_view(name: str) -> bool:
