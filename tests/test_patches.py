@@ -504,6 +504,26 @@ def test_crop_and_paste_cost_few_kernels_however_many_patches(channels_last):
     assert kernels(36) == (crop, ["upsample_bilinear2d"] + 4 * across_rows)
 
 
+def test_crop_is_never_a_view_of_the_map():
+    # One patch over the whole image and a crop of the map's own size: nothing to gather or
+    # resize, yet the crop must not share the map's memory (a caller may write into either).
+    grid = PatchGrid.build((200, 300), (508, 508))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        fmap = torch.randn(1, 3, 8, 12).contiguous(memory_format=layout)
+        crop = crop_to_patches(fmap, grid, [0], (8, 12))
+        assert torch.equal(crop, fmap) and crop.untyped_storage().data_ptr() != fmap.untyped_storage().data_ptr()
+
+
+def test_paste_of_narrower_maps_rounds_once_and_wider_ones_are_refused():
+    grid = PatchGrid.build((600, 600), (256, 256))
+    maps = torch.randn(len(grid), 4, 3, 3).bfloat16()  # 3 x 3: every box's size, so no resize
+    wide = paste_patches(torch.zeros(1, 4, 8, 8), maps, grid, range(len(grid)))
+    # bf16 values are exact in fp32: the same sums as pasting them already widened.
+    assert torch.equal(wide, paste_patches(torch.zeros(1, 4, 8, 8), maps.float(), grid, range(len(grid))))
+    with pytest.raises(TypeError, match="rounding twice"):
+        paste_patches(torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16), maps.float(), grid, range(len(grid)))
+
+
 def test_paste_into_a_channels_last_canvas():
     grid = PatchGrid.build((600, 600), (256, 256))
     maps = torch.randn(len(grid), 4, 5, 5)

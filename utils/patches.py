@@ -163,7 +163,7 @@ def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size:
     # In the map's own layout (with standard strides even where h or w is 1), which the
     # resize keeps: the head then joins crops and its own maps without converting either.
     layout = memory_format_of(fmap)
-    pieces = [resize(_in_layout(_unit_crops(fmap, pixels, u), layout), size) for u in units]
+    pieces = [resize(_fresh_in_layout(_unit_crops(fmap, pixels, u), u, layout), size) for u in units]
     if len(pieces) == 1:  # one unit: every patch, in order
         return pieces[0]
     first = pieces[0]
@@ -175,13 +175,16 @@ def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size:
 
 def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: Sequence[int]) -> Tensor:
     """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place
-    (the one function here that writes into its input), and return canvas.
+    (the one function here that writes into its input), and return canvas. The canvas is a
+    dense NCHW or channels-last tensor of the maps' dtype or a wider one.
 
     Patches go in groups whose boxes are disjoint, one indexed add per group and box size,
     so every cell receives its terms in a fixed order on every device: group by group, which
     where three or more boxes overlap is not always patch order (the sum can then differ from
     a patch-by-patch loop in its last bits).
     """
+    if patch_maps.dtype != canvas.dtype and patch_maps.dtype.itemsize >= canvas.dtype.itemsize:
+        raise TypeError(f"cannot add {patch_maps.dtype} maps into a {canvas.dtype} canvas without rounding twice")
     units = _box_units(grid, tuple(indices), tuple(canvas.shape[-2:]), canvas.device, True)
     # Every patch resized at once, one resize per box size, then each unit's picked: on the
     # CPU a strided slice of a channels-last batch resizes some 20 times slower.
@@ -196,7 +199,7 @@ def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: 
         cells, dim = _cell_table(canvas)
         # No two terms of one call meet in a cell, so the sums do not depend on the order
         # in which the device adds them.
-        cells.index_add_(dim, unit.cells, _as_cell_table(maps, dim))
+        cells.index_add_(dim, unit.cells, _as_cell_table(maps, dim).to(canvas.dtype))
     return canvas
 
 
@@ -215,14 +218,6 @@ def _as_cell_table(maps: Tensor, dim: int) -> Tensor:
     if dim == 0:
         return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
     return maps.transpose(0, 1).reshape(maps.shape[1], -1)
-
-
-def _in_layout(x: Tensor, layout: torch.memory_format) -> Tensor:
-    """x itself where it has the standard strides of layout (a gather of boxes has those of
-    channels-last), else a copy that has them."""
-    _, c, h, w = x.shape
-    standard = (h * w * c, 1, w * c, c) if layout == torch.channels_last else (c * h * w, h * w, w, 1)
-    return x if x.stride() == standard else x.clone(memory_format=layout)
 
 
 class _BoxUnit(NamedTuple):
@@ -248,6 +243,15 @@ def _unit_crops(fmap: Tensor, pixels: Tensor, unit: _BoxUnit) -> Tensor:
     if unit.single is not None:
         return _box_slice(fmap, unit)
     return pixels[unit.rows, unit.cols].permute(0, 3, 1, 2)
+
+
+def _fresh_in_layout(crops: Tensor, unit: _BoxUnit, layout: torch.memory_format) -> Tensor:
+    """The unit's crops as a tensor of their own with the standard strides of layout: a
+    gather is one already where it has them (a gather of boxes has channels-last's); a
+    slice of the map is copied."""
+    _, c, h, w = crops.shape
+    standard = (h * w * c, 1, w * c, c) if layout == torch.channels_last else (c * h * w, h * w, w, 1)
+    return crops if unit.single is None and crops.stride() == standard else crops.clone(memory_format=layout)
 
 
 # Entries are small (index tensors of a few boxes). An image needs about eight per pass
