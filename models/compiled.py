@@ -2,9 +2,11 @@
 
 Each backbone and each FPN head is compiled as a whole, in place (`nn.Module.compile`, so
 the state-dict keys keep their names). Everything between them stays eager: cutting the
-patches, cropping the global maps at them, pasting the local maps into the whole-image
-canvases and the ensemble. Those depend on which patches a pass holds, and a compiled
-graph would be specialised on each pass's positions.
+patches, pasting the local maps into the whole-image canvases and the ensemble. Those
+depend on which patches a pass holds, and a compiled graph would be specialised on each
+pass's positions. The local head crops the global maps itself, each when it reads it, by
+sampling plans made before it runs (models/glnet._Crops), whose shapes do not depend on
+where the patches lie or on the image's size.
 
 Graphs are static, planned for their exact shapes, which then depend only on size_g, size_p,
 the images in a batch and the patches in a pass: a folder of images of one size compiles
@@ -24,11 +26,9 @@ def compile_for_inference(model: GLNet, frozen_global: Optional[GlobalBranch] = 
     """Compile the backbones and FPN heads of networks that only predict, in place.
 
     largest_pass: the most patches a pass holds; every count up to it may get its graph.
-    The local head takes every crop of the global maps made before it runs, instead of one
-    at a time (GLNet.lazy_crops): at size_p 508 that holds about 22 M values per patch at
-    once (43 MB in bf16) while the head runs. The frozen stage-1 branch's head
-    (`GlobalBranch.context_maps`) runs once per image and stays eager."""
-    model.lazy_crops = False
+    The frozen stage-1 branch's head (`GlobalBranch.context_maps`) runs once per image and
+    stays eager."""
+    model.sampled_crops = True
     # Dynamo keeps graphs per function, not per module: the backbones share one forward,
     # the heads another. The backbones' graphs: one per pass size, and the global and the
     # frozen one's for a full and a last batch of images. Past torch's limit (8 by

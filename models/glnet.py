@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.backbone import ResNetBackbone
 from models.fpn import FPN, Context, FPNOutput, Levels
-from utils.patches import PatchGrid, crop_to_patches, coverage_on_map, paste_patches
+from utils.patches import PatchGrid, coverage_on_map, crop_sampled, crop_to_patches, paste_patches, sampling_plan
 
 BRANCH_GROUPS = ("resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv")
 
@@ -62,13 +62,25 @@ class _Crops(SequenceABC):
     """Whole-image maps (batch of one) cropped at patches and resized, each made when read.
 
     The local head reads each map once, so a crop lives only as long as the layer that
-    consumes it, instead of all sixteen for the whole head.
+    consumes it, instead of all sixteen for the whole head. With `sampled`, for a compiled
+    head, each crop is read by its sampling plan, made here, before the head runs: the
+    head's graph then sees index and weight tensors of fixed shapes, not where the patches
+    lie or how large their boxes are, which would specialise it on each pass and image size.
     """
 
     def __init__(
-        self, maps: Sequence[Tensor], grid: PatchGrid, indices: Sequence[int], sizes: Sequence[Sequence[int]]
+        self,
+        maps: Sequence[Tensor],
+        grid: PatchGrid,
+        indices: Sequence[int],
+        sizes: Sequence[Sequence[int]],
+        sampled: bool = False,
     ) -> None:
         self.maps, self.grid, self.indices, self.sizes = maps, grid, indices, sizes
+        self.plans = None
+        if sampled:
+            self.plans = [sampling_plan(grid, tuple(indices), tuple(m.shape[-2:]), tuple(int(n) for n in size), m.device)
+                          for m, size in zip(maps, sizes)]
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -76,6 +88,8 @@ class _Crops(SequenceABC):
     def __getitem__(self, level: int) -> Tensor:  # type: ignore[override]
         if not isinstance(level, int):
             raise TypeError("crops are read one level at a time")
+        if self.plans is not None:
+            return crop_sampled(self.maps[level], self.plans[level])
         return crop_to_patches(self.maps[level], self.grid, self.indices, self.sizes[level])
 
 
@@ -84,15 +98,14 @@ def image_context(context: Context, i: int) -> Context:
     return _map_tensors(context, lambda t: t[i : i + 1])
 
 
-def crop_context(g: Context, grid: PatchGrid, indices: Sequence[int], local_c: Levels, lazy: bool = True) -> Context:
+def crop_context(g: Context, grid: PatchGrid, indices: Sequence[int], local_c: Levels, sampled: bool = False) -> Context:
     """The global maps g (batch of one image) cropped at each patch and resized to the local
-    maps, lazily (see _Crops), or with lazy=False all made now."""
+    maps, each when read, by sampling plans with `sampled` (see _Crops)."""
     levels = _level_sizes(local_c)
-    crops = Context(
-        _Crops(g.c, grid, indices, [own.shape[-2:] for own in local_c]),
-        *(_Crops(maps, grid, indices, levels) for maps in g[1:]),
+    return Context(
+        _Crops(g.c, grid, indices, [own.shape[-2:] for own in local_c], sampled),
+        *(_Crops(maps, grid, indices, levels, sampled) for maps in g[1:]),
     )
-    return crops if lazy else Context(*(tuple(field) for field in crops))
 
 
 def empty_context(like: Context) -> Context:
@@ -153,10 +166,8 @@ class GLNet(_GlobalBranchMixin, nn.Module):
     """The whole two-branch network. Attribute names and registration order give the
     authors' state-dict keys and order."""
 
-    # A lazy crop lives only as long as the layer that reads it. A compiled local head
-    # (models/compiled.py) would trace into the crops and specialise on each pass's patch
-    # positions, so it is given every crop made beforehand.
-    lazy_crops: bool = True
+    # A compiled local head (models/compiled.py) crops by sampling plans (see _Crops).
+    sampled_crops: bool = False
 
     def __init__(self, n_class: int, backbone: str = "resnet50") -> None:
         super().__init__()
@@ -188,7 +199,7 @@ class GLNet(_GlobalBranchMixin, nn.Module):
         Never checkpointed: it is trained only in stage 2, whose loss is backpropagated right
         after each (micro-)batch's head, so recomputation could not lower the peak.
         """
-        return self.fpn_local(c, crop_context(context, grid, indices, c, self.lazy_crops))
+        return self.fpn_local(c, crop_context(context, grid, indices, c, self.sampled_crops))
 
     # ensemble_conv sees cat(local ps3, global ps3 crop). A convolution is linear in its
     # input channels, so it splits into a local term and a global term. Stage 3 evaluation

@@ -24,11 +24,13 @@ from utils.patches import (
     PatchGrid,
     axis_origins,
     coverage_on_map,
+    crop_sampled,
     crop_to_patches,
     extract_patches,
     merge_argmax,
     merge_logits,
     paste_patches,
+    sampling_plan,
     upsample_argmax,
     _box_units,
 )
@@ -413,6 +415,27 @@ def test_crop_equals_slicing_each_box(image, p, map_size, indices, channels_last
         layout = torch.channels_last if channels_last else torch.contiguous_format
         assert crops.is_contiguous(memory_format=layout), size
         assert channels_last or crops.stride() == torch.empty(crops.shape).stride(), size
+
+
+@pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_sampled_crop_is_the_bilinear_resize_of_each_box_and_its_plan_ignores_the_boxes(image, p, map_size, indices,
+                                                                                        channels_last):
+    grid = PatchGrid.build(image, (p, p))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    fmap = torch.randn(1, 5, *map_size).contiguous(memory_format=layout)
+    for size in ((7, 9), (31, 31), grid.cell_box(indices[0], map_size)[2:]):
+        plan = sampling_plan(grid, tuple(indices), map_size, size, torch.device("cpu"))
+        # Its shapes depend on the patches' number and the output size only.
+        assert [tuple(t.shape) for t in plan] == 4 * [(len(indices), size[0])] + 4 * [(len(indices), size[1])]
+        expected = torch.cat([F.interpolate(fmap[:, :, t : t + h, l : l + w], size=size, mode="bilinear",
+                                            align_corners=False) for t, l, h, w in _boxes(grid, indices, map_size)])
+        crops = crop_sampled(fmap, plan)
+        torch.testing.assert_close(crops, expected, rtol=1e-5, atol=1e-5)  # float rounding in another order
+        assert crops.is_contiguous(memory_format=layout)
+    half = crop_sampled(fmap.bfloat16(), plan)  # computed in float32, rounded once
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half, crop_sampled(fmap.bfloat16().float(), plan).bfloat16(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES[2:7])

@@ -173,6 +173,70 @@ def crop_to_patches(fmap: Tensor, grid: PatchGrid, indices: Sequence[int], size:
     return out
 
 
+class SamplingPlan(NamedTuple):
+    """Where and with what weights each output pixel of a bilinear crop reads its map: per
+    patch, output rows read map rows r0 and r1 weighted y0 and y1, columns likewise."""
+
+    r0: Tensor  # (n, H) int64
+    r1: Tensor
+    y0: Tensor  # (n, H) float32
+    y1: Tensor
+    c0: Tensor  # (n, W) int64
+    c1: Tensor
+    x0: Tensor  # (n, W) float32
+    x1: Tensor
+
+
+@functools.lru_cache(maxsize=4096)
+def sampling_plan(
+    grid: PatchGrid, indices: tuple[int, ...], map_size: tuple[int, int], size: tuple[int, int], device: torch.device
+) -> SamplingPlan:
+    """The plan of crop_sampled: crop_to_patches's boxes on a map of map_size, each resized
+    to `size` as F.interpolate's bilinear rule (align_corners=False) resizes it. Its shapes
+    depend on the patches' number and `size` alone, not on the boxes. Cached per device."""
+    boxes = [grid.cell_box(i, map_size) for i in indices]
+    with torch.inference_mode(False):
+        rows = [_axis_taps(t, h, size[0]) for t, _, h, _ in boxes]
+        cols = [_axis_taps(l, w, size[1]) for _, l, _, w in boxes]
+        r0, r1, y0, y1 = (torch.stack(part).to(device) for part in zip(*rows))
+        c0, c1, x0, x1 = (torch.stack(part).to(device) for part in zip(*cols))
+        return SamplingPlan(r0, r1, y0, y1, c0, c1, x0, x1)
+
+
+def _axis_taps(start: int, length: int, out: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear taps along one axis of a box (start, length) resized to `out` cells, by
+    torch's rule for align_corners=False: source (i + 0.5) * length / out - 0.5, in float32,
+    clamped at 0; the upper tap stays on the box's last cell."""
+    scale = torch.tensor(length, dtype=torch.float32) / out
+    source = ((torch.arange(out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    lower = source.long()
+    upper = torch.where(lower < length - 1, lower + 1, lower)
+    weight_upper = source - lower
+    return start + lower, start + upper, 1 - weight_upper, weight_upper
+
+
+def crop_sampled(fmap: Tensor, plan: SamplingPlan) -> Tensor:
+    """crop_to_patches of a whole-image map (1, C, Hf, Wf) by its sampling plan: (n, C, H, W),
+    in the map's memory format, computed in float32 at least.
+
+    For compiled code: the result's shape and the graph depend on the plan's shapes, not on
+    where the boxes lie or how large they are, so one graph serves images of any size; a
+    compiler fuses the four gathers and their weighted sum into the kernels that use it.
+    Equal to crop_to_patches up to float rounding (the order of its terms is not eager's).
+    """
+    pixels = fmap[0].permute(1, 2, 0)  # (Hf, Wf, C)
+    work = torch.promote_types(fmap.dtype, torch.float32)
+
+    def taps(rows: Tensor, cols: Tensor) -> Tensor:  # (n, H, W, C)
+        return pixels[rows[:, :, None], cols[:, None, :]].to(work)
+
+    def across(rows: Tensor) -> Tensor:
+        return taps(rows, plan.c0) * plan.x0[:, None, :, None] + taps(rows, plan.c1) * plan.x1[:, None, :, None]
+
+    out = across(plan.r0) * plan.y0[:, :, None, None] + across(plan.r1) * plan.y1[:, :, None, None]
+    return out.to(fmap.dtype).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(fmap))
+
+
 def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: Sequence[int]) -> Tensor:
     """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place
     (the one function here that writes into its input), and return canvas. The canvas is a
