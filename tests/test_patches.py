@@ -438,6 +438,24 @@ def test_sampled_crop_is_the_bilinear_resize_of_each_box_and_its_plan_ignores_th
     torch.testing.assert_close(half, crop_sampled(fmap.bfloat16().float(), plan).bfloat16(), rtol=0, atol=0)
 
 
+def test_sampling_weights_are_torchs_bilinear_weights_to_the_bit():
+    """Resizing one-hot columns with F.interpolate gives, at each output, the weight torch
+    puts on each input: the plan's weights must be those, for upsampling and downsampling."""
+    grid = PatchGrid.build((2448, 2448), (508, 508))
+    for length in (1, 2, 3, 7, 26, 64, 127):
+        one_hot = torch.eye(length).reshape(length, 1, length, 1)
+        for out in (1, 2, 5, 16, 31, 64, 127, 300):
+            expected = F.interpolate(one_hot, size=(out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T
+            # A box of that length, starting at row 0 of a map as tall: patch 0's box.
+            map_size = (length * 2448 // 508 + 1, 8)
+            assert grid.cell_box(0, map_size)[2] == length
+            plan = sampling_plan(grid, (0,), map_size, (out, 1), torch.device("cpu"))
+            weights = torch.zeros(out, length)
+            weights[torch.arange(out), plan.r0[0]] += plan.y0[0]
+            weights[torch.arange(out), plan.r1[0]] += plan.y1[0]
+            assert torch.equal(weights, expected), (length, out)
+
+
 @pytest.mark.parametrize("image, p, map_size, indices", BOX_CASES[2:7])
 def test_crop_gradients_are_those_of_slicing_and_repeatable(image, p, map_size, indices):
     grid = PatchGrid.build(image, (p, p))

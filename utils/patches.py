@@ -205,10 +205,11 @@ def sampling_plan(
 
 def _axis_taps(start: int, length: int, out: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Bilinear taps along one axis of a box (start, length) resized to `out` cells, by
-    torch's rule for align_corners=False: source (i + 0.5) * length / out - 0.5, in float32,
-    clamped at 0; the upper tap stays on the box's last cell."""
+    torch's rule for align_corners=False: source (i + 0.5) * scale - 0.5 with scale
+    length / out in float32, the source rounded to float32 once (as a fused multiply-add
+    rounds it), clamped at 0; the upper tap stays on the box's last cell."""
     scale = torch.tensor(length, dtype=torch.float32) / out
-    source = ((torch.arange(out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    source = ((torch.arange(out, dtype=torch.float64) + 0.5) * scale.double() - 0.5).float().clamp_(min=0)
     lower = source.long()
     upper = torch.where(lower < length - 1, lower + 1, lower)
     weight_upper = source - lower
@@ -217,12 +218,15 @@ def _axis_taps(start: int, length: int, out: int) -> tuple[Tensor, Tensor, Tenso
 
 def crop_sampled(fmap: Tensor, plan: SamplingPlan) -> Tensor:
     """crop_to_patches of a whole-image map (1, C, Hf, Wf) by its sampling plan: (n, C, H, W),
-    in the map's memory format, computed in float32 at least.
+    in the map's memory format, computed in float32 (float16 and bfloat16 maps are rounded
+    once, at the end).
 
     For compiled code: the result's shape and the graph depend on the plan's shapes, not on
     where the boxes lie or how large they are, so one graph serves images of any size; a
     compiler fuses the four gathers and their weighted sum into the kernels that use it.
-    Equal to crop_to_patches up to float rounding (the order of its terms is not eager's).
+    The plan's weights are torch's; the sums equal crop_to_patches's up to float rounding.
+    Eager, it holds four float32 gathers per crop: for compiled code only. Not for float64
+    maps, whose resize torch weighs in float64.
     """
     pixels = fmap[0].permute(1, 2, 0)  # (Hf, Wf, C)
     work = torch.promote_types(fmap.dtype, torch.float32)
