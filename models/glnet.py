@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.backbone import ResNetBackbone
 from models.fpn import FPN, Context, FPNOutput, Levels
+from utils.layout import memory_format_of
 from utils.patches import PatchGrid, coverage_on_map, crop_sampled, crop_to_patches, paste_patches, sampling_plan
 
 BRANCH_GROUPS = ("resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv")
@@ -108,33 +109,60 @@ def crop_context(g: Context, grid: PatchGrid, indices: Sequence[int], local_c: L
     )
 
 
-def empty_context(like: Context) -> Context:
+class Canvases(NamedTuple):
+    """Whole-image maps into which stage 3 adds the local features, zero at first.
+
+    One buffer per map size holds every map of that size along its channels, so that a
+    pass adds into all of them at once (four adds instead of sixteen; each map's values
+    are the same, channel by channel). `context` is the same maps as views of the buffers.
+    """
+
+    buffers: tuple[Tensor, ...]
+    members: tuple[tuple[tuple[int, int], ...], ...]  # per buffer, its maps' (field, level) in channel order
+    context: Context
+
+
+def empty_canvases(like: Context) -> Canvases:
     """Zero canvases shaped and laid out like one image's global maps, for merging local
     features (the global head later joins them with its own maps)."""
-    return Context(*(tuple(torch.zeros_like(m[:1]) for m in maps) for maps in like))  # type: ignore[arg-type]
+    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for field, maps in enumerate(like):
+        for level, m in enumerate(maps):
+            groups.setdefault(tuple(m.shape[-2:]), []).append((field, level))
+    views: list[list[Optional[Tensor]]] = [[None] * len(maps) for maps in like]
+    buffers = []
+    for size, members in groups.items():
+        first = like[members[0][0]][members[0][1]]
+        channels = [like[field][level].shape[1] for field, level in members]
+        buffer = torch.empty((1, sum(channels), *size), dtype=first.dtype, device=first.device,
+                             memory_format=memory_format_of(first)).zero_()
+        start = 0
+        for (field, level), n in zip(members, channels):
+            views[field][level] = buffer[:, start : start + n]
+            start += n
+        buffers.append(buffer)
+    return Canvases(tuple(buffers), tuple(tuple(m) for m in groups.values()),
+                    Context(*(tuple(v) for v in views)))  # type: ignore[arg-type]
 
 
-def paste_context(canvases: Context, local: Context, grid: PatchGrid, indices: Sequence[int]) -> None:
+def paste_context(canvases: Canvases, local: Context, grid: PatchGrid, indices: Sequence[int]) -> None:
     """Add the local maps of the given patches into the whole-image canvases."""
-    for canvas_maps, local_maps in zip(canvases, local):
-        for canvas, patch_maps in zip(canvas_maps, local_maps):
-            paste_patches(canvas, patch_maps, grid, indices)
+    for buffer, members in zip(canvases.buffers, canvases.members):
+        paste_patches(buffer, [local[field][level] for field, level in members], grid, indices)
 
 
-def normalise_context_(canvases: Context, grid: PatchGrid) -> Context:
-    """Divide merged maps in place by the pixel coverage template resized to each map, and
-    return them. In place, so no second copy of the canvases is ever held.
+def normalise_context_(canvases: Canvases, grid: PatchGrid) -> Context:
+    """Divide the merged maps in place by the pixel coverage template resized to each map,
+    and return them as a Context of maps of their own in the buffers' layout.
 
     Cells no crop reaches stay 0 (0 / coverage); this is the authors' normalisation.
     """
-    cache: dict[tuple[int, int], Tensor] = {}
-    for maps in canvases:
-        for m in maps:
-            key = tuple(m.shape[-2:])
-            if key not in cache:
-                cache[key] = coverage_on_map(grid, key, m.device).to(m.dtype)
-            m.div_(cache[key])
-    return canvases
+    for buffer in canvases.buffers:
+        buffer.div_(coverage_on_map(grid, buffer.shape[-2:], buffer.device).to(buffer.dtype))
+    # A channels-last buffer's maps are strided views, which the global head would resize
+    # by another path of torch's, with other rounding; an NCHW buffer's are dense already.
+    layout = memory_format_of(canvases.buffers[0])
+    return _map_tensors(canvases.context, lambda m: m.contiguous(memory_format=layout))
 
 
 class _GlobalBranchMixin:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from models.fpn import Context, Levels
-from models.glnet import (BranchOutput, GLNet, GlobalBranch, empty_context, image_context, normalise_context_,
-                          paste_context)
+from models.glnet import (BranchOutput, Canvases, GLNet, GlobalBranch, empty_canvases, image_context,
+                          normalise_context_, paste_context)
 from utils.images import to_unit_float
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
@@ -319,7 +319,7 @@ def _merge_local_features(
     merged, kept, local_logits = [], [], []
     for i, (image, grid) in enumerate(zip(run.batch.images, run.grids)):
         context = image_context(fixed, i)
-        canvases = empty_context(context)
+        canvases = empty_canvases(context)
         terms = None if recompute else _PerPatch(len(grid))
         logits = _PerPatch(len(grid))
         for idx in grid.batches(run.micro_batch_size):
@@ -437,7 +437,7 @@ def _local2global_pass(
     grid: PatchGrid,
     idx: range,
     context: Context,
-    canvases: Context,
+    canvases: Canvases,
     logits: Optional[_PerPatch],
     terms: Optional[_PerPatch],
     keep_ps3: bool,
@@ -517,12 +517,14 @@ def stream_patch_logits(
     if frozen_global is None:
         raise ValueError("stage 3 needs the frozen stage-1 global branch")
     context = frozen_global.context_maps(global_image)
-    canvases = empty_context(context)
+    canvases = empty_canvases(context)
     for idx in grid.batches(micro_batch_size):
         _local2global_pass(model, image, grid, idx, context, canvases, None, None, keep_ps3=False)
         report(len(idx))
-    glob = model.global_branch(global_image, normalise_context_(canvases, grid))
-    del canvases
+    merged = normalise_context_(canvases, grid)
+    del canvases  # channels-last canvases were copied into merged
+    glob = model.global_branch(global_image, merged)
+    del merged
     for row in range(start_row, grid.n_rows):
         ensemble = []
         for idx in row_patches(grid, row, micro_batch_size):

@@ -19,13 +19,15 @@ import torchvision
 from torch import Tensor, nn
 
 from conftest import DEVICES, FIXTURES, ROOT
+from test_patches import _Kernels
 from models.backbone import ResNetBackbone, fold_batchnorm
 from models.fpn import FPN, _concat_resized
-from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch, crop_context
+from models.glnet import (BRANCH_GROUPS, GLNet, GlobalBranch, crop_context, empty_canvases, normalise_context_,
+                          paste_context)
 from models.stages import Batch, Stage, run_stage, set_branch_modes
 from utils.layout import memory_format_of
 from utils.weight_rule import apply_rule_weights, rule_tensor
-from utils.patches import PatchGrid, crop_to_patches, extract_patches
+from utils.patches import PatchGrid, coverage_on_map, crop_to_patches, extract_patches, paste_patches
 from utils.resample import resize
 
 N_CLASS = 5
@@ -312,6 +314,44 @@ def test_channels_last_convolutions_get_channels_last_inputs(backward):
                       backward=backward)
     # Every head saw context: the check ran on the joined maps of both FPNs.
     assert {"model.fpn_local.smooth", "model.fpn_global.smooth", "model.fpn_global.smooth4_1_ext"} <= set(seen)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_merged_context_is_each_local_map_pasted_and_normalised_on_its_own(channels_last):
+    """Stage 3's canvases hold the maps of one size in one buffer, so a pass adds into four
+    buffers, not sixteen maps. The merged maps must be, to the bit, what pasting and
+    normalising every map on its own gives (the authors' per-map procedure), and come out
+    as dense maps in the network's layout, as the global head's convolutions expect."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = _small().to(memory_format=layout).eval()
+    grid = PatchGrid.build((300, 260), (96, 96))
+    joined, alone = _Kernels(), _Kernels()
+    with torch.no_grad():
+        like = model.global_branch(torch.rand(1, 3, 64, 64).contiguous(memory_format=layout)).context()
+        canvases = empty_canvases(like)
+        own = [[torch.zeros_like(m) for m in maps] for maps in like]
+        for idx in grid.batches(4):
+            patches = extract_patches(torch.rand(3, 300, 260), grid, idx).contiguous(memory_format=layout)
+            local = model.local_branch(patches, like, grid, idx).context()
+            paste_context(empty_canvases(like), local, grid, idx)  # makes the index tensors, counted in neither
+            with joined:
+                paste_context(canvases, local, grid, idx)
+            with alone:
+                for maps, patch_maps in zip(own, local):
+                    for canvas, m in zip(maps, patch_maps):
+                        paste_patches(canvas, m, grid, idx)
+        merged = normalise_context_(canvases, grid)
+    for field, (maps, ours) in enumerate(zip(own, merged)):
+        for level, (expected, got) in enumerate(zip(maps, ours)):
+            expected = expected / coverage_on_map(grid, expected.shape[-2:])
+            assert torch.equal(got, expected), (field, level)
+            assert got.is_contiguous(memory_format=layout), (field, level)
+    # Each map is still resized on its own; the joined pieces cost a cat per box size, and
+    # everything else (gathers, copies into tables of cells, the adds) a quarter as many calls.
+    resizes = [k.names.count("upsample_bilinear2d") for k in (joined, alone)]
+    rest = [[n for n in k.names if n not in ("upsample_bilinear2d", "cat")] for k in (joined, alone)]
+    assert resizes[0] == resizes[1] and "cat" not in alone.names
+    assert len(rest[1]) == 4 * len(rest[0]) and rest[0].count("index_add_") > 0
 
 
 # --------------------------------------------------------------------------- FPN context rules

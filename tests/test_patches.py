@@ -545,6 +545,24 @@ def test_crop_and_paste_cost_few_kernels_however_many_patches(channels_last):
     assert kernels(36) == (crop, ["upsample_bilinear2d"] + 4 * across_rows)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("indices", [range(6), range(36), [3, 9, 10, 20]], ids=["row", "grid", "scattered"])
+def test_paste_of_several_maps_adds_each_into_its_own_channels(channels_last, dtype, indices):
+    """Maps of one size pasted together: each channel of the canvas gets, to the bit, what
+    pasting its own map alone gives (itself checked against patch-by-patch slicing above)."""
+    grid = PatchGrid.build((2448, 2448), (508, 508))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    parts = [torch.randn(len(indices), c, 31, 31, dtype=dtype).contiguous(memory_format=layout) for c in (8, 3, 16)]
+    starts = [torch.randn(1, p.shape[1], 29, 29, dtype=dtype).contiguous(memory_format=layout) for p in parts]
+    canvas = torch.cat(starts, dim=1).contiguous(memory_format=layout)
+    paste_patches(canvas, parts, grid, indices)
+    alone = [paste_patches(start.clone(), part, grid, indices) for start, part in zip(starts, parts)]
+    assert torch.equal(canvas, torch.cat(alone, dim=1))
+    with pytest.raises(ValueError, match="do not fill a canvas of 28"):
+        paste_patches(torch.zeros(1, 28, 29, 29, dtype=dtype), parts, grid, indices)
+
+
 def test_crop_is_never_a_view_of_the_map():
     # One patch over the whole image and a crop of the map's own size: nothing to gather or
     # resize, yet the crop must not share the map's memory (a caller may write into either).

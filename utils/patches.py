@@ -241,25 +241,37 @@ def crop_sampled(fmap: Tensor, plan: SamplingPlan) -> Tensor:
     return out.to(fmap.dtype).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(fmap))
 
 
-def paste_patches(canvas: Tensor, patch_maps: Tensor, grid: PatchGrid, indices: Sequence[int]) -> Tensor:
+def paste_patches(
+    canvas: Tensor, patch_maps: Tensor | Sequence[Tensor], grid: PatchGrid, indices: Sequence[int]
+) -> Tensor:
     """Add each patch's map, resized to its cell box, into canvas (1, C, Hf, Wf) in place
     (the one function here that writes into its input), and return canvas. The canvas is a
     dense NCHW or channels-last tensor of the maps' dtype or a wider one.
+
+    patch_maps: (n, C, h, w), one map per patch of `indices`; or several such maps of one
+    size whose channels, joined in order, are the canvas's C: each is resized alone and the
+    pieces joined, so the canvas's channels receive what each map would add on its own,
+    in fewer, wider calls.
 
     Patches go in groups whose boxes are disjoint, one indexed add per group and box size,
     so every cell receives its terms in a fixed order on every device: group by group, which
     where three or more boxes overlap is not always patch order (the sum can then differ from
     a patch-by-patch loop in its last bits).
     """
-    if patch_maps.dtype != canvas.dtype and patch_maps.dtype.itemsize >= canvas.dtype.itemsize:
-        raise TypeError(f"cannot add {patch_maps.dtype} maps into a {canvas.dtype} canvas without rounding twice")
+    parts = [patch_maps] if isinstance(patch_maps, Tensor) else list(patch_maps)
+    for part in parts:
+        if part.dtype != canvas.dtype and part.dtype.itemsize >= canvas.dtype.itemsize:
+            raise TypeError(f"cannot add {part.dtype} maps into a {canvas.dtype} canvas without rounding twice")
+    if sum(part.shape[1] for part in parts) != canvas.shape[1]:
+        raise ValueError(f"maps of {[part.shape[1] for part in parts]} channels do not fill a canvas of {canvas.shape[1]}")
     units = _box_units(grid, tuple(indices), tuple(canvas.shape[-2:]), canvas.device, True)
     # Every patch resized at once, one resize per box size, then each unit's picked: on the
     # CPU a strided slice of a channels-last batch resizes some 20 times slower.
     resized: dict[tuple[int, int], Tensor] = {}
     for unit in units:
         if unit.size not in resized:
-            resized[unit.size] = resize(patch_maps, unit.size)
+            pieces = [resize(part, unit.size) for part in parts]
+            resized[unit.size] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         maps = resized[unit.size][unit.picks]
         if unit.single is not None:  # one box: a slice, no gather
             _box_slice(canvas, unit).add_(maps)
