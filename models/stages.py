@@ -155,31 +155,48 @@ class Batch:
 
 
 class _Losses:
-    """Computes the loss terms when labels exist and backpropagates them when training."""
+    """Computes the loss terms when labels exist and backpropagates them when training.
+
+    Their values reach the StageResult at the end of the run (`settle`), all in one copy
+    to the host: reading each as it is made would make the host wait for the device at
+    every sub-batch, with nothing queued behind it.
+    """
 
     def __init__(self, result: StageResult, backward: bool) -> None:
         self.result, self.backward = result, backward
+        self._pending: list[tuple[list[float], list[Tensor]]] = []  # (result list, terms of one value)
 
     def focal(self, logits: Tensor, target: Optional[Tensor]) -> Optional[Tensor]:
         if target is None:
             return None
         loss = focal_loss(logits, target)
-        self.result.criteria.append(loss.item())
+        self._pending.append((self.result.criteria, [loss.detach()]))
         return loss
 
     def step(self, loss: Optional[Tensor], retain_graph: bool = False) -> None:
         if loss is None:
             return
-        self.result.totals.append(loss.item())
+        self._pending.append((self.result.totals, [loss.detach()]))
         if self.backward:
             loss.backward(retain_graph=retain_graph)
 
-    def record_parts(self, fmreg: float, criteria: Sequence[float], total: float) -> None:
-        """The summed values of a step whose terms were computed and backpropagated in parts
-        (stage 2's micro-batches)."""
-        self.result.fmreg.append(fmreg)
-        self.result.criteria += criteria
-        self.result.totals.append(total)
+    def record_parts(self, fmreg: Sequence[Tensor], criteria: Sequence[Sequence[Tensor]], total: Sequence[Tensor]) -> None:
+        """A step whose terms were computed and backpropagated in parts (stage 2's
+        micro-batches), given detached: each value is the sum of its parts."""
+        self._pending.append((self.result.fmreg, list(fmreg)))
+        self._pending += [(self.result.criteria, list(parts)) for parts in criteria]
+        self._pending.append((self.result.totals, list(total)))
+
+    def settle(self) -> None:
+        """Write every pending value into the result as a Python float: each term read
+        exactly (through float64), the parts of one value summed in order."""
+        terms = [t for _, parts in self._pending for t in parts]
+        if not terms:
+            return
+        values = iter(torch.stack([t.double() for t in terms]).tolist())
+        for into, parts in self._pending:
+            into.append(sum(next(values) for _ in parts))
+        self._pending = []
 
 
 def _patches(image: Tensor, grid: PatchGrid, indices: range) -> Tensor:
@@ -230,6 +247,7 @@ def run_stage(
         on_patches=on_patches or (lambda n: None),
     )
     result.images = _RUNNERS[stage](run)
+    run.losses.settle()
     return result
 
 
@@ -394,7 +412,7 @@ def _global2local_step(
     if label is not None:
         if losses.backward:
             torch.autograd.backward(c, [t.grad for t in head_in])
-        fmreg, focal_local, focal_ensemble, total = (sum(v) for v in zip(*values))
+        fmreg, focal_local, focal_ensemble, total = zip(*values)
         losses.record_parts(fmreg, [focal_local, focal_ensemble], total)
     return torch.cat(local_logits), torch.cat(ensemble_logits)
 
@@ -410,22 +428,22 @@ def _global2local_head(
     losses: _Losses,
     lamb_fmreg: float,
     share: float,
-) -> tuple[Tensor, Tensor, tuple[float, ...]]:
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """The head and losses of the micro-batch `rows` of a sub-batch whose backbone maps are
-    c. Loss values are weighted by the micro-batch's share of the sub-batch, so that they
+    c. Loss terms are weighted by the micro-batch's share of the sub-batch, so that they
     sum to the sub-batch's: (fmreg, focal local, focal ensemble, total); none without a
-    label (plain prediction then never waits for the device to report a loss)."""
+    label."""
     part = idx[rows.start : rows.stop]
     maps = tuple(m[rows.start : rows.stop] for m in c)
     local = model.local_head(maps, context.context(), grid, part)  # type: ignore[arg-type]
     ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, part)
     target = _patch_targets(label, grid, part, local.logits.shape[-2:])
-    values: tuple[float, ...] = ()
+    values: tuple[Tensor, ...] = ()
     if target is not None:
         fmreg = share * fmreg_loss(local.ps3, crop)
         loss_local, loss_ens = share * focal_loss(local.logits, target), share * focal_loss(ensemble, target)
         total = loss_local + loss_ens + lamb_fmreg * fmreg
-        values = (fmreg.item(), loss_local.item(), loss_ens.item(), total.item())
+        values = tuple(t.detach() for t in (fmreg, loss_local, loss_ens, total))
         if losses.backward:
             total.backward()
     return local.logits.detach(), ensemble.detach(), values

@@ -212,8 +212,8 @@ def test_fmreg_weight_is_an_argument():
 
 
 class _ScalarReads(TorchDispatchMode):
-    """Counts tensor-to-Python reads (`.item()`, `float(t)`, ...): on a GPU each one waits
-    for every queued kernel, so the host stops feeding the device."""
+    """Counts tensor-to-Python reads of one value (`.item()`, `float(t)`, ...): on a GPU
+    each one waits for every queued kernel, so the host stops feeding the device."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,20 +224,31 @@ class _ScalarReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("stage", list(Stage))
-def test_evaluation_without_labels_reads_nothing_back(stage):
+def test_loss_values_come_back_once_per_run_not_one_by_one(stage, backward, monkeypatch):
+    """Without labels nothing is read back; with labels every loss value of the run comes
+    back in one copy at its end (`tolist` of them all), never value by value: stage 2
+    would otherwise wait for the device four times per micro-batch."""
+    tolists = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolists.append(t.numel()) or tolist(t))
     model = _model()
-    set_branch_modes(model, stage, training=False)
-    with torch.inference_mode():
-        unlabelled = _ScalarReads()
-        with unlabelled:
-            res = _run(stage, model, _batch(labels=False))
-        labelled = _ScalarReads()
-        with labelled:
-            _run(stage, model, _batch())
-    assert unlabelled.count == 0
-    assert res.criteria == res.fmreg == res.totals == []
-    assert labelled.count > 0  # the counter does see the loss values read with labels
+    set_branch_modes(model, stage, training=backward)
+    results, reads = [], []
+    for labels in (False, True) if not backward else (True,):
+        with torch.inference_mode(not backward), _ScalarReads() as scalar_reads:
+            del tolists[:]
+            results.append(_run(stage, model, _batch(labels=labels), backward=backward))
+        reads.append((scalar_reads.count, list(tolists)))
+    with _ScalarReads() as sanity:
+        torch.ones(()).item()
+    assert sanity.count == 1  # the counter sees a read of one value
+    if not backward:
+        assert reads[0] == (0, []) and results[0].criteria == results[0].fmreg == results[0].totals == []
+    res = results[-1]
+    values = len(res.criteria) + len(res.totals) + (len(res.totals) if stage is Stage.GLOBAL2LOCAL else 0)
+    assert reads[-1][0] == 0 and len(reads[-1][1]) == 1 and reads[-1][1][0] >= values > 0
 
 
 def test_stage_result_loss_is_the_mean_of_totals():
