@@ -112,9 +112,10 @@ def crop_context(g: Context, grid: PatchGrid, indices: Sequence[int], local_c: L
 class Canvases(NamedTuple):
     """Whole-image maps into which stage 3 adds the local features, zero at first.
 
-    One buffer per map size holds every map of that size along its channels, so that a
-    pass adds into all of them at once (four adds instead of sixteen; each map's values
-    are the same, channel by channel). `context` is the same maps as views of the buffers.
+    One buffer per map size (and dtype and layout, which in practice every map shares)
+    holds every map of that size along its channels, so that a pass adds into all of them
+    at once (four adds instead of sixteen; each map's values are the same, channel by
+    channel). `context` is the same maps as views of the buffers.
     """
 
     buffers: tuple[Tensor, ...]
@@ -125,17 +126,17 @@ class Canvases(NamedTuple):
 def empty_canvases(like: Context) -> Canvases:
     """Zero canvases shaped and laid out like one image's global maps, for merging local
     features (the global head later joins them with its own maps)."""
-    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
     for field, maps in enumerate(like):
         for level, m in enumerate(maps):
-            groups.setdefault(tuple(m.shape[-2:]), []).append((field, level))
+            groups.setdefault((*m.shape[-2:], m.dtype, memory_format_of(m)), []).append((field, level))
     views: list[list[Optional[Tensor]]] = [[None] * len(maps) for maps in like]
-    buffers = []
-    for size, members in groups.items():
-        first = like[members[0][0]][members[0][1]]
+    buffers: list[Tensor] = []
+    for (h, w, dtype, layout), members in groups.items():
         channels = [like[field][level].shape[1] for field, level in members]
-        buffer = torch.empty((1, sum(channels), *size), dtype=first.dtype, device=first.device,
-                             memory_format=memory_format_of(first)).zero_()
+        # torch.zeros takes no memory format.
+        buffer = torch.empty((1, sum(channels), h, w), dtype=dtype, device=like[0][0].device,
+                             memory_format=layout).zero_()
         start = 0
         for (field, level), n in zip(members, channels):
             views[field][level] = buffer[:, start : start + n]
@@ -151,18 +152,24 @@ def paste_context(canvases: Canvases, local: Context, grid: PatchGrid, indices: 
         paste_patches(buffer, [local[field][level] for field, level in members], grid, indices)
 
 
-def normalise_context_(canvases: Canvases, grid: PatchGrid) -> Context:
-    """Divide the merged maps in place by the pixel coverage template resized to each map,
-    and return them as a Context of maps of their own in the buffers' layout.
+def normalised_context(canvases: Canvases, grid: PatchGrid) -> Context:
+    """The merged maps divided by the pixel coverage template resized to each map, as
+    dense maps in their buffers' layout. An NCHW buffer is divided in place (its maps are
+    dense slices of it, so no second copy is held); a channels-last buffer's maps are
+    strided views, which the global head would resize by another path of torch's, with
+    other rounding, so each is divided into a dense map of its own.
 
     Cells no crop reaches stay 0 (0 / coverage); this is the authors' normalisation.
     """
-    for buffer in canvases.buffers:
-        buffer.div_(coverage_on_map(grid, buffer.shape[-2:], buffer.device).to(buffer.dtype))
-    # A channels-last buffer's maps are strided views, which the global head would resize
-    # by another path of torch's, with other rounding; an NCHW buffer's are dense already.
-    layout = memory_format_of(canvases.buffers[0])
-    return _map_tensors(canvases.context, lambda m: m.contiguous(memory_format=layout))
+    maps = [list(field) for field in canvases.context]
+    for buffer, members in zip(canvases.buffers, canvases.members):
+        coverage = coverage_on_map(grid, buffer.shape[-2:], buffer.device).to(buffer.dtype)
+        if memory_format_of(buffer) == torch.channels_last:
+            for field, level in members:
+                maps[field][level] = maps[field][level] / coverage
+        else:
+            buffer.div_(coverage)
+    return Context(*(tuple(field) for field in maps))  # type: ignore[arg-type]
 
 
 class _GlobalBranchMixin:

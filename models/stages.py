@@ -14,7 +14,7 @@ from torch import Tensor
 
 from models.fpn import Context, Levels
 from models.glnet import (BranchOutput, Canvases, GLNet, GlobalBranch, empty_canvases, image_context,
-                          normalise_context_, paste_context)
+                          normalised_context, paste_context)
 from utils.images import to_unit_float
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
@@ -193,7 +193,7 @@ class _Losses:
         terms = [t for _, parts in self._pending for t in parts]
         if not terms:
             return
-        values = iter(torch.stack([t.double() for t in terms]).tolist())
+        values = iter(torch.stack(terms).double().tolist())  # stack widens mixed dtypes exactly
         for into, parts in self._pending:
             into.append(sum(next(values) for _ in parts))
         self._pending = []
@@ -344,7 +344,8 @@ def _merge_local_features(
             _local2global_pass(run.model, image, grid, idx, context, canvases, logits, terms,
                                keep_ps3=run.losses.backward)
             run.on_patches(len(idx))
-        merged.append(normalise_context_(canvases, grid))
+        merged.append(normalised_context(canvases, grid))
+        del canvases  # channels-last maps were divided into maps of their own
         kept.append(terms)
         local_logits.append(logits.tensor)
     return (fixed if recompute else None), _cat_contexts(merged), kept, local_logits
@@ -539,8 +540,8 @@ def stream_patch_logits(
     for idx in grid.batches(micro_batch_size):
         _local2global_pass(model, image, grid, idx, context, canvases, None, None, keep_ps3=False)
         report(len(idx))
-    merged = normalise_context_(canvases, grid)
-    del canvases  # channels-last canvases were copied into merged
+    merged = normalised_context(canvases, grid)
+    del canvases  # channels-last maps were divided into maps of their own
     glob = model.global_branch(global_image, merged)
     del merged
     for row in range(start_row, grid.n_rows):

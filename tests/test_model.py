@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from conftest import DEVICES, FIXTURES, ROOT
 from test_patches import _Kernels
 from models.backbone import ResNetBackbone, fold_batchnorm
-from models.fpn import FPN, _concat_resized
-from models.glnet import (BRANCH_GROUPS, GLNet, GlobalBranch, crop_context, empty_canvases, normalise_context_,
+from models.fpn import FPN, Context, _concat_resized
+from models.glnet import (BRANCH_GROUPS, GLNet, GlobalBranch, crop_context, empty_canvases, normalised_context,
                           paste_context)
 from models.stages import Batch, Stage, run_stage, set_branch_modes
 from utils.layout import memory_format_of
@@ -316,22 +316,23 @@ def test_channels_last_convolutions_get_channels_last_inputs(backward):
     assert {"model.fpn_local.smooth", "model.fpn_global.smooth", "model.fpn_global.smooth4_1_ext"} <= set(seen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_merged_context_is_each_local_map_pasted_and_normalised_on_its_own(channels_last):
+def test_merged_context_is_each_local_map_pasted_and_normalised_on_its_own(channels_last, dtype):
     """Stage 3's canvases hold the maps of one size in one buffer, so a pass adds into four
     buffers, not sixteen maps. The merged maps must be, to the bit, what pasting and
     normalising every map on its own gives (the authors' per-map procedure), and come out
     as dense maps in the network's layout, as the global head's convolutions expect."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = _small().to(memory_format=layout).eval()
+    model = _small().to(dtype=dtype, memory_format=layout).eval()
     grid = PatchGrid.build((300, 260), (96, 96))
     joined, alone = _Kernels(), _Kernels()
     with torch.no_grad():
-        like = model.global_branch(torch.rand(1, 3, 64, 64).contiguous(memory_format=layout)).context()
+        like = model.global_branch(torch.rand(1, 3, 64, 64, dtype=dtype).contiguous(memory_format=layout)).context()
         canvases = empty_canvases(like)
         own = [[torch.zeros_like(m) for m in maps] for maps in like]
         for idx in grid.batches(4):
-            patches = extract_patches(torch.rand(3, 300, 260), grid, idx).contiguous(memory_format=layout)
+            patches = extract_patches(torch.rand(3, 300, 260, dtype=dtype), grid, idx).contiguous(memory_format=layout)
             local = model.local_branch(patches, like, grid, idx).context()
             paste_context(empty_canvases(like), local, grid, idx)  # makes the index tensors, counted in neither
             with joined:
@@ -340,18 +341,40 @@ def test_merged_context_is_each_local_map_pasted_and_normalised_on_its_own(chann
                 for maps, patch_maps in zip(own, local):
                     for canvas, m in zip(maps, patch_maps):
                         paste_patches(canvas, m, grid, idx)
-        merged = normalise_context_(canvases, grid)
+        merged = normalised_context(canvases, grid)
+    assert len(canvases.buffers) == 4
     for field, (maps, ours) in enumerate(zip(own, merged)):
         for level, (expected, got) in enumerate(zip(maps, ours)):
-            expected = expected / coverage_on_map(grid, expected.shape[-2:])
+            expected = expected / coverage_on_map(grid, expected.shape[-2:]).to(dtype)
             assert torch.equal(got, expected), (field, level)
-            assert got.is_contiguous(memory_format=layout), (field, level)
+            assert got.dtype == dtype and got.is_contiguous(memory_format=layout), (field, level)
     # Each map is still resized on its own; the joined pieces cost a cat per box size, and
     # everything else (gathers, copies into tables of cells, the adds) a quarter as many calls.
     resizes = [k.names.count("upsample_bilinear2d") for k in (joined, alone)]
     rest = [[n for n in k.names if n not in ("upsample_bilinear2d", "cat")] for k in (joined, alone)]
     assert resizes[0] == resizes[1] and "cat" not in alone.names
     assert len(rest[1]) == 4 * len(rest[0]) and rest[0].count("index_add_") > 0
+
+
+def test_canvases_share_buffers_only_between_maps_of_one_size_dtype_and_layout():
+    """A map of another dtype or layout than the others of its size gets a buffer of its
+    own, so every merged map keeps its own dtype and layout."""
+    maps = [torch.randn(1, c, 8, 8) for c in (3, 5, 2)]
+    like = Context((maps[0], maps[1].double(), maps[2].contiguous(memory_format=torch.channels_last)),
+                   (torch.randn(1, 4, 8, 8),), (torch.randn(1, 6, 4, 4),), ())
+    canvases = empty_canvases(like)
+    assert [b.shape[1] for b in canvases.buffers] == [3 + 4, 5, 2, 6]
+    grid = PatchGrid.build((100, 100), (60, 60))
+    local = Context(*(tuple(torch.rand(len(grid), m.shape[1], 5, 5, dtype=torch.float32) for m in field)
+                      for field in like))
+    paste_context(canvases, local, grid, range(len(grid)))
+    merged = normalised_context(canvases, grid)
+    for field, (maps_like, maps_local, ours) in enumerate(zip(like, local, merged)):
+        for m, patch_maps, got in zip(maps_like, maps_local, ours):
+            expected = paste_patches(torch.zeros_like(m), patch_maps, grid, range(len(grid)))
+            expected = expected / coverage_on_map(grid, m.shape[-2:]).to(m.dtype)
+            assert got.dtype == m.dtype and memory_format_of(got) == memory_format_of(m), field
+            assert torch.equal(got, expected), field
 
 
 # --------------------------------------------------------------------------- FPN context rules

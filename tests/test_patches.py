@@ -563,6 +563,16 @@ def test_paste_of_several_maps_adds_each_into_its_own_channels(channels_last, dt
         paste_patches(torch.zeros(1, 28, 29, 29, dtype=dtype), parts, grid, indices)
 
 
+def test_paste_of_several_maps_widens_narrower_ones_and_refuses_wider_ones():
+    grid = PatchGrid.build((600, 600), (256, 256))
+    parts = [torch.randn(len(grid), 2, 5, 5).bfloat16(), torch.randn(len(grid), 3, 5, 5)]
+    canvas = paste_patches(torch.zeros(1, 5, 8, 8), parts, grid, range(len(grid)))
+    alone = [paste_patches(torch.zeros(1, p.shape[1], 8, 8), p, grid, range(len(grid))) for p in parts]
+    assert canvas.dtype == torch.float32 and torch.equal(canvas, torch.cat(alone, dim=1))
+    with pytest.raises(TypeError, match="rounding twice"):
+        paste_patches(torch.zeros(1, 5, 8, 8, dtype=torch.bfloat16), parts, grid, range(len(grid)))
+
+
 def test_crop_is_never_a_view_of_the_map():
     # One patch over the whole image and a crop of the map's own size: nothing to gather or
     # resize, yet the crop must not share the map's memory (a caller may write into either).

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import STAGES, Batch, Stage, StageResult, run_stage, set_branch_modes, stream_patch_logits
+from models.stages import (STAGES, Batch, Stage, StageResult, _Losses, run_stage, set_branch_modes,
+                           stream_patch_logits)
 from utils.patches import PatchGrid
 
 N_CLASS = 4
@@ -249,6 +250,21 @@ def test_loss_values_come_back_once_per_run_not_one_by_one(stage, backward, monk
     res = results[-1]
     values = len(res.criteria) + len(res.totals) + (len(res.totals) if stage is Stage.GLOBAL2LOCAL else 0)
     assert reads[-1][0] == 0 and len(reads[-1][1]) == 1 and reads[-1][1][0] >= values > 0
+
+
+def test_loss_parts_are_summed_in_order_as_python_floats():
+    """Stage 2's values are sums of micro-batch parts. Read back together, they must be
+    the floats the parts' one-by-one reads summed in order give: with these parts, left to
+    right gives 0.0 and any other order 1.0."""
+    parts = [torch.tensor(2.0**53), torch.tensor(1.0), torch.tensor(-(2.0**53))]
+    result = StageResult(images=[])
+    losses = _Losses(result, backward=False)
+    losses.record_parts(parts, [parts[::-1], [torch.tensor(0.25, dtype=torch.bfloat16)]], parts)
+    losses.settle()
+    in_order = sum(p.item() for p in parts)
+    assert (result.fmreg, result.criteria, result.totals) == ([in_order], [sum(p.item() for p in parts[::-1]), 0.25],
+                                                              [in_order])
+    assert in_order == 0.0 and result.loss == 0.0
 
 
 def test_stage_result_loss_is_the_mean_of_totals():
