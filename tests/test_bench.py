@@ -328,6 +328,35 @@ def test_train_schedule_runs_the_three_stage_scripts_and_scales_their_epochs(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
 
 
+def test_loader_rate_times_the_trainers_loader_in_process(tmp_path, monkeypatch):
+    """A worker's rate: the trainer's own loader (global images included), no workers, one
+    torch thread, the first image of each split left out."""
+    from bench import loader_rate
+
+    batches, trainers_loader = [], loader_rate.make_loader
+
+    def spying_loader(*args, **kwargs):
+        loader = trainers_loader(*args, **kwargs)
+        assert loader.num_workers == 0
+        return (batches.append(batch) or batch for batch in loader)
+
+    monkeypatch.setattr(loader_rate, "make_loader", spying_loader)
+    flags = ["--images", "3", "--size", "300", "--folder", str(tmp_path), "--json", str(tmp_path / "r.jsonl")]
+    threads = torch.get_num_threads()
+    try:
+        assert loader_rate.main(flags) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    env, *splits = (json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines())
+    assert env["torch_threads"] == 1
+    assert [(s["split"], s["augment"], s["images_timed"]) for s in splits] == [("train", True, 2), ("crossvali", False, 2)]
+    for s in splits:
+        assert s["images_per_s"] == pytest.approx(1 / s["s_per_image"], rel=0.05) and s["images_per_s"] > 0
+    assert len(batches) == 6 and all(tuple(b["global"][0].shape[-2:]) == (508, 508) for b in batches)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
+
+
 # What the authors' train_deep_globe.py printed at the end of a mode-3 evaluation (their code,
 # run by bench/authors_side_by_side.py on 2026-11-30): NumPy arrays wrapped over lines.
 AUTHORS_LOG_TAIL = """val:[1.95383336e-05 0.00000000e+00 5.79158603e-02 1.82807327e-02
