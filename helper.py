@@ -10,7 +10,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -540,7 +540,7 @@ def _scores(session: Session, confusions: dict[str, ConfusionMatrix]) -> dict[st
 
 def train_one_epoch(
     session: Session,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[dict[str, list[Any]]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     epoch: int,
@@ -578,7 +578,7 @@ def train_one_epoch(
 
 def evaluate(
     session: Session,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[dict[str, list[Any]]],
     *,
     tta: bool = False,
     on_prediction: Optional[Callable[[str, dict[str, Tensor]], None]] = None,

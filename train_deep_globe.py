@@ -39,6 +39,7 @@ from utils.errors import MESSAGES_ENV, DataError, report, reports_errors
 from utils.files import RunLock, WriteError, remove_temporaries, write_new
 from utils.folders import output_folder
 from utils.images import to_unit_float
+from utils.loader_wait import LoaderWait
 from utils.memory import return_large_blocks_to_the_system
 from utils.run_log import RunLog
 from utils.signals import exit_status, interrupts_deferred, stop_word, terminate_as_interrupt
@@ -415,10 +416,11 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
     for epoch in range(progress.epoch + 1, args.num_epochs):
         train_set.set_epoch(epoch)
         order = epoch_order(len(train_set), args.seed, epoch, session.dist)
+        train_wait, val_wait = LoaderWait(make_loader(train_set, args, order)), LoaderWait(val_loader)
         start = time.perf_counter()
-        stats = helper.train_one_epoch(session, make_loader(train_set, args, order), optimizer, scheduler, epoch)
+        stats = helper.train_one_epoch(session, train_wait, optimizer, scheduler, epoch)
         trained = time.perf_counter()
-        val = helper.evaluate(session, val_loader, desc=f"val {epoch + 1}")
+        val = helper.evaluate(session, val_wait, desc=f"val {epoch + 1}")
         validated = time.perf_counter()
         values = {"loss/train": stats.loss, "lr": max(g["lr"] for g in optimizer.param_groups)}
         values.update({f"miou_train/{k}": s["miou"] for k, s in stats.scores.items()})
@@ -429,6 +431,9 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
             + "  ".join(f"{k} train {stats.scores[k]['miou']:.4f} val {val[k]['miou']:.4f}" for k in val)
             + f"  ({trained - start:.1f} s training, {validated - trained:.1f} s validation)"
         )
+        # Where the loader holds the network back, --num_workers is the remedy.
+        log.line(f"loader waits in epoch {epoch + 1}: training {train_wait.total:.1f} s ({train_wait.first:.1f} s for "
+                 f"the first batch), validation {val_wait.total:.1f} s ({val_wait.first:.1f} s)")
         progress.epoch = epoch
         if val[main_kind]["miou"] > progress.best_score:
             progress.best_score, progress.best_epoch = val[main_kind]["miou"], epoch

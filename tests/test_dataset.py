@@ -424,6 +424,34 @@ def test_dataloader_workers_collate_and_match_indexing(tmp_path):
     assert all(torch.equal(x, dataset[i]["image"]) for i, x in enumerate(loaded))
 
 
+def test_the_trainers_loader_gives_the_same_batches_with_or_without_workers(tmp_path):
+    """The number of loader workers changes nothing in the results (README, Training): the
+    trainer's loader, started as training starts it, gives the same ids, images, labels and
+    global images, in the epoch's order, epoch after epoch, with 0 or 2 workers."""
+    from argparse import Namespace
+
+    from train_deep_globe import epoch_order, make_loader
+    from utils.distributed import DistInfo
+
+    make_deep_globe_split(tmp_path, "train", ["a", "b", "c", "d", "e"], size=(40, 52))
+
+    def epochs(workers):
+        dataset = build_dataset("deep_globe", tmp_path, "train", augment=True, seed=3)
+        args = Namespace(size_g=(16, 16), batch_size=2, num_workers=workers)
+        batches = []
+        for epoch in range(2):
+            dataset.set_epoch(epoch)
+            batches.append(list(make_loader(dataset, args, epoch_order(len(dataset), 3, epoch, DistInfo()))))
+        return batches
+
+    alone, shared = epochs(0), epochs(2)
+    assert [[b["id"] for b in epoch] for epoch in alone] == [[b["id"] for b in epoch] for epoch in shared]
+    assert [b["id"] for b in alone[0]] != [b["id"] for b in alone[1]]  # two epochs, two orders
+    for one, other in zip(sum(alone, []), sum(shared, [])):
+        for key in ("image", "label", "global"):
+            assert all(torch.equal(x, y) for x, y in zip(one[key], other[key])), key
+
+
 def test_dataset_rejects_negative_seed():
     with pytest.raises(ValueError, match="non-negative"):
         SegmentationDataset([], DEEPGLOBE, seed=-1)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import helper
 import train_deep_globe
 from dataset.make_demo import make_deep_globe_demo
 from utils.checkpoint import read_file, read_state_dict
+from utils.loader_wait import LoaderWait
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--size_g", "64", "--size_p", "96", "--batch_size", "2",
@@ -190,6 +192,20 @@ def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, tmp_p
     # Each training stage writes the file the next stage's script reads.
     assert args.task_name + ".pth" in {"fpn_deepglobe_global.pth", "fpn_deepglobe_global2local.pth",
                                        "fpn_deepglobe_local2global.pth"}
+
+
+def test_loader_wait_counts_the_loops_waits_for_batches_not_its_own_work():
+    def slow_loader():
+        time.sleep(0.3)  # starting workers and the first batch
+        for _ in range(3):
+            yield "batch"
+            time.sleep(0.05)
+
+    waits = LoaderWait(slow_loader())
+    for _ in waits:
+        time.sleep(0.2)  # the loop's own work on a batch
+    assert 0.3 <= waits.first < 0.45
+    assert 0.4 <= waits.total < 0.6  # 0.3 + 2 x 0.05: the loop's 3 x 0.2 s are not counted
 
 
 @pytest.mark.parametrize("workers", [0, 1])
