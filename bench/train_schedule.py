@@ -13,14 +13,16 @@ epoch's checkpoints (after its line is logged) left out.
    --pretrained none (there is no ImageNet file offline, and the time does not depend on the
    starting weights) and the flags after --;
 3. reads each stage's last epoch lines from its log.txt ("... (T s training, V s
-   validation)", and the seconds each loop waited for its first batch, Ft and Fv: starting
-   the loader's workers, paid once per epoch whatever its length; 0 without workers, where
-   every batch is loaded in the loop): (T - Ft) / --train and
-   (V - Fv) / --val seconds per image, scaled to an epoch of DeepGlobe's split
-   (dataset/splits: 454 training and 207 validation images) with Ft and Fv added once, and
-   to the schedule's 120 + 50 + 120 epochs. The last epoch leaves out the first one's
-   warm-up. Other per-epoch costs (the last, partly empty batches) are still spread over
-   fewer images here than in DeepGlobe's epochs, so the estimate errs long.
+   validation)", then the seconds each loop waited for its loader, the first batch apart):
+   T / --train and V / --val seconds per image, scaled to an epoch of DeepGlobe's split
+   (dataset/splits: 454 training and 207 validation images) and to the schedule's
+   120 + 50 + 120 epochs. The last epoch leaves out the first one's warm-up. Each epoch's
+   first wait (starting the loader's workers, one of them loading the first batch) is scaled
+   with the images too, though a longer epoch pays its start once: the estimate errs long,
+   by up to 454 / --train - 1 first training waits and 207 / --val - 1 first validation
+   waits per epoch. It cannot simply be
+   subtracted: while one worker loads the first batch the others load theirs, so in a short
+   epoch the loader's pace hides inside the first wait. The waits are reported beside it.
 Prints one JSON line per stage and one for the schedule, appended at once to --json.
 """
 from __future__ import annotations
@@ -40,7 +42,6 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-import config  # noqa: E402
 from bench.records import (add_output_flags, environment, make_demo_copies, reporter,  # noqa: E402
                            reports_failed_commands, scratch_folder)
 from models.stages import STAGES, Stage  # noqa: E402
@@ -61,25 +62,16 @@ def split_size(name: str) -> int:
     return sum(1 for line in lines if line.strip())
 
 
-def last_epoch(log: Path) -> tuple[float, float, float, float]:
-    """(training, validation) seconds of the last epoch in a stage's log.txt, then the
-    seconds the training and the validation loop waited for their first batch."""
+def last_epoch(log: Path) -> dict[str, float]:
+    """The last epoch's seconds in a stage's log.txt: of training and validation, and of
+    their waits for the loader, in all and for the first batch."""
     text = log.read_text()
     epochs, waits = EPOCH_LINE.findall(text), WAIT_LINE.findall(text)
     if not epochs or not waits:
         raise RuntimeError(f"{log}: no epoch lines with their seconds")
-    return float(epochs[-1][0]), float(epochs[-1][1]), float(waits[-1][1]), float(waits[-1][3])
-
-
-def deepglobe_epoch(train_s: float, val_s: float, first_train_s: float, first_val_s: float, n_train: int, n_val: int,
-                    workers: bool) -> tuple[float, float, float]:
-    """(training s per image, validation s per image, seconds of a DeepGlobe epoch) from an
-    epoch of n_train and n_val images. With loader workers, the waits for the first batches
-    (starting the workers) are paid once per epoch, so they are not scaled with the images;
-    without, every batch is loaded in the loop, the first like the others."""
-    fixed_train, fixed_val = (first_train_s, first_val_s) if workers else (0.0, 0.0)
-    per_train, per_val = (train_s - fixed_train) / n_train, (val_s - fixed_val) / n_val
-    return per_train, per_val, fixed_train + per_train * split_size("train") + fixed_val + per_val * split_size("crossvali")
+    names = ("loader_wait_training_s", "first_batch_training_s", "loader_wait_validation_s", "first_batch_validation_s")
+    return {"last_epoch_training_s": float(epochs[-1][0]), "last_epoch_validation_s": float(epochs[-1][1]),
+            **{name: float(value) for name, value in zip(names, waits[-1])}}
 
 
 def run_stage(args: argparse.Namespace, stage: Stage, folder: Path) -> dict:
@@ -100,13 +92,10 @@ def run_stage(args: argparse.Namespace, stage: Stage, folder: Path) -> dict:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}")
-    train_s, val_s, first_train_s, first_val_s = last_epoch(folder / "runs" / f"{RUN_NAME}_{STAGES[stage].name}" / "log.txt")
-    workers = config.build_parser().parse_known_args(args.train_flags)[0].num_workers
-    per_train, per_val, epoch = deepglobe_epoch(train_s, val_s, first_train_s, first_val_s, args.train, args.val,
-                                                workers > 0)
-    return {"stage": int(stage), "script": SCRIPTS[stage], "epochs_run": args.epochs, "seconds": round(seconds, 1),
-            "last_epoch_training_s": train_s, "last_epoch_validation_s": val_s,
-            "first_batch_training_s": first_train_s, "first_batch_validation_s": first_val_s,
+    last = last_epoch(folder / "runs" / f"{RUN_NAME}_{STAGES[stage].name}" / "log.txt")
+    per_train, per_val = last["last_epoch_training_s"] / args.train, last["last_epoch_validation_s"] / args.val
+    epoch = per_train * split_size("train") + per_val * split_size("crossvali")
+    return {"stage": int(stage), "script": SCRIPTS[stage], "epochs_run": args.epochs, "seconds": round(seconds, 1), **last,
             "training_s_per_image": round(per_train, 4), "validation_s_per_image": round(per_val, 4),
             "deepglobe_epoch_s": round(epoch, 1), "schedule_epochs": STAGES[stage].epochs,
             "deepglobe_stage_hours": round(epoch * STAGES[stage].epochs / 3600, 2)}

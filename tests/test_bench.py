@@ -325,21 +325,24 @@ def test_train_schedule_runs_the_three_stage_scripts_and_scales_their_epochs(tmp
         assert stage["deepglobe_stage_hours"] == pytest.approx(stage["deepglobe_epoch_s"] * epochs / 3600, abs=0.01)
         assert stage["last_epoch_training_s"] > 0 and stage["seconds"] > stage["last_epoch_training_s"]
     assert schedule["schedule_hours"] == pytest.approx(sum(s["deepglobe_stage_hours"] for s in stages), abs=0.01)
-    # The waits for each epoch's first batches were read from the stages' logs (here, without
-    # workers, they are scaled with the images like every other batch).
-    assert all(0 <= s["first_batch_training_s"] <= s["last_epoch_training_s"] for s in stages)
+    # Beside them, the stages' waits for their loaders, the first batch within the whole.
+    for s in stages:
+        assert 0 <= s["first_batch_training_s"] <= s["loader_wait_training_s"] <= s["last_epoch_training_s"]
+        assert 0 <= s["first_batch_validation_s"] <= s["loader_wait_validation_s"] <= s["last_epoch_validation_s"]
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
 
 
-def test_a_deepglobe_epoch_pays_the_loader_workers_start_once():
-    from bench.train_schedule import deepglobe_epoch
+def test_the_schedule_reads_the_last_epochs_seconds_and_waits_from_a_log(tmp_path):
+    from bench.train_schedule import last_epoch
 
-    # 24 training images in 12 s, 1.5 s of it waiting for the first batch; 12 validation
-    # images in 6 s, 1 s of it the first wait. DeepGlobe: 454 and 207 images.
-    per_train, per_val, epoch = deepglobe_epoch(12.0, 6.0, 1.5, 1.0, 24, 12, workers=True)
-    assert (per_train, per_val) == pytest.approx((10.5 / 24, 5 / 12))
-    assert epoch == pytest.approx(1.5 + 454 * 10.5 / 24 + 1.0 + 207 * 5 / 12)  # 287.4 s
-    assert deepglobe_epoch(12.0, 6.0, 1.5, 1.0, 24, 12, workers=False)[2] == pytest.approx(454 * 0.5 + 207 * 0.5)
+    log = tmp_path / "log.txt"
+    log.write_text("epoch 1/2  loss 1.0000  global train 0.1000 val 0.2000  (9.5 s training, 4.0 s validation)\n"
+                   "loader waits in epoch 1: training 3.0 s (2.0 s for the first batch), validation 1.5 s (1.0 s)\n"
+                   "epoch 2/2  loss 0.9000  global train 0.1500 val 0.2500  (8.25 s training, 3.5 s validation)\n"
+                   "loader waits in epoch 2: training 2.5 s (0.75 s for the first batch), validation 1.25 s (0.5 s)\n")
+    assert last_epoch(log) == {"last_epoch_training_s": 8.25, "last_epoch_validation_s": 3.5,
+                               "loader_wait_training_s": 2.5, "first_batch_training_s": 0.75,
+                               "loader_wait_validation_s": 1.25, "first_batch_validation_s": 0.5}
 
 
 def test_loader_rate_times_the_trainers_loader_in_process(tmp_path, monkeypatch):

@@ -195,17 +195,28 @@ def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, tmp_p
 
 
 def test_loader_wait_counts_the_loops_waits_for_batches_not_its_own_work():
-    def slow_loader():
-        time.sleep(0.3)  # starting workers and the first batch
-        for _ in range(3):
-            yield "batch"
-            time.sleep(0.05)
+    class SlowLoader:
+        def __len__(self):
+            return 3
 
-    waits = LoaderWait(slow_loader())
-    for _ in waits:
-        time.sleep(0.2)  # the loop's own work on a batch
-    assert 0.3 <= waits.first < 0.45
-    assert 0.4 <= waits.total < 0.6  # 0.3 + 2 x 0.05: the loop's 3 x 0.2 s are not counted
+        def __iter__(self):
+            time.sleep(0.2)  # starting the workers
+            return self.batches()
+
+        @staticmethod
+        def batches():
+            time.sleep(0.1)  # the first batch
+            for _ in range(3):
+                yield "batch"
+                time.sleep(0.05)
+
+    waits = LoaderWait(SlowLoader())
+    for _ in range(2):  # each iteration counts afresh
+        for _ in waits:
+            time.sleep(0.3)  # the loop's own work on a batch
+        assert len(waits) == 3
+        assert 0.3 <= waits.first < 0.6
+        assert 0.4 <= waits.total < 0.9  # 0.3 + 2 x 0.05; with the loop's 3 x 0.3 s it would exceed 1.3
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -8,9 +8,9 @@ from typing import Any, Iterator
 class LoaderWait:
     """A loader (iterable; sized, for a progress bar's total) whose iteration records the
     seconds the loop waited for its batches: in all (`total`), and for the first one
-    (`first`: starting the loader's workers and their first batch, which an epoch pays once
-    whatever its length). Time the loop spends on a batch between two requests is not
-    counted."""
+    (`first`: starting the loader, its workers included, and loading a first batch). Time
+    the loop spends on a batch between two requests is not counted. Each iteration starts
+    the counts afresh."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
@@ -21,6 +21,7 @@ class LoaderWait:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
+        self.total = self.first = 0.0
         start = time.perf_counter()
         batches = iter(self.loader)
         first = True
