@@ -327,7 +327,7 @@ def _run_local2global(run: _Run) -> list[ImageResult]:
 def _merge_local_features(
     run: _Run, recompute: bool
 ) -> tuple[Optional[Context], Context, list[Optional[_PerPatch]], list[Tensor]]:
-    """Stage 3's first pass (the caller's no_grad: the canvases are divided in place): the
+    """Stage 3's first pass (the caller's no_grad: the canvases are added into in place): the
     frozen stage-1 maps if `recompute` will read them again, else None; the local features
     merged into whole-image maps (the global head's context); what the ensemble keeps of
     each patch (None where it recomputes); the local logits. Everything else made here, the
