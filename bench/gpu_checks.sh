@@ -56,8 +56,9 @@ echo "$(date +%T) step 2" >&2
 
 # 3. The training schedule (target 3): the three stage scripts for 2 epochs each on a small
 #    demo, the last epoch scaled to DeepGlobe's split and 120 + 50 + 120 epochs; the fast
-#    settings (with 8 loader workers: at the default 2 the loader sets stage 1's pace, see
-#    bench/README.md), then the faithful fp32 default (one batch of 6, it is slower).
+#    settings (with 8 loader workers: at the default 2, on the CPU measured in bench/README.md,
+#    the loader alone would hold the schedule above 2.7 hours), then the faithful fp32 default
+#    (one batch of 6, it is slower).
 echo "$(date +%T) step 3" >&2
 "$py" bench/train_schedule.py --json "$out/train_schedule_bf16.json" -- --amp bf16 --cuda_math fast --channels_last \
     --num_workers 8 > "$out/train_schedule_bf16.txt" 2>&1
