@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import multiprocessing
+import multiprocessing.context
 import os
 import subprocess
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from dataset.classes import ClassTable
 from dataset.large_image import LargeImage, RegionView
+from dataset.segmentation import SegmentationDataset, collate
 from dataset.streamed_global import global_image_large
 from dataset.transforms import global_image
 from models.backbone import ResNetBackbone, fold_batchnorm
@@ -308,6 +311,33 @@ class GlobalInput(torch.utils.data.Dataset):
         sample = dict(self.dataset[index])
         sample["global"] = global_image(sample["image"], self.size_g)
         return sample
+
+
+def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices: Sequence[int]) -> torch.utils.data.DataLoader:
+    """The trainer's loader of `indices` of a dataset, in that order: args.batch_size
+    samples a batch, each with its global image (GlobalInput), args.num_workers workers
+    started afresh each time it is iterated."""
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(GlobalInput(dataset, args.size_g), list(indices)),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        multiprocessing_context=worker_context() if args.num_workers > 0 else None,
+    )
+
+
+def worker_context() -> Optional[multiprocessing.context.BaseContext]:
+    """Where available, loader workers start from a fork server that has imported only what
+    loading needs. Forked from this process instead, each would inherit its pages (networks
+    and optimizer state): shared copy-on-write, yet counted in the worker's resident set
+    and copied wherever Python touches the objects on them."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["helper", "dataset.segmentation"])
+    return context
 
 
 def predictions_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:

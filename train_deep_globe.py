@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import multiprocessing
-import multiprocessing.context
 import multiprocessing.forkserver
 import os
 import random
@@ -100,34 +99,10 @@ def stage_models(args: argparse.Namespace, n_class: int,
     )
 
 
-def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices: Sequence[int]) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(helper.GlobalInput(dataset, args.size_g), list(indices)),
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=args.num_workers,
-        collate_fn=collate,
-        persistent_workers=False,
-        multiprocessing_context=worker_context() if args.num_workers > 0 else None,
-    )
-
-
-def worker_context() -> Optional[multiprocessing.context.BaseContext]:
-    """Where available, loader workers start from a fork server that has imported only what
-    loading needs. Forked from this process instead, each would inherit its pages (networks
-    and optimizer state): shared copy-on-write, yet counted in the worker's resident set
-    and copied wherever Python touches the objects on them."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["helper", "dataset.segmentation"])
-    return context
-
-
 def start_worker_server(num_workers: int) -> None:
     """Start the loader workers' fork server now, if there will be workers, so that its
     imports (torch) overlap the model loading instead of delaying the first batch."""
-    if num_workers > 0 and worker_context() is not None:
+    if num_workers > 0 and helper.worker_context() is not None:
         multiprocessing.forkserver.ensure_running()
 
 
@@ -412,11 +387,11 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
         facts["initialised_from"] = state.get("facts", {}).get("initialised_from", facts["initialised_from"])
         log.line(f"resuming {args.task_name} after epoch {progress.epoch + 1} (best val mIoU {progress.best_score:.4f})")
     main_kind = session.predictions[-1]
-    val_loader = make_loader(val_set, args, shard(range(len(val_set)), session.dist))
+    val_loader = helper.make_loader(val_set, args, shard(range(len(val_set)), session.dist))
     for epoch in range(progress.epoch + 1, args.num_epochs):
         train_set.set_epoch(epoch)
         order = epoch_order(len(train_set), args.seed, epoch, session.dist)
-        train_wait, val_wait = LoaderWait(make_loader(train_set, args, order)), LoaderWait(val_loader)
+        train_wait, val_wait = LoaderWait(helper.make_loader(train_set, args, order)), LoaderWait(val_loader)
         start = time.perf_counter()
         stats = helper.train_one_epoch(session, train_wait, optimizer, scheduler, epoch)
         trained = time.perf_counter()
@@ -459,7 +434,7 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, settled: S
     table = settled.table
     split = "test" if args.test else "crossvali"
     dataset = build_dataset(args.dataset, args.data_path, split, table, args.mask_kind, augment=False, seed=args.seed)
-    loader = make_loader(dataset, args, shard(range(len(dataset)), session.dist))
+    loader = helper.make_loader(dataset, args, shard(range(len(dataset)), session.dist))
     save_dir = Path(args.save_predictions) if args.save_predictions else None
     main_kind = session.predictions[-1]
 

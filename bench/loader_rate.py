@@ -3,7 +3,7 @@
     python bench/loader_rate.py --images 12 --json out.jsonl
 
 Training reads every image and mask, augments the training split and computes each global
-image in the loader's workers (train_deep_globe.make_loader; --num_workers, default 2). This
+image in the loader's workers (helper.make_loader; --num_workers, default 2). This
 runs the same loader in this process (no workers) with one torch thread, as each worker
 has, over a land-cover demo in DeepGlobe's layout: a worker's rate. N workers on N free
 cores bound a stage's pace at about N times it, however fast the GPU. The first image of
@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from bench.records import add_output_flags, environment, make_demo_copies, reporter, scratch_folder  # noqa: E402
 from dataset.segmentation import build_dataset  # noqa: E402
+from helper import make_loader  # noqa: E402
 from models.stages import AUTHORS_SIZE  # noqa: E402
-from train_deep_globe import make_loader  # noqa: E402
 
 DEEPGLOBE_SIDE = 2448
 

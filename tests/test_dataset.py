@@ -430,7 +430,8 @@ def test_the_trainers_loader_gives_the_same_batches_with_or_without_workers(tmp_
     global images, in the epoch's order, epoch after epoch, with 0 or 2 workers."""
     from argparse import Namespace
 
-    from train_deep_globe import epoch_order, make_loader
+    from helper import make_loader
+    from train_deep_globe import epoch_order
     from utils.distributed import DistInfo
 
     make_deep_globe_split(tmp_path, "train", ["a", "b", "c", "d", "e"], size=(40, 52))
