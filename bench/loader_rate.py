@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,28 +22,23 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-from bench.records import add_output_flags, environment, make_demo_copies, reporter, scratch_folder  # noqa: E402
+from bench.records import (DEEPGLOBE_SIDE, add_output_flags, environment, make_demo_copies, reporter,  # noqa: E402
+                           scratch_folder)
 from dataset.segmentation import build_dataset  # noqa: E402
 from helper import make_loader  # noqa: E402
 from models.stages import AUTHORS_SIZE  # noqa: E402
-
-DEEPGLOBE_SIDE = 2448
+from utils.loader_wait import LoaderWait  # noqa: E402
 
 
 def split_rate(data: Path, split: str, augment: bool) -> dict[str, Any]:
-    """Images per second of one split's loader, from the intervals between its items."""
+    """Images per second of one split's loader, from its waits after the first image."""
     dataset = build_dataset("deep_globe", str(data), split, augment=augment, seed=0)
-    loader = make_loader(dataset, argparse.Namespace(size_g=AUTHORS_SIZE, batch_size=1, num_workers=0),
-                         range(len(dataset)))
-    seconds = []
-    start = time.perf_counter()
-    for _ in loader:
-        now = time.perf_counter()
-        seconds.append(now - start)
-        start = now
-    timed = seconds[1:]
-    return {"split": split, "augment": augment, "images_timed": len(timed),
-            "s_per_image": round(sum(timed) / len(timed), 4), "images_per_s": round(len(timed) / sum(timed), 2)}
+    waits = LoaderWait(make_loader(dataset, argparse.Namespace(size_g=AUTHORS_SIZE, batch_size=1, num_workers=0),
+                                   range(len(dataset))))
+    timed = sum(1 for _ in waits) - 1
+    seconds = waits.total - waits.first
+    return {"split": split, "augment": augment, "images_timed": timed,
+            "s_per_image": round(seconds / timed, 4), "images_per_s": round(timed / seconds, 2)}
 
 
 def build_parser() -> argparse.ArgumentParser:

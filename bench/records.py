@@ -21,6 +21,8 @@ from dataset.layouts import DEEP_GLOBE
 from dataset.make_demo import make_deep_globe_demo
 from dataset.prepare_common import SPLITS
 
+DEEPGLOBE_SIDE = 2448  # the side of every DeepGlobe image
+
 
 def environment(device: str, **extra: Any) -> dict:
     """The commit measured, the software and the machine."""

@@ -20,9 +20,9 @@ epoch's checkpoints (after its line is logged) left out.
    first wait (starting the loader's workers, one of them loading the first batch) is scaled
    with the images too, though a longer epoch pays its start once: the estimate errs long,
    by up to 454 / --train - 1 first training waits and 207 / --val - 1 first validation
-   waits per epoch. It cannot simply be
-   subtracted: while one worker loads the first batch the others load theirs, so in a short
-   epoch the loader's pace hides inside the first wait. The waits are reported beside it.
+   waits per epoch. It cannot simply be subtracted: while one worker loads the first batch
+   the others load theirs, so in a short epoch the loader's pace hides inside the first
+   wait. The waits are reported beside it.
 Prints one JSON line per stage and one for the schedule, appended at once to --json.
 """
 from __future__ import annotations
@@ -42,14 +42,13 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-from bench.records import (add_output_flags, environment, make_demo_copies, reporter,  # noqa: E402
+from bench.records import (DEEPGLOBE_SIDE, add_output_flags, environment, make_demo_copies, reporter,  # noqa: E402
                            reports_failed_commands, scratch_folder)
 from models.stages import STAGES, Stage  # noqa: E402
 
 SCRIPTS = {Stage.GLOBAL: "train_deep_globe_global.sh", Stage.GLOBAL2LOCAL: "train_deep_globe_global2local.sh",
            Stage.LOCAL2GLOBAL: "train_deep_globe_local2global.sh"}
 RUN_NAME = "fpn_deepglobe"  # the scripts' default
-DEEPGLOBE_SIDE = 2448
 SECONDS = r"(\d+(?:\.\d+)?)"
 EPOCH_LINE = re.compile(rf"^epoch \d+/\d+ .*\({SECONDS} s training, {SECONDS} s validation\)$", re.M)
 WAIT_LINE = re.compile(rf"^loader waits in epoch \d+: training {SECONDS} s \({SECONDS} s for the first batch\), "
