@@ -1,94 +1,166 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one run, for a session that is lent a GPU for a few
 # minutes, in the order of issue 15's targets: mode 3 at 2448 x 2448 in bf16 in-process
-# (speed, memory), predict.py over a folder end to end, the training schedule; then the CUDA
-# variants of the tests, issue 17's 40,000 x 40,000 image, then the wider benchmark. Each
-# step writes its own files under OUT as it finishes, so a run cut short keeps what it
-# measured. The whole run has not been timed since the steps after the CUDA tests were
-# added; it may take more than the 10 minutes one device command may run, in which case
-# those last steps are the ones lost.
+# (speed, memory), predict.py over a folder end to end, the training schedule; then the
+# rest of those targets' cases, the CUDA variants of the tests, issue 17's 40,000 x 40,000
+# image, and the wider benchmark.
 #
 #   bash bench/gpu_checks.sh OUT
-#   LUNGSEG_COMMIT=<hash> bash bench/gpu_checks.sh OUT   # where the copy has no .git (a lent device)
+#
+# On a lent device (bench/README.md, "On a lent GPU machine"), whose copy has no .git, whose
+# python lacks some pinned packages, whose command may run 10 minutes and which returns at
+# most 8 files:
+#
+#   LUNGSEG_COMMIT=<hash> GPU_CHECKS_WHEELS=.whl GPU_CHECKS_BUDGET=540 \
+#       GPU_CHECKS_ARCHIVE=$OUT/gpu_checks.tar.gz bash bench/gpu_checks.sh /tmp/gpu_checks
+#
+# GPU_CHECKS_BUDGET (seconds): each case runs under `timeout` for at most its own cap and
+# what is left of the budget, and a case with nothing left is skipped; so the cases that
+# count most are measured first and the run ends in time. GPU_CHECKS_ARCHIVE: OUT is packed
+# into this tar.gz after every case, so a run cut short keeps what it measured.
+# GPU_CHECKS_WHEELS: a folder of wheels (bench/device_wheels.sh) installed first.
+# GPU_CHECKS_FROM=NAME: skip the cases before case NAME (a second call, after a first that
+# the budget cut short). OUT/timeline.txt records each case's exit status and seconds, or
+# why it was skipped; its lines go to stderr too.
 set -u
 out=${1:?usage: bash bench/gpu_checks.sh OUT}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+budget=${GPU_CHECKS_BUDGET:-0}  # 0: no limit
+archive=${GPU_CHECKS_ARCHIVE:-}
+from=${GPU_CHECKS_FROM:-}
+fail() {
+    echo "error: $*" >&2
+    exit 2
+}
+[[ $budget =~ ^[0-9]+$ ]] || fail "GPU_CHECKS_BUDGET must be whole seconds, got '$budget'"
+if [ -n "$from" ] && ! grep -q "^check $from " "${BASH_SOURCE[0]}"; then
+    fail "GPU_CHECKS_FROM=$from names no case of bench/gpu_checks.sh"
+fi
+# The benchmarks append to their JSON files: a second run into OUT would mix with the first.
+[ -e "$out/timeline.txt" ] && fail "$out already holds a run of bench/gpu_checks.sh; give a new folder"
+if [ -n "$archive" ]; then
+    [ -d "$(dirname "$archive")" ] || fail "GPU_CHECKS_ARCHIVE's folder does not exist: $archive"
+    archive=$(cd "$(dirname "$archive")" && pwd)/$(basename "$archive")
+fi
+mkdir -p "$out" && out=$(cd "$out" && pwd) || fail "cannot make $out"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONUNBUFFERED=1
 bench=(bench/bench_inference.py --device cuda)
 # The bf16 (speed) cases pass --cuda_math fast: any cuDNN algorithm, as torch allows by
 # default; the fp32 cases keep the default true fp32 with deterministic cuDNN, the authors'.
+fast=(--amp bf16 --cuda_math fast --channels_last)
+
+note() { echo "$(date +%T) $*" | tee -a "$out/timeline.txt" >&2; }
+
+pack() {
+    [ -n "$archive" ] || return 0
+    tar -czf "$archive.part" -C "$(dirname "$out")" "$(basename "$out")" && mv "$archive.part" "$archive"
+}
+
+# check NAME CAP COMMAND...: runs COMMAND with its output in OUT/NAME.txt, for at most CAP
+# seconds and what is left of the budget (`timeout` stops the command's children too).
+check() {
+    local name=$1 limit=$2
+    shift 2
+    if [ -n "$from" ]; then
+        if [ "$name" != "$from" ]; then
+            note "$name skipped: before GPU_CHECKS_FROM=$from"
+            return
+        fi
+        from=""
+    fi
+    if [ "$budget" -gt 0 ]; then
+        local left=$((budget - SECONDS))
+        if [ "$left" -le 0 ]; then
+            note "$name skipped: the budget of $budget s is spent"
+            return
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
+    local start=$SECONDS
+    timeout -k 10 "$limit" "$@" > "$out/$name.txt" 2>&1
+    local rc=$?
+    local cut=""
+    case $rc in 124 | 137) cut=", cut off" ;; esac
+    note "$name rc=$rc in $((SECONDS - start)) s (limit $limit s)$cut"
+    pack
+}
 
 # The commit measured, for the results' names: the checkout's, else the caller's word.
 git rev-parse HEAD > "$out/commit.txt" 2>/dev/null || echo "${LUNGSEG_COMMIT:-unknown}" > "$out/commit.txt"
+note "start: commit $(cat "$out/commit.txt"), budget ${budget} s"
+if [ -n "${GPU_CHECKS_WHEELS:-}" ]; then
+    site=${TMPDIR:-/tmp}/gpu_checks_site
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$GPU_CHECKS_WHEELS"/*.whl > "$out/wheels.txt" 2>&1
+    note "wheels from $GPU_CHECKS_WHEELS installed: rc=$?"
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$out/torch.txt" 2>&1
 
-# 1. The targets, bf16 + channels-last. Eager: memory with 2 patches per pass (the
-#    live-tensor peak beside the allocator's, to check the CPU estimate), speed with all 36
-#    patches in one pass and cuDNN's autotuner, then the default 6 per pass with the
-#    autotuner (the profiled cases also count operators, to set against the host time).
-#    Then compiled (--compile; first_seconds is the first image, compiling included):
-#    6 patches per pass as predict.py runs (speed, profiled), then 2 per pass (memory),
-#    each cut off after 5 minutes so that a slow compile cannot take the steps after it.
-echo "$(date +%T) step 1" >&2
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 2 --tensor_peak \
-    --json "$out/eval_bf16_mb2.json" > "$out/eval_bf16_mb2.txt" 2>&1
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --micro_batch_size 36 \
-    --cudnn_benchmark --profile --count_ops --json "$out/eval_bf16_mb36.json" > "$out/eval_bf16_mb36.txt" 2>&1
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --cudnn_benchmark --profile --count_ops \
-    --json "$out/eval_bf16_cudnn.json" > "$out/eval_bf16_cudnn.txt" 2>&1
-timeout 300 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --profile \
-    --json "$out/eval_bf16_compile_mb6.json" > "$out/eval_bf16_compile_mb6.txt" 2>&1
-timeout 300 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last --compile --micro_batch_size 2 \
-    --json "$out/eval_bf16_compile_mb2.json" > "$out/eval_bf16_compile_mb2.txt" 2>&1
+# 1. Target 1, bf16 + channels-last, one 2448 x 2448 image in-process: speed at the
+#    default 6 patches per pass with cuDNN's autotuner (profiled, operators counted, to set
+#    against the host's time); memory at 2 per pass (the live-tensor peak beside the
+#    allocator's, to check the CPU estimate); then compiled (--compile; first_seconds is the
+#    first image, compiling included) at 6 per pass as predict.py runs, profiled.
+check eval_bf16_cudnn 150 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 "${fast[@]}" --cudnn_benchmark \
+    --profile --count_ops --json "$out/eval_bf16_cudnn.json"
+check eval_bf16_mb2 120 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 "${fast[@]}" --micro_batch_size 2 \
+    --tensor_peak --json "$out/eval_bf16_mb2.json"
+check eval_bf16_compile_mb6 300 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 "${fast[@]}" --compile --profile \
+    --json "$out/eval_bf16_compile_mb6.json"
 
-# 2. End to end (target 2): predict.py over 124 JPEGs of 2448 x 2448, files in to files out,
-#    beside the in-process figure of the same flags (6 patches per pass, no autotuner), and
-#    the host's reading and writing alone; then compiled (its in-process figure is step 1's).
-echo "$(date +%T) step 2" >&2
-"$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 --amp bf16 --cuda_math fast --channels_last \
-    --json "$out/eval_bf16_mb6.json" > "$out/eval_bf16_mb6.txt" 2>&1
-"$py" bench/predict_folder.py --device cuda --json "$out/predict_folder_bf16.json" \
-    -- --amp bf16 --cuda_math fast --channels_last > "$out/predict_folder_bf16.txt" 2>&1
-"$py" bench/predict_folder.py --device cuda --json "$out/predict_folder_bf16_compile.json" \
-    -- --amp bf16 --cuda_math fast --channels_last --compile > "$out/predict_folder_bf16_compile.txt" 2>&1
+# 2. Target 2: predict.py over 124 JPEGs of 2448 x 2448, files in to files out, beside the
+#    in-process figure of the same flags (6 patches per pass, no autotuner) and the host's
+#    reading and writing alone.
+check eval_bf16_mb6 120 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 "${fast[@]}" \
+    --json "$out/eval_bf16_mb6.json"
+check predict_folder_bf16 240 "$py" bench/predict_folder.py --device cuda --json "$out/predict_folder_bf16.json" \
+    -- "${fast[@]}"
 
-# 3. The training schedule (target 3): the three stage scripts for 2 epochs each on a small
-#    demo, the last epoch scaled to DeepGlobe's split and 120 + 50 + 120 epochs; the fast
-#    settings (with 8 loader workers: at the default 2, on the CPU measured in bench/README.md,
-#    the loader alone would hold the schedule above 2.7 hours), then the faithful fp32 default
-#    (one batch of 6, it is slower).
-echo "$(date +%T) step 3" >&2
-"$py" bench/train_schedule.py --json "$out/train_schedule_bf16.json" -- --amp bf16 --cuda_math fast --channels_last \
-    --num_workers 8 > "$out/train_schedule_bf16.txt" 2>&1
-"$py" bench/train_schedule.py --train 6 --val 3 --json "$out/train_schedule_fp32.json" > "$out/train_schedule_fp32.txt" 2>&1
+# 3. Target 3: the three stage scripts for 2 epochs each on a small demo, the last epoch
+#    scaled to DeepGlobe's split and 120 + 50 + 120 epochs, with the fast settings and 8
+#    loader workers (at the default 2, on the CPU measured in bench/README.md, the loader
+#    alone would hold the schedule above 2.7 hours).
+check train_schedule_bf16 300 "$py" bench/train_schedule.py --json "$out/train_schedule_bf16.json" \
+    -- "${fast[@]}" --num_workers 8
 
-# 4. Every test marked gpu: CUDA parity (the reference against the authors' arrays, the
-#    engine against the reference) and device tests (TF32 off inside the parity tests).
-echo "$(date +%T) step 4" >&2
-"$py" -m pytest -q -p no:cacheprovider -m gpu tests > "$out/pytest_cuda.txt" 2>&1
+# 4. The rest of targets 1-3: compiled at 2 patches per pass (memory), end to end compiled
+#    (its in-process figure is step 1's), the faithful fp32 schedule (one batch of 6, it
+#    is slower), and all 36 patches in one pass.
+check eval_bf16_compile_mb2 300 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 "${fast[@]}" --compile \
+    --micro_batch_size 2 --json "$out/eval_bf16_compile_mb2.json"
+check predict_folder_bf16_compile 300 "$py" bench/predict_folder.py --device cuda \
+    --json "$out/predict_folder_bf16_compile.json" -- "${fast[@]}" --compile
+check train_schedule_fp32 300 "$py" bench/train_schedule.py --train 6 --val 3 --json "$out/train_schedule_fp32.json"
+check eval_bf16_mb36 120 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 "${fast[@]}" --micro_batch_size 36 \
+    --cudnn_benchmark --profile --count_ops --json "$out/eval_bf16_mb36.json"
 
-# 5. Issue 17: predict.py on a 40,000 x 40,000 tiled, pyramidal TIFF in mode 3, the peak RSS
+# 5. Every test marked gpu: CUDA parity (the reference against the authors' arrays, the
+#    engine against the reference) and device tests (TF32 off inside the parity tests). A
+#    module that needs a package the machine lacks (rasterio, openslide) fails to collect
+#    and the others run; none of those holds a test marked gpu.
+check pytest_cuda 600 "$py" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests
+
+# 6. Issue 17: predict.py on a 40,000 x 40,000 tiled, pyramidal TIFF in mode 3, the peak RSS
 #    of the whole process (bench/README.md, "Very large images end to end").
-echo "$(date +%T) step 5" >&2
-"$py" bench/predict_large_rss.py --sizes 40000 --mode 3 --device cuda --json "$out/predict_large_40k_mode3.json" \
-    -- --amp bf16 --cuda_math fast > "$out/predict_large_40k_mode3.txt" 2>&1
+check predict_large_40k_mode3 900 "$py" bench/predict_large_rss.py --sizes 40000 --mode 3 --device cuda \
+    --json "$out/predict_large_40k_mode3.json" -- --amp bf16 --cuda_math fast
 
-# 6. Evaluation per mode and size: fp32, then bf16 + channels-last (6 patches per pass,
+# 7. Evaluation per mode and size: fp32, then bf16 + channels-last (6 patches per pass,
 #    with the live-tensor peak).
-echo "$(date +%T) step 6" >&2
-"$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000 --repeat 3 --json "$out/eval_fp32.json" > "$out/eval_fp32.txt" 2>&1
-"$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 --amp bf16 --cuda_math fast --channels_last --tensor_peak \
-    --json "$out/eval_bf16.json" > "$out/eval_bf16.txt" 2>&1
+check eval_fp32 600 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000 --repeat 3 --json "$out/eval_fp32.json"
+check eval_bf16 600 "$py" "${bench[@]}" --modes 1,2,3 --sizes 2448,5000,8000 --repeat 3 "${fast[@]}" --tensor_peak \
+    --json "$out/eval_bf16.json"
 
-# 7. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.
-echo "$(date +%T) step 7" >&2
-"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --json "$out/train_fp32.json" > "$out/train_fp32.txt" 2>&1
-"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --cuda_math fast --json "$out/train_bf16.json" \
-    > "$out/train_bf16.txt" 2>&1
-"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --checkpointing --json "$out/train_fp32_ckpt.json" \
-    > "$out/train_fp32_ckpt.txt" 2>&1
-"$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --cuda_math fast --checkpointing \
-    --json "$out/train_bf16_ckpt.json" > "$out/train_bf16_ckpt.txt" 2>&1
-echo "done: $out"
+# 8. One stage-2 training step on 2448 x 2448: fp32 and bf16, with and without checkpointing.
+check train_fp32 300 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --json "$out/train_fp32.json"
+check train_bf16 300 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --cuda_math fast \
+    --json "$out/train_bf16.json"
+check train_fp32_ckpt 300 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --checkpointing \
+    --json "$out/train_fp32_ckpt.json"
+check train_bf16_ckpt 300 "$py" "${bench[@]}" --modes 2 --sizes 2448 --train --repeat 2 --amp bf16 --cuda_math fast \
+    --checkpointing --json "$out/train_bf16_ckpt.json"
+note "done"
+pack

@@ -188,53 +188,6 @@ def test_count_ops_reports_operators_per_image(capsys):
     assert run_case(Case(1, **{**TINY, "repeat": 1})).ops is None
 
 
-def test_the_gpu_check_script_passes_only_flags_the_benchmark_knows():
-    """bench/gpu_checks.sh runs only where a GPU is lent; its benchmark lines must parse."""
-    import shlex
-    from pathlib import Path
-
-    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_checks.sh").read_text()
-    joined = script.replace("\\\n", " ")
-    lines = [line for line in joined.splitlines() if '"${bench[@]}"' in line and not line.lstrip().startswith("#")]
-    assert len(lines) == 12
-    assert sum("--compile" in line for line in lines) == 2
-    for line in lines:
-        words = shlex.split(line.split('"${bench[@]}"', 1)[1].split(">")[0].replace('"$out', '"out'))
-        args = build_parser().parse_args(["--device", "cuda", *words])
-        assert args.device == "cuda" and args.sizes and args.modes
-
-
-def test_the_gpu_check_script_passes_only_flags_the_other_benchmarks_and_their_commands_know():
-    import shlex
-    from pathlib import Path
-
-    import config
-    import predict
-    from bench import predict_folder, predict_large_rss, train_schedule
-
-    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_checks.sh").read_text()
-    lines = [line for line in script.replace("\\\n", " ").splitlines() if line.startswith('"$py" bench/')]
-    # Each benchmark, and the command it runs with the flags after --.
-    inner = {"predict_folder.py": lambda flags: predict.parse_args(["--input", "i", "--output", "o", *flags]),
-             "predict_large_rss.py": lambda flags: predict.parse_args(["--input", "i", "--output", "o", *flags]),
-             "train_schedule.py": config.parse_args}
-    outer = {"predict_folder.py": predict_folder, "predict_large_rss.py": predict_large_rss,
-             "train_schedule.py": train_schedule}
-    seen = []
-    for line in lines:
-        name, _, rest = line.split("bench/", 1)[1].partition(" ")
-        words = shlex.split(rest.split(">")[0].replace('"$out', '"out'))
-        args = outer[name].build_parser().parse_args(words)
-        flags = args.predict_flags if hasattr(args, "predict_flags") else args.train_flags
-        inner[name](flags)
-        seen.append((name, flags))
-    assert [name for name, _ in seen] == ["predict_folder.py", "predict_folder.py", "train_schedule.py",
-                                          "train_schedule.py", "predict_large_rss.py"]
-    assert all("--amp" in flags for name, flags in seen[:3])  # the fast settings, then the default
-    assert "--compile" in seen[1][1] and "--compile" not in seen[0][1]
-    assert seen[3][1] == []
-
-
 def test_via_cli_peak_is_the_commands_own():
     """A child inherits its parent's high-water RSS over exec on Linux; the launcher keeps
     this (large) test process's peak out of the measured one."""

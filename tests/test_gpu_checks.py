@@ -1,0 +1,145 @@
+"""bench/gpu_checks.sh runs only where a GPU is lent, for minutes, with no second chance: here
+it runs with a stand-in python that records each command instead of running it, so that
+every command is known to parse, the targets come first, the budget holds and what the
+lent machine returns (one archive) holds every output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import config
+import predict
+from bench import bench_inference, predict_folder, predict_large_rss, train_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Records its arguments and PYTHONPATH; a benchmark (a script, not -c or -m) then sleeps
+# FAKE_SECONDS, as a long case would.
+FAKE = """import json, os, sys, time
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({"argv": sys.argv[1:], "pythonpath": os.environ.get("PYTHONPATH", "")}) + "\\n")
+if sys.argv[1].startswith("bench/"):
+    time.sleep(float(os.environ.get("FAKE_SECONDS", "0")))
+"""
+
+
+def run_checks(tmp_path: Path, **env: str) -> tuple[list[dict], Path, subprocess.CompletedProcess]:
+    """Runs the script with the stand-in; returns the recorded calls, OUT and the process."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE}")
+    fake.chmod(0o755)
+    log, out = tmp_path / "calls.jsonl", tmp_path / "gpu_checks"
+    done = subprocess.run(["bash", "bench/gpu_checks.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(log), **env}, timeout=120)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return calls, out, done
+
+
+def timeline(out: Path) -> list[str]:
+    return (out / "timeline.txt").read_text().splitlines()
+
+
+def test_every_command_parses_and_the_targets_come_first(tmp_path):
+    calls, out, done = run_checks(tmp_path)
+    assert done.returncode == 0, done.stderr
+    scripts = [call["argv"] for call in calls if call["argv"][0].startswith("bench/")]
+    # Each benchmark's flags, and the flags it hands predict.py or train_deep_globe.py, parse.
+    inner = {"bench/predict_folder.py": lambda flags: predict.parse_args(["--input", "i", "--output", "o", *flags]),
+             "bench/predict_large_rss.py": lambda flags: predict.parse_args(["--input", "i", "--output", "o", *flags]),
+             "bench/train_schedule.py": config.parse_args}
+    outer = {"bench/bench_inference.py": bench_inference, "bench/predict_folder.py": predict_folder,
+             "bench/predict_large_rss.py": predict_large_rss, "bench/train_schedule.py": train_schedule}
+    parsed = []
+    for argv in scripts:
+        args = outer[argv[0]].build_parser().parse_args(argv[1:])
+        flags = getattr(args, "predict_flags", None) or getattr(args, "train_flags", None)
+        if argv[0] in inner:
+            inner[argv[0]](flags or [])
+        else:
+            assert args.device == "cuda" and args.json
+        parsed.append((argv[0], args, flags))
+
+    # Issue 15's targets first, in its order: mode 3 at 2448 in bf16 in-process, eager then
+    # compiled; predict.py over a folder; the training schedule with the fast settings.
+    first = [(name.split("/")[1], getattr(args, "compile", False)) for name, args, _ in parsed[:6]]
+    assert first == [("bench_inference.py", False), ("bench_inference.py", False), ("bench_inference.py", True),
+                     ("bench_inference.py", False), ("predict_folder.py", False), ("train_schedule.py", False)]
+    for name, args, flags in parsed[:6]:
+        if name == "bench/bench_inference.py":
+            assert args.modes == [3] and args.sizes == [2448] and args.amp == "bf16" and args.channels_last
+        else:
+            assert "--amp" in flags and "--channels_last" in flags
+    assert [args.micro_batch_size for _, args, _ in parsed[:4]] == [None, 2, None, None]
+    assert "--num_workers" in parsed[5][2]
+    # The faithful fp32 schedule is measured too, with train_deep_globe.py's defaults.
+    assert [flags for name, _, flags in parsed if name == "bench/train_schedule.py"][1] == []
+    assert any(call["argv"][:2] == ["-m", "pytest"] and "gpu" in call["argv"] for call in calls)
+
+    # One line per case in the timeline, every output in the folder.
+    cases = [line for line in timeline(out) if " rc=" in line]
+    assert len(cases) == len(scripts) + 1 and all(" rc=0 " in line for line in cases)  # and pytest
+    assert {f"{line.split()[1]}.txt" for line in cases} <= {p.name for p in out.iterdir()}
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    calls, out, done = run_checks(tmp_path, GPU_CHECKS_BUDGET="1")
+    before = timeline(out)
+    calls, out, again = run_checks(tmp_path, GPU_CHECKS_BUDGET="1")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert timeline(out) == before
+
+
+def test_the_budget_cuts_the_case_it_reaches_and_skips_the_rest_into_one_archive(tmp_path):
+    archive = tmp_path / "returned" / "gpu_checks.tar.gz"
+    archive.parent.mkdir()
+    calls, out, done = run_checks(tmp_path, GPU_CHECKS_BUDGET="2", FAKE_SECONDS="30",
+                                  GPU_CHECKS_ARCHIVE=str(archive))
+    assert done.returncode == 0, done.stderr
+    assert [call["argv"][0] for call in calls if call["argv"][0].startswith("bench/")] == ["bench/bench_inference.py"]
+    lines = timeline(out)
+    assert "eval_bf16_cudnn rc=124" in lines[1] and lines[1].endswith("s), cut off")
+    skipped = [line for line in lines if "skipped: the budget of 2 s is spent" in line]
+    assert len(skipped) >= 10 and lines[-1].endswith("done")
+    # What a lent machine returns: one file, holding OUT as it ended.
+    assert [p.name for p in archive.parent.iterdir()] == [archive.name]
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        packed = tar.extractfile("gpu_checks/timeline.txt").read().decode().splitlines()
+    assert {"gpu_checks/timeline.txt", "gpu_checks/commit.txt", "gpu_checks/eval_bf16_cudnn.txt"} <= names
+    assert packed == lines
+
+
+def test_wheels_are_installed_first_and_on_every_later_path(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "tensorboardx-2.6.5-py3-none-any.whl").write_bytes(b"")
+    calls, out, done = run_checks(tmp_path, GPU_CHECKS_WHEELS=str(wheels), GPU_CHECKS_BUDGET="1", TMPDIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    install = calls[0]["argv"]
+    site = str(tmp_path / "gpu_checks_site")
+    assert install[:3] == ["-m", "pip", "install"] and "--no-index" in install
+    assert install[install.index("--target") + 1] == site and install[-1] == str(wheels / "tensorboardx-2.6.5-py3-none-any.whl")
+    assert all(call["pythonpath"].split(":")[0] == site for call in calls[1:])
+    assert "wheels from" in timeline(out)[1]
+
+
+def test_a_second_call_starts_from_the_case_named(tmp_path):
+    calls, out, done = run_checks(tmp_path, GPU_CHECKS_FROM="pytest_cuda")
+    assert done.returncode == 0, done.stderr
+    ran = [line.split()[1] for line in timeline(out) if " rc=" in line]
+    assert ran[0] == "pytest_cuda" and "eval_fp32" in ran and "eval_bf16_cudnn" not in ran
+    assert "eval_bf16_cudnn skipped: before GPU_CHECKS_FROM=pytest_cuda" in done.stderr
+    (tmp_path / "again").mkdir()
+    calls, out, wrong = run_checks(tmp_path / "again", GPU_CHECKS_FROM="pytest")
+    assert wrong.returncode == 2 and "GPU_CHECKS_FROM=pytest names no case" in wrong.stderr and calls == []
+
+
+def test_settings_that_cannot_work_stop_before_anything_runs(tmp_path):
+    for env, message in [({"GPU_CHECKS_BUDGET": "9m"}, "must be whole seconds"),
+                         ({"GPU_CHECKS_ARCHIVE": str(tmp_path / "no" / "a.tar.gz")}, "folder does not exist")]:
+        calls, out, done = run_checks(tmp_path, **env)
+        assert done.returncode == 2 and message in done.stderr and calls == [] and not out.exists()
