@@ -16,6 +16,7 @@ from models.fpn import Context, Levels
 from models.glnet import (BranchOutput, Canvases, GLNet, GlobalBranch, empty_canvases, image_context,
                           normalised_context, paste_context)
 from utils.images import to_unit_float
+from utils.floats import sum_in_order
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
 from utils.resample import resize_labels
@@ -139,7 +140,7 @@ class StageResult:
     @property
     def loss(self) -> float:
         """Mean of the backpropagated losses of the batch: what training logs."""
-        return sum(self.totals) / len(self.totals) if self.totals else float("nan")
+        return sum_in_order(self.totals) / len(self.totals) if self.totals else float("nan")
 
 
 @dataclass
@@ -195,7 +196,7 @@ class _Losses:
             return
         values = iter(torch.stack(terms).double().tolist())  # stack widens mixed dtypes exactly
         for into, parts in self._pending:
-            into.append(sum(next(values) for _ in parts))
+            into.append(sum_in_order(next(values) for _ in parts))
         self._pending = []
 
 

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from utils.floats import sum_in_order
+
 
 UPDATE_CHUNK = 1 << 22  # pixels
 
@@ -41,4 +43,4 @@ class ConfusionMatrix:
     def miou(self, ignore: Sequence[int] = ()) -> float:
         """Mean IoU over the classes not in `ignore`, NaN counted as 0 (DeepGlobe's score)."""
         scores = [0.0 if s != s else s for c, s in enumerate(self.iou()) if c not in set(ignore)]
-        return sum(scores) / len(scores) if scores else float("nan")
+        return sum_in_order(scores) / len(scores) if scores else float("nan")
