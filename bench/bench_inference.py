@@ -44,6 +44,7 @@ from utils.files import writing  # noqa: E402
 from utils.memory import return_large_blocks_to_the_system  # noqa: E402
 from utils.weight_rule import apply_rule_weights  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
+from bench.gpu_memory import nvml_memory  # noqa: E402
 from bench.op_count import KernelCount, OpCount, show_compiled_kernels  # noqa: E402
 from bench.tensor_peak import TensorPeak, module_tensors  # noqa: E402
 
@@ -90,7 +91,12 @@ class Record:
     with --count_ops): operator calls per image, and how many of them only made views
     (bench/op_count.py); kernels, kernel_views, kernels_compiled (eval with --count_kernels):
     host calls per image that each stand for a kernel, eager or compiled, the views among
-    them and those made inside compiled code (bench/op_count.KernelCount)."""
+    them and those made inside compiled code (bench/op_count.KernelCount). On a GPU also:
+    steady_peak_mb, the peak allocated over the timed runs alone (peak_mb includes the
+    warm-up, where cuDNN's autotuner tries its workspaces); and, read right after the timed
+    runs, reserved_mb (what torch's caching allocator holds) and NVML's figures
+    (bench/gpu_memory.py): nvml_process_mb, as nvidia-smi and gpustat show it, CUDA context
+    included, and nvml_device_mb, the device's whole use."""
 
     case: dict[str, Any]
     seconds: float
@@ -106,6 +112,10 @@ class Record:
     kernels: Optional[int] = None
     kernel_views: Optional[int] = None
     kernels_compiled: Optional[int] = None
+    steady_peak_mb: Optional[float] = None
+    reserved_mb: Optional[float] = None
+    nvml_process_mb: Optional[float] = None
+    nvml_device_mb: Optional[float] = None
 
     @property
     def images_per_s(self) -> float:
@@ -223,10 +233,19 @@ def run_case(case: Case) -> Record:
     session = rule_session(case)
     image = random_image(case.size, generator)
     step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator)
-    if device.type == "cuda":
+    on_cuda = device.type == "cuda"
+    gpu: dict[str, Optional[float]] = {}
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     first_seconds = timed(step, device)
+    if on_cuda:
+        warm_peak = torch.cuda.max_memory_allocated(device) / MB
+        torch.cuda.reset_peak_memory_stats(device)
     runs = [timed(step, device) for _ in range(case.repeat)]
+    if on_cuda:
+        gpu = {"steady_peak_mb": torch.cuda.max_memory_allocated(device) / MB,
+               "reserved_mb": torch.cuda.memory_reserved(device) / MB, **nvml_memory(device)}
+        gpu["peak_mb"] = max(warm_peak, gpu["steady_peak_mb"])
     if case.profile:
         print_profile(step, device)
     tensor_peak_mb = None
@@ -243,12 +262,11 @@ def run_case(case: Case) -> Record:
     if case.count_kernels and case.kind == "eval":
         with KernelCount() as kernels:
             step()
-    on_cuda = device.type == "cuda"
     return Record(
         case=asdict(case),
         seconds=statistics.median(runs),
         runs=runs,
-        peak_mb=torch.cuda.max_memory_allocated(device) / MB if on_cuda else peak_rss_mb(),
+        peak_mb=gpu.pop("peak_mb") if on_cuda else peak_rss_mb(),
         peak_of="cuda allocated" if on_cuda else "process rss",
         patches=patch_count(case),
         environment=environment(device, case.threads),
@@ -259,6 +277,7 @@ def run_case(case: Case) -> Record:
         kernels=None if kernels is None else kernels.calls,
         kernel_views=None if kernels is None else kernels.views,
         kernels_compiled=None if kernels is None else kernels.compiled,
+        **gpu,
     )
 
 

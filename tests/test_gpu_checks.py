@@ -1,7 +1,9 @@
-"""bench/gpu_checks.sh runs only where a GPU is lent, for minutes, with no second chance: here
-it runs with a stand-in python that records each command instead of running it, so that
-every command is known to parse, the targets come first, the budget holds and what the
-lent machine returns (one archive) holds every output."""
+"""What runs only where a GPU is lent, for minutes, with no second chance, tested without one.
+
+bench/gpu_checks.sh runs with a stand-in python that records each command instead of running
+it, so that every command is known to parse, the targets come first, the budget holds and
+what the lent machine returns (one archive) holds every output. bench/gpu_memory.py reads
+NVML through a stand-in of its library."""
 from __future__ import annotations
 
 import json
@@ -9,11 +11,16 @@ import os
 import subprocess
 import sys
 import tarfile
+import types
 from pathlib import Path
+
+import pytest
+import torch
 
 import config
 import predict
 from bench import bench_inference, predict_folder, predict_large_rss, train_schedule
+from bench.gpu_memory import nvml_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,3 +150,54 @@ def test_settings_that_cannot_work_stop_before_anything_runs(tmp_path):
                          ({"GPU_CHECKS_ARCHIVE": str(tmp_path / "no" / "a.tar.gz")}, "folder does not exist")]:
         calls, out, done = run_checks(tmp_path, **env)
         assert done.returncode == 2 and message in done.stderr and calls == [] and not out.exists()
+
+
+def fake_nvml(processes: dict[int, list[tuple[int, int]]], used: dict[int, int], fail_init: bool = False):
+    """A stand-in for pynvml: devices 0 and 1, on PCI buses 0x19 and 0x3b; `processes`
+    gives each device's (pid, bytes) and `used` its bytes in use."""
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        if fail_init:
+            raise NVMLError("driver not loaded")
+
+    buses = {0: 0x19, 1: 0x3B}
+    return types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=init, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetPciInfo=lambda h: types.SimpleNamespace(domain=0, bus=buses[h], device=0),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=used[h]),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [types.SimpleNamespace(pid=pid, usedGpuMemory=n)
+                                                        for pid, n in processes[h]])
+
+
+@pytest.fixture
+def on_bus_0x3b(monkeypatch):
+    """torch's device: the one on PCI bus 0x3b, NVML's device 1."""
+    props = types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x3B, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+
+MIB = 1 << 20
+
+
+def test_nvml_memory_is_this_process_on_the_device_torch_uses(monkeypatch, on_bus_0x3b):
+    me = os.getpid()
+    nvml = fake_nvml({0: [(me, 900 * MIB)], 1: [(me + 1, 50 * MIB), (me, 1500 * MIB)]}, {0: 1000 * MIB, 1: 2000 * MIB})
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert nvml_memory(torch.device("cuda", 0)) == {"nvml_process_mb": 1500.0, "nvml_device_mb": 2000.0}
+
+
+@pytest.mark.parametrize("processes, fail_init, expected", [
+    ({0: [], 1: [(1, 5 * MIB)]}, False, {"nvml_process_mb": None, "nvml_device_mb": 7.0}),  # this pid hidden
+    ({0: [], 1: []}, True, {"nvml_process_mb": None, "nvml_device_mb": None}),  # no driver
+])
+def test_nvml_memory_says_none_where_nvml_cannot_tell(monkeypatch, on_bus_0x3b, processes, fail_init, expected):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(processes, {0: 0, 1: 7 * MIB}, fail_init))
+    assert nvml_memory(torch.device("cuda")) == expected
+
+
+def test_nvml_memory_without_its_library(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    assert nvml_memory(torch.device("cuda")) == {"nvml_process_mb": None, "nvml_device_mb": None}
