@@ -21,16 +21,24 @@ import config
 import predict
 from bench import bench_inference, predict_folder, predict_large_rss, train_schedule
 from bench.gpu_memory import nvml_memory
+from bench.gpu_report import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Records its arguments and PYTHONPATH; a benchmark (a script, not -c or -m) then sleeps
-# FAKE_SECONDS, as a long case would.
+# FAKE_SECONDS, as a long case would, and where FAKE_RESULTS (a JSON file) names its --json
+# file's stem, writes that text there and exits with that status.
 FAKE = """import json, os, sys, time
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({"argv": sys.argv[1:], "pythonpath": os.environ.get("PYTHONPATH", "")}) + "\\n")
 if sys.argv[1].startswith("bench/"):
     time.sleep(float(os.environ.get("FAKE_SECONDS", "0")))
+    results = json.load(open(os.environ["FAKE_RESULTS"])) if "FAKE_RESULTS" in os.environ else {}
+    path = sys.argv[sys.argv.index("--json") + 1]
+    text, status = results.get(os.path.basename(path)[:-5], ("", 0))
+    if text:
+        open(path, "w").write(text)
+    sys.exit(status)
 """
 
 
@@ -201,3 +209,64 @@ def test_nvml_memory_says_none_where_nvml_cannot_tell(monkeypatch, on_bus_0x3b, 
 def test_nvml_memory_without_its_library(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     assert nvml_memory(torch.device("cuda")) == {"nvml_process_mb": None, "nvml_device_mb": None}
+
+
+def eval_record(images_per_s: float, peak_mb: float) -> str:
+    """bench_inference's --json file of one case, made by its own Record."""
+    record = bench_inference.Record(case={"mode": 3, "size": 2448}, seconds=1 / images_per_s, runs=[1 / images_per_s],
+                                    peak_mb=peak_mb, peak_of="cuda allocated", patches=36, first_seconds=40.0,
+                                    steady_peak_mb=peak_mb - 10, nvml_process_mb=peak_mb + 600)
+    return json.dumps([bench_inference.record_to_json(record)])
+
+
+def lines(*records: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in ({"commit": "abc", "cuda": "NVIDIA H200"}, *records))
+
+
+def test_the_report_reads_each_target_from_the_run(tmp_path):
+    results = {
+        "eval_bf16_cudnn": (eval_record(40.0, 1400.0), 0),
+        "eval_bf16_mb2": (eval_record(31.0, 900.0), 0),
+        "eval_bf16_compile_mb6": (eval_record(35.0, 960.0), 0),  # under 1 GiB, not under 10^9 bytes
+        "eval_bf16_mb6": (eval_record(20.0, 1300.0), 0),
+        "eval_bf16_compile_mb2": ("", 1),  # failed
+        "predict_folder_bf16": (lines({"host_images_per_second": 50.0, "images_per_second": 17.0}), 0),
+        "predict_folder_bf16_compile": (lines({"host_images_per_second": 50.0, "images_per_second": 21.0}), 0),
+        "train_schedule_bf16": (lines(*({"stage": k, "deepglobe_stage_hours": h} for k, h in ((1, .5), (2, 1.), (3, 1.))),
+                                      {"schedule_hours": 2.5}), 0),
+        "train_schedule_fp32": (lines({"stage": 1, "deepglobe_stage_hours": 9.1}, {"schedule_hours": 9.1}), 0),
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    calls, out, done = run_checks(tmp_path, FAKE_RESULTS=str(tmp_path / "results.json"))
+    assert done.returncode == 0, done.stderr
+    report = subprocess.run([sys.executable, "bench/gpu_report.py", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert "| 2 per pass (`eval_bf16_mb2`) | 31.0 | 900 MB | 890 MB | 1500 MB | 40.0 s |" in report
+    assert "**Met** by `eval_bf16_mb2`." in report
+    assert "| 36 per pass, cuDNN autotuner (`eval_bf16_mb36`) | not measured |" in report
+    assert "17.0 against 20.0 images/s in-process, 85% (met); the host alone 50.0." in report
+    assert "21.0 against 35.0 images/s in-process, 60% (not met)" in report
+    assert "- fast settings (`train_schedule_bf16`): 2.50 h (met: under 3 h); stage 1 0.50 h, stage 2 1.00 h" in report
+    assert "- the faithful fp32 default (`train_schedule_fp32`): 9.10 h; stage 1 9.10 h." in report
+    assert "- eval_bf16_compile_mb2 rc=1" in report and "rc=0" not in report and "skipped" not in report
+
+
+def test_the_report_says_what_is_missing(tmp_path):
+    calls, out, done = run_checks(tmp_path, GPU_CHECKS_BUDGET="1", FAKE_SECONDS="5")
+    report = subprocess.run([sys.executable, "bench/gpu_report.py", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert "**Not measured**." in report
+    assert "- 6 per pass (`predict_folder_bf16`): not measured." in report
+    assert "- fast settings (`train_schedule_bf16`): not measured." in report
+    assert "- eval_bf16_cudnn rc=124" in report and "- skipped: eval_bf16_mb2, " in report
+    refused = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "holds no run of bench/gpu_checks.sh" in refused.stderr
+
+
+def test_a_fast_case_over_the_memory_bound_does_not_meet_the_first_target(tmp_path):
+    (tmp_path / "eval_bf16_cudnn.json").write_text(eval_record(45.0, 1000.0))  # 10^9 bytes is 953.7 MiB
+    (tmp_path / "eval_bf16_mb2.json").write_text(eval_record(29.9, 700.0))
+    lines, rates = in_process(tmp_path)
+    assert rates == pytest.approx({"eval_bf16_cudnn": 45.0, "eval_bf16_mb2": 29.9})
+    assert "**Not met**: no case reached 30 images/s with its peak under 10^9 bytes." in lines
