@@ -96,7 +96,8 @@ class Record:
     warm-up, where cuDNN's autotuner tries its workspaces); and, read right after the timed
     runs, reserved_mb (what torch's caching allocator holds) and NVML's figures
     (bench/gpu_memory.py): nvml_process_mb, as nvidia-smi and gpustat show it, CUDA context
-    included, and nvml_device_mb, the device's whole use."""
+    included (nvml_process_of: how this process was found), and nvml_device_mb, the device's
+    whole use."""
 
     case: dict[str, Any]
     seconds: float
@@ -115,6 +116,7 @@ class Record:
     steady_peak_mb: Optional[float] = None
     reserved_mb: Optional[float] = None
     nvml_process_mb: Optional[float] = None
+    nvml_process_of: Optional[str] = None
     nvml_device_mb: Optional[float] = None
 
     @property
@@ -234,7 +236,7 @@ def run_case(case: Case) -> Record:
     image = random_image(case.size, generator)
     step = eval_step(session, image) if case.kind == "eval" else train_step(session, image, generator)
     on_cuda = device.type == "cuda"
-    gpu: dict[str, Optional[float]] = {}
+    gpu: dict[str, Any] = {}
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     first_seconds = timed(step, device)
@@ -242,10 +244,12 @@ def run_case(case: Case) -> Record:
         warm_peak = torch.cuda.max_memory_allocated(device) / MB
         torch.cuda.reset_peak_memory_stats(device)
     runs = [timed(step, device) for _ in range(case.repeat)]
+    # Read before the runs below (profile, tensor peak, counts), which are not the case's.
+    peak_mb = peak_rss_mb()
     if on_cuda:
         gpu = {"steady_peak_mb": torch.cuda.max_memory_allocated(device) / MB,
                "reserved_mb": torch.cuda.memory_reserved(device) / MB, **nvml_memory(device)}
-        gpu["peak_mb"] = max(warm_peak, gpu["steady_peak_mb"])
+        peak_mb = max(warm_peak, gpu["steady_peak_mb"])
     if case.profile:
         print_profile(step, device)
     tensor_peak_mb = None
@@ -266,7 +270,7 @@ def run_case(case: Case) -> Record:
         case=asdict(case),
         seconds=statistics.median(runs),
         runs=runs,
-        peak_mb=gpu.pop("peak_mb") if on_cuda else peak_rss_mb(),
+        peak_mb=peak_mb,
         peak_of="cuda allocated" if on_cuda else "process rss",
         patches=patch_count(case),
         environment=environment(device, case.threads),

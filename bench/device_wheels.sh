@@ -14,6 +14,7 @@ for name in tensorboardX tifffile pillow; do
     pins+=("$(grep -i "^$name==" requirements.txt)")
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${DEVICE_PYTHON:-3.12}" \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
     -d "$dest" "${pins[@]}"
 ls "$dest"
