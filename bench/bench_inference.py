@@ -208,7 +208,7 @@ def print_profile(step: Callable[[], None], device: torch.device, rows: int = 15
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         timed(step, device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
 
 
