@@ -15,8 +15,8 @@ from torch import Tensor
 from models.fpn import Context, Levels
 from models.glnet import (BranchOutput, Canvases, GLNet, GlobalBranch, empty_canvases, image_context,
                           normalised_context, paste_context)
-from utils.images import to_unit_float
 from utils.floats import sum_in_order
+from utils.images import to_unit_float
 from utils.losses import focal_loss, fmreg_loss
 from utils.patches import PatchGrid, chunks, extract_patches
 from utils.resample import resize_labels

@@ -1,8 +1,8 @@
 """Sums of Python floats in the order given.
 
 From Python 3.12 on, `sum()` of floats compensates rounding (Neumaier), so its result can
-differ in the last bits from the left-to-right `+=` the authors' loops make (and 3.11's
-`sum()`); logged losses and scores must not depend on the Python version.
+differ in the last bits from adding left to right, as 3.11's `sum()` does; logged losses and
+scores must not depend on the Python version.
 """
 from __future__ import annotations
 
