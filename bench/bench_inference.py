@@ -245,11 +245,12 @@ def run_case(case: Case) -> Record:
         torch.cuda.reset_peak_memory_stats(device)
     runs = [timed(step, device) for _ in range(case.repeat)]
     # Read before the runs below (profile, tensor peak, counts), which are not the case's.
-    peak_mb = peak_rss_mb()
     if on_cuda:
         gpu = {"steady_peak_mb": torch.cuda.max_memory_allocated(device) / MB,
                "reserved_mb": torch.cuda.memory_reserved(device) / MB, **nvml_memory(device)}
         peak_mb = max(warm_peak, gpu["steady_peak_mb"])
+    else:
+        peak_mb = peak_rss_mb()
     if case.profile:
         print_profile(step, device)
     tensor_peak_mb = None

@@ -44,14 +44,20 @@ if sys.argv[1].startswith("bench/"):
 """
 
 
-def run_checks(tmp_path: Path, **env: str) -> tuple[list[dict], Path, subprocess.CompletedProcess]:
-    """Runs the script with the stand-in; returns the recorded calls, OUT and the process."""
+def stand_in(tmp_path: Path, **env: str) -> dict[str, str]:
+    """Writes the stand-in python into tmp_path; the environment that makes the script use it
+    and log its calls to tmp_path/calls.jsonl."""
     fake = tmp_path / "python"
     fake.write_text(f"#!{sys.executable}\n{FAKE}")
     fake.chmod(0o755)
+    return {**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(tmp_path / "calls.jsonl"), **env}
+
+
+def run_checks(tmp_path: Path, **env: str) -> tuple[list[dict], Path, subprocess.CompletedProcess]:
+    """Runs the script with the stand-in; returns the recorded calls, OUT and the process."""
     log, out = tmp_path / "calls.jsonl", tmp_path / "gpu_checks"
     done = subprocess.run(["bash", "bench/gpu_checks.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(log), **env}, timeout=120)
+                          env=stand_in(tmp_path, **env), timeout=120)
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return calls, out, done
 
@@ -152,12 +158,8 @@ def test_a_second_call_continues_the_run_from_the_case_named(tmp_path):
 
 def test_an_interrupt_stops_the_case_and_keeps_what_was_measured(tmp_path):
     archive = tmp_path / "gpu_checks.tar.gz"
-    fake = tmp_path / "python"
-    fake.write_text(f"#!{sys.executable}\n{FAKE}")
-    fake.chmod(0o755)
     out = tmp_path / "gpu_checks"
-    env = {**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(tmp_path / "calls.jsonl"), "FAKE_SECONDS": "60",
-           "GPU_CHECKS_ARCHIVE": str(archive)}
+    env = stand_in(tmp_path, FAKE_SECONDS="60", GPU_CHECKS_ARCHIVE=str(archive))
     run = subprocess.Popen(["bash", "bench/gpu_checks.sh", str(out)], cwd=ROOT, env=env, stderr=subprocess.PIPE,
                            text=True)
     deadline = time.monotonic() + 30
