@@ -33,7 +33,8 @@ from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.memory import release_free_heap
 from utils.metrics import ConfusionMatrix
-from utils.patches import PatchGrid, class_dtype, merge_argmax, merge_logits, upsample_argmax, upsample_nearest
+from utils.patches import (PatchGrid, class_dtype, merge_argmax, merge_argmax_rows, merge_logits, upsample_argmax,
+                           upsample_nearest)
 from utils.resample import nearest_indices
 from utils.tiled_writer import ClassMapWriter
 
@@ -440,7 +441,7 @@ def predict_bands(
         return
     grid = PatchGrid.build((height, width), session.size_p)
     patch_h = grid.patch_size[0]
-    first = _first_grid_row(grid, start)
+    first = grid.first_row_reaching(start)
     stream = stream_patch_logits(session.stage, session.model, image, global_image, grid,
                                  frozen_global=session.frozen_global, micro_batch_size=session.micro_batch,
                                  start_row=first, on_patches=session.after_pass)
@@ -451,15 +452,10 @@ def predict_bands(
         final = grid.tops[row + 1] if row + 1 < grid.n_rows else height  # rows above it have all their patches
         while y0 < height and min(y0 + band_rows, height) <= final:
             y1 = min(y0 + band_rows, height)
-            yield y0, _merge_band(kept, grid, y0, y1)
+            yield y0, merge_argmax_rows(kept, grid, y0, y1, MERGE_COLUMNS)
             y0 = y1
             for done in [r for r in kept if grid.tops[r] + patch_h <= y0]:
                 del kept[done]
-
-
-def _first_grid_row(grid: PatchGrid, start: int) -> int:
-    """The first grid row whose patches reach image row `start` or below."""
-    return next(r for r in range(grid.n_rows) if grid.tops[r] + grid.patch_size[0] > start)
 
 
 def band_patch_count(session: Session, size: Sequence[int], start: int = 0) -> int:
@@ -469,7 +465,7 @@ def band_patch_count(session: Session, size: Sequence[int], start: int = 0) -> i
     if session.stage is Stage.GLOBAL or start >= size[0]:
         return 0
     grid = PatchGrid.build(tuple(size), session.size_p)
-    kept = (grid.n_rows - _first_grid_row(grid, start)) * grid.n_cols
+    kept = (grid.n_rows - grid.first_row_reaching(start)) * grid.n_cols
     return kept + len(grid) if session.stage is Stage.LOCAL2GLOBAL else kept
 
 
@@ -490,26 +486,6 @@ def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *
         writer.write_band(band.cpu().numpy())
         if on_band is not None:
             on_band(band.shape[0])
-
-
-def _merge_band(kept: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int) -> Tensor:
-    """merge_argmax of image rows y0:y1 from the logits of the grid rows over them, piece
-    by piece of MERGE_COLUMNS image columns. Each piece is merged on a
-    grid of the patches over it alone, its origins moved by (y0, x0) (a patch may start
-    above or left of the piece): the same patches in the same order per pixel, so the same
-    sums. Pieces keep the copies the merge makes (the patches' logits, laid out by cell)
-    to a piece's patches, not a whole grid row's, which on a wide image is tens of MB."""
-    (ph, pw), width = grid.patch_size, grid.image_size[1]
-    rows = [r for r in sorted(kept) if grid.tops[r] < y1 and grid.tops[r] + ph > y0]
-    tops = tuple(grid.tops[r] - y0 for r in rows)
-    like = kept[rows[0]]
-    out = torch.empty((y1 - y0, width), dtype=class_dtype(like.shape[1]), device=like.device)
-    for x0 in range(0, width, MERGE_COLUMNS):
-        x1 = min(width, x0 + MERGE_COLUMNS)
-        cols = [c for c in range(grid.n_cols) if grid.lefts[c] < x1 and grid.lefts[c] + pw > x0]  # contiguous
-        piece = PatchGrid((y1 - y0, x1 - x0), grid.patch_size, tops, tuple(grid.lefts[c] - x0 for c in cols))
-        out[:, x0:x1] = merge_argmax(torch.cat([kept[r][cols[0] : cols[-1] + 1] for r in rows]), piece)
-    return out
 
 
 def _each_under(context: Callable[[], ContextManager], items: Iterator[Any]) -> Iterator[Any]:

@@ -28,6 +28,7 @@ from utils.patches import (
     crop_to_patches,
     extract_patches,
     merge_argmax,
+    merge_argmax_rows,
     merge_logits,
     paste_patches,
     sampling_plan,
@@ -254,6 +255,25 @@ def test_merge_argmax_in_bands_equals_full_argmax(max_band_bytes):
     pred = merge_argmax(logits, grid, max_band_bytes=max_band_bytes)
     assert pred.dtype == torch.uint8 and pred.shape == (300, 420)
     assert torch.equal(pred.long(), expected)
+
+
+@pytest.mark.parametrize("h, w, p, cells", [(600, 700, 256, 64), (257, 509, 130, 33), (200, 260, 60, 15), (90, 300, 96, 24)])
+def test_a_band_merged_from_its_grid_rows_is_that_band_of_the_authors_merge(h, w, p, cells):
+    """Whatever the band and the columns merged at a time: the rows of the authors' float64
+    canvas, argmax's ties included, from the logits of the grid rows over the band alone
+    (plus rows above it, as a caller that has not dropped them yet holds)."""
+    grid = PatchGrid.build((h, w), (p, p))
+    logits = torch.randn(len(grid), 5, cells, cells, generator=torch.Generator().manual_seed(h * w)).round()
+    expected = merged_scores(logits, grid).argmax(0)
+    by_row = logits.view(grid.n_rows, grid.n_cols, *logits.shape[1:])
+    ph = grid.patch_size[0]
+    for y0, y1 in ((0, h), (0, 1), (h - 1, h), (h // 3, min(h, h // 3 + 37)), (ph - 1, min(h, ph + 1))):
+        first = next(r for r in range(grid.n_rows) if grid.tops[r] + grid.patch_size[0] > y0)  # brute force
+        assert grid.first_row_reaching(y0) == first
+        held = {r: by_row[r] for r in range(max(0, first - 1), grid.n_rows) if grid.tops[r] < y1}
+        for columns in (w, 7, p - 1):
+            band = merge_argmax_rows(held, grid, y0, y1, columns)
+            assert band.dtype == torch.uint8 and torch.equal(band.long(), expected[y0:y1]), (y0, y1, columns)
 
 
 def test_class_maps_are_bytes_up_to_256_classes():

@@ -94,6 +94,10 @@ class PatchGrid:
         """Consecutive patch-index ranges of at most `size` patches (the sub-batches)."""
         return chunks(len(self), size)
 
+    def first_row_reaching(self, y: int) -> int:
+        """The first grid row whose patches reach image row y or below."""
+        return next(r for r in range(self.n_rows) if self.tops[r] + self.patch_size[0] > y)
+
     def cell_box(self, index: int, map_size: Sequence[int]) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the patch on a feature map of the whole image."""
         top, left = self.origin(index)
@@ -427,6 +431,29 @@ def merge_argmax(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64
         band = _add_cover_layers(buffer[: r1 - r0].zero_(), by_cell, grid, r0)
         # Classes innermost: the CPU's argmax over the outermost dimension is ten times slower.
         out[r0:r1] = band.argmax(-1)
+    return out
+
+
+def merge_argmax_rows(row_logits: dict[int, Tensor], grid: PatchGrid, y0: int, y1: int, columns: int) -> Tensor:
+    """merge_argmax(all patch logits, grid)[y0:y1], from the logits of the grid rows over
+    image rows y0:y1 alone. row_logits: grid row -> its patches' logits (n_cols, K, h, w);
+    it must hold every row whose patches reach into y0:y1 and may hold others.
+
+    Built piece by piece of `columns` image columns, each merged on a grid of the patches
+    over it alone, their origins moved by (y0, x0) (a patch may start above or left of the
+    piece): the same patches in the same order per pixel, so the same sums and tie-breaks.
+    A piece copies only its own patches' logits into the layout merging needs, not a whole
+    grid row's, which on a wide image is tens of MB."""
+    (ph, pw), width = grid.patch_size, grid.image_size[1]
+    rows = [r for r in sorted(row_logits) if grid.tops[r] < y1 and grid.tops[r] + ph > y0]
+    tops = tuple(grid.tops[r] - y0 for r in rows)
+    like = row_logits[rows[0]]
+    out = torch.empty((y1 - y0, width), dtype=class_dtype(like.shape[1]), device=like.device)
+    for x0 in range(0, width, columns):
+        x1 = min(width, x0 + columns)
+        cols = [c for c in range(grid.n_cols) if grid.lefts[c] < x1 and grid.lefts[c] + pw > x0]  # contiguous
+        piece = PatchGrid((y1 - y0, x1 - x0), grid.patch_size, tops, tuple(grid.lefts[c] - x0 for c in cols))
+        out[:, x0:x1] = merge_argmax(torch.cat([row_logits[r][cols[0] : cols[-1] + 1] for r in rows]), piece)
     return out
 
 
