@@ -33,6 +33,7 @@ from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.memory import release_free_heap
 from utils.metrics import ConfusionMatrix
+from utils.optim import Adam041
 from utils.patches import (PatchGrid, class_dtype, merge_argmax, merge_argmax_rows, merge_logits, upsample_argmax,
                            upsample_nearest)
 from utils.resample import nearest_indices
@@ -267,15 +268,16 @@ def make_session(
     return session
 
 
-def build_optimizer(model: GLNet, stage: Stage, lr: float) -> torch.optim.Adam:
-    """Adam with the five parameter groups in state-dict order; groups the stage does not
-    train get lr 0, as in the authors' code."""
+def build_optimizer(model: GLNet, stage: Stage, lr: float) -> Adam041:
+    """Adam, stepped as the authors' torch stepped it (utils.optim), with the five parameter
+    groups in state-dict order; groups the stage does not train get lr 0, as in the authors'
+    code."""
     trains = STAGES[stage].trains
     groups = [
         {"params": list(getattr(model, name).parameters()), "lr": lr if name in trains else 0.0, "name": name}
         for name in BRANCH_GROUPS
     ]
-    return torch.optim.Adam(groups, lr=lr, weight_decay=WEIGHT_DECAY)
+    return Adam041(groups, lr=lr, weight_decay=WEIGHT_DECAY)
 
 
 def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -14,6 +14,7 @@ from models.stages import STAGES, Stage
 from utils import metrics
 from utils.weight_rule import apply_rule_weights
 from utils.metrics import ConfusionMatrix
+from utils.optim import Adam041
 
 
 # The authors' optimizer (docs/authors_behaviour.md, section 3): Adam, weight decay 5e-4, one group per
@@ -24,6 +25,11 @@ AUTHORS_LEARNING_GROUPS = {
     Stage.GLOBAL2LOCAL: {"resnet_local", "fpn_local", "ensemble_conv"},
     Stage.LOCAL2GLOBAL: {"resnet_global", "fpn_global", "ensemble_conv"},
 }
+
+
+# The predictions each stage's evaluation makes (docs/authors_behaviour.md, section 4).
+AUTHORS_PREDICTIONS = {Stage.GLOBAL: {"global"}, Stage.GLOBAL2LOCAL: {"global", "local", "ensemble"},
+                       Stage.LOCAL2GLOBAL: {"global", "local", "ensemble"}}
 
 
 @pytest.mark.parametrize("stage", list(Stage))
@@ -37,6 +43,69 @@ def test_optimizer_has_the_authors_five_groups_with_lr_zero_for_frozen_ones(stag
         assert group["lr"] == (1e-3 if group["name"] in AUTHORS_LEARNING_GROUPS[stage] else 0.0)
         assert (group["weight_decay"], group["betas"], group["eps"]) == (5e-4, (0.9, 0.999), 1e-8)
         assert group["params"] == list(getattr(model, group["name"]).parameters())
+
+
+def _adam_041(params, grads_per_step, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """torch 0.4.1's Adam step (docs/authors_behaviour.md, section 3), written out in float64."""
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    params = [p.clone() for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for p, g, m_, v_ in zip(params, grads, m, v):
+            g = g + weight_decay * p
+            m_.mul_(betas[0]).add_((1 - betas[0]) * g)
+            v_.mul_(betas[1]).add_((1 - betas[1]) * g * g)
+            step = lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t)
+            p -= step * m_ / (v_.sqrt() + eps)
+    return params
+
+
+def test_training_steps_adam_as_the_authors_torch_did():
+    """Gradients of every size, the tiny ones where eps decides the step: after 40 steps,
+    interrupted and resumed from the state dict half way, the weights are torch 0.4.1's;
+    torch 2's own Adam, which adds eps after the bias correction, is not."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(50, generator=gen, dtype=torch.float64) * 0.01, torch.randn(7, generator=gen, dtype=torch.float64)]
+    scales = torch.logspace(-12, 0, 50, dtype=torch.float64)
+    grads = [[torch.randn(50, generator=gen, dtype=torch.float64) * scales, torch.randn(7, generator=gen, dtype=torch.float64)]
+             for _ in range(40)]
+    expected = _adam_041(start, grads, lr=1e-3, weight_decay=5e-4)
+
+    def run(optimizer_class, resume_at=None):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def make():
+            return optimizer_class([{"params": params[:1]}, {"params": params[1:]}, {"params": [frozen], "lr": 0.0}],
+                                   lr=1e-3, weight_decay=5e-4)
+        opt = make()
+        for t, step_grads in enumerate(grads):
+            if t == resume_at:
+                state = opt.state_dict()
+                opt = make()
+                opt.load_state_dict(state)
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            frozen.grad = torch.ones_like(frozen)
+            opt.step()
+        assert torch.equal(frozen.detach(), torch.ones(3, dtype=torch.float64))
+        return [p.detach() for p in params]
+
+    for got in (run(Adam041), run(Adam041, resume_at=17)):
+        for p, e in zip(got, expected):
+            torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-15)
+    modern = run(torch.optim.Adam)
+    assert not torch.allclose(modern[0], expected[0], rtol=1e-6, atol=0)
+
+
+def test_adam_refuses_a_group_whose_parameters_stepped_apart():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = Adam041([a, b], lr=0.1)
+    a.grad = torch.ones(2)
+    opt.step()
+    b.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match="different numbers of steps"):
+        opt.step()
 
 
 def test_poly_schedule_starts_at_the_base_lr_and_decays_per_iteration():
@@ -139,7 +208,7 @@ def test_predicting_one_kind_gives_that_kind_of_all():
     samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
     every = helper.predict(session, samples)[0]
     final = helper.predict(session, samples, kinds=("ensemble",))[0]
-    assert every.keys() == set(STAGES[Stage.LOCAL2GLOBAL].predictions) and final.keys() == {"ensemble"}
+    assert every.keys() == AUTHORS_PREDICTIONS[Stage.LOCAL2GLOBAL] and final.keys() == {"ensemble"}
     assert all(pred.shape == (100, 150) for pred in every.values())
     assert torch.equal(final["ensemble"], every["ensemble"])
 
@@ -159,7 +228,7 @@ def test_tta_scores_turn_with_the_image(stage):
         return helper.tta_scores(session, samples, session.predictions)[0]
 
     plain, turned = scores(image), scores(helper._transform(image, k, flip))
-    assert plain.keys() == turned.keys() == set(STAGES[stage].predictions)
+    assert plain.keys() == turned.keys() == AUTHORS_PREDICTIONS[stage]
     for kind in plain:
         assert plain[kind].shape == (7, 100, 150) and turned[kind].shape == (7, 150, 100)
         torch.testing.assert_close(turned[kind], helper._transform(plain[kind], k, flip), rtol=1e-5, atol=1e-4)
