@@ -164,19 +164,24 @@ def test_bf16_training_on_the_cpu_keeps_fp32_weights(data, tmp_path, monkeypatch
     assert re.search(r"epoch 1/1  loss \d+\.\d{4}", (tmp_path / "logs" / "fpn_deepglobe_global" / "log.txt").read_text())
 
 
+# The authors' scripts (docs/authors_behaviour.md, section 3): what each writes (task name) and
+# trains for, at which learning rate.
 @pytest.mark.parametrize(
-    "script, mode, evaluation, paths",
+    "script, mode, evaluation, paths, task, epochs, lr",
     [
-        ("train_deep_globe_global.sh", 1, False, {}),
-        ("train_deep_globe_global2local.sh", 2, False, {"path_g": "fpn_deepglobe_global.pth"}),
+        ("train_deep_globe_global.sh", 1, False, {}, "fpn_deepglobe_global", 120, 5e-5),
+        ("train_deep_globe_global2local.sh", 2, False, {"path_g": "fpn_deepglobe_global.pth"},
+         "fpn_deepglobe_global2local", 50, 2e-5),
         ("train_deep_globe_local2global.sh", 3, False,
-         {"path_g": "fpn_deepglobe_global.pth", "path_g2l": "fpn_deepglobe_global2local.pth"}),
+         {"path_g": "fpn_deepglobe_global.pth", "path_g2l": "fpn_deepglobe_global2local.pth"},
+         "fpn_deepglobe_local2global", 120, 5e-5),
         ("eval_deep_globe.sh", 3, True, {"path_g": "fpn_deepglobe_global.pth",
                                          "path_g2l": "fpn_deepglobe_global2local.pth",
-                                         "path_l2g": "fpn_deepglobe_local2global.pth"}),
+                                         "path_l2g": "fpn_deepglobe_local2global.pth"},
+         "fpn_deepglobe_local2global", None, None),
     ],
 )
-def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, tmp_path):
+def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, task, epochs, lr, tmp_path):
     args = config.parse_args(_script_args(ROOT / script))
     assert (args.data_path, args.model_path) == ("data/deep_globe", "saved_models")
     # Checkpoints without facts (as the authors' are): what the scripts leave out is the authors' default.
@@ -189,9 +194,11 @@ def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, tmp_p
     assert (table.n_class, args.backbone) == (7, "resnet50")
     for flag in ("path_g", "path_g2l", "path_l2g"):
         assert getattr(args, flag) == paths.get(flag)
-    # Each training stage writes the file the next stage's script reads.
-    assert args.task_name + ".pth" in {"fpn_deepglobe_global.pth", "fpn_deepglobe_global2local.pth",
-                                       "fpn_deepglobe_local2global.pth"}
+    # Each training stage writes the file the next stage's script reads (paths, above).
+    assert args.task_name == task
+    assert (args.lamb_fmreg, args.cuda_math, args.seed) == (0.15, "strict", 0)
+    if not evaluation:
+        assert (args.num_epochs, args.lr, args.pretrained) == (epochs, lr, "auto")
 
 
 def test_loader_wait_counts_the_loops_waits_for_batches_not_its_own_work():
