@@ -275,6 +275,10 @@ def test_unreadable_files_raise_checkpoint_error_naming_the_file(tmp_path, saved
         with pytest.raises(CheckpointError) as err:
             load_weights(model, path)
         assert str(path) in str(err.value), name
+        # One line, and never torch's advice to unpickle with weights_only=False.
+        assert "\n" not in str(err.value) and "weights_only" not in str(err.value), name
+        if name in ("text", "random_bytes", "truncated", "empty"):
+            assert "not a readable PyTorch checkpoint: incomplete" in str(err.value), name
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         read_state_dict(tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
@@ -285,9 +289,10 @@ def test_files_are_unpickled_with_weights_only(tmp_path):
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.pth"
     torch.save({"fpn_global.classify.weight": torch.zeros(1), "payload": _Marker(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)) as err:
         read_state_dict(path)
     assert not marker.exists()
+    assert "holds an object of test_checkpoint._touch besides tensors, which is not unpickled here" in str(err.value)
 
 
 # --------------------------------------------------------------------------- partial loads
@@ -387,6 +392,10 @@ def test_facts_of_weights_that_were_replaced_since_are_refused(tmp_path):
     (tmp_path / "other.pth").replace(path)  # someone's file copied over ours; our facts stay
     with pytest.raises(CheckpointError, match="w.pth.json: the facts of other weights than w.pth holds now"):
         read_facts(path)
+    write_weights({"w": torch.ones(2)}, path, {"size_g": [64, 64]})
+    path.write_bytes(path.read_bytes()[:100])  # a copy that stopped part way
+    with pytest.raises(CheckpointError, match="copied incompletely"):
+        read_facts(path)
 
 
 def test_facts_that_are_not_ours_are_refused_in_one_line(tmp_path):
@@ -432,5 +441,9 @@ def test_load_imagenet_backbones_errors(tmp_path):
     # A ResNet-34 file has blocks a ResNet-18 backbone lacks.
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)
-    with pytest.raises(CheckpointError, match="unexpected keys .*layer1.2"):
+    with pytest.raises(CheckpointError, match=r"holds torchvision's ResNet-34, .*; unexpected keys .*layer1.2"):
         load_imagenet_backbones(model, path, ["resnet_global"])
+    # A stage's checkpoint given as ImageNet weights.
+    save_weights(_model(2), tmp_path / "stage.pth")
+    with pytest.raises(CheckpointError, match="holds a GLNet stage's weights; --pretrained takes torchvision's"):
+        load_imagenet_backbones(model, tmp_path / "stage.pth", ["resnet_global"])

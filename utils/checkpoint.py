@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence
@@ -95,8 +96,9 @@ def read_facts(weights: str | Path) -> Optional[dict[str, Any]]:
         raise CheckpointError(f"{path}: not the facts of a weights file written by this project; delete it, or move "
                               "it away from the weights")
     if facts.pop(SHA256_KEY, None) != _sha256(weights):
-        raise CheckpointError(f"{path}: the facts of other weights than {Path(weights).name} holds now (the file was "
-                              f"replaced); delete {path.name} to use the weights without facts")
+        raise CheckpointError(f"{path}: the facts of other weights than {Path(weights).name} holds now (it was "
+                              f"replaced, or copied incompletely); if it is whole, delete {path.name} to use the "
+                              "weights without facts")
     return facts
 
 
@@ -117,8 +119,23 @@ def read_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch's unpicklers raise many types on garbage
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise CheckpointError(_unreadable(path, str(e) or type(e).__name__)) from None
+
+
+def _unreadable(path: Path, error: str) -> str:
+    """One line for a file torch.load(weights_only=True) refused. torch's own message
+    suggests weights_only=False, which would run whatever code the file names: never
+    passed on."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", error)
+    if found:
+        return (f"{path}: holds an object of {found.group(1)} besides tensors, which is not unpickled here (a file "
+                "can run code through it); save the model's state_dict() alone")
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", error, re.S)
+    reason = unpickler.group(1).strip() if unpickler else error.strip().split(". ")[0].splitlines()[0]
+    if path.stat().st_size == 0:
+        reason = "an empty file"
+    return (f"{path}: not a readable PyTorch checkpoint: incomplete (an interrupted copy?), corrupt or not a weights "
+            f"file ({reason})")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -246,5 +263,24 @@ def load_imagenet_backbones(model: nn.Module, path: str | Path, backbones: Seque
         backbone = model.get_submodule(name)
         missing, unexpected, shapes = mismatches(state, backbone.state_dict())
         if missing or unexpected or shapes:
-            raise CheckpointError(_describe(path, missing, unexpected, shapes, f" ({name} expects a torchvision ResNet)"))
+            raise CheckpointError(_describe(path, missing, unexpected, shapes, _imagenet_hint(state, name)))
         backbone.load_state_dict(state, strict=False)
+
+
+# torchvision's ImageNet ResNets by block (bottleneck or not) and blocks per layer.
+_TORCHVISION_RESNETS = {(False, (2, 2, 2, 2)): "ResNet-18", (False, (3, 4, 6, 3)): "ResNet-34",
+                        (True, (3, 4, 6, 3)): "ResNet-50", (True, (3, 4, 23, 3)): "ResNet-101",
+                        (True, (3, 8, 36, 3)): "ResNet-152"}
+
+
+def _imagenet_hint(state: Mapping[str, Tensor], name: str) -> str:
+    """What an ImageNet file that does not fit a backbone is instead, where it can be told."""
+    if any(key.startswith(("resnet_global.", "resnet_local.", "fpn_global.", "fpn_local.")) for key in state):
+        return (" (it holds a GLNet stage's weights; --pretrained takes torchvision's ImageNet ResNet file, a "
+                "stage's checkpoint goes to --path_g, --path_g2l or --path_l2g)")
+    blocks = tuple(len({key.split(".")[1] for key in state if key.startswith(f"layer{i}.")}) for i in range(1, 5))
+    found = _TORCHVISION_RESNETS.get((any(".conv3." in key for key in state), blocks))
+    if found:
+        return f" (it holds torchvision's {found}, not the architecture --backbone gives {name})"
+    return f" ({name} expects a torchvision ResNet)"
+
