@@ -119,9 +119,11 @@ if [ -n "$wheels" ]; then
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-# What the cases run on: torch and the GPU, then the packages the wheels may have replaced.
+# What the cases run on: torch and the GPU, then the packages the wheels may have replaced;
+# without a GPU torch can use, no case could run: stop, not fail each in turn.
 "$py" - > "$out/torch.txt" 2>&1 << 'PYTHON'
 import importlib
+import sys
 import torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpu}")
@@ -130,7 +132,13 @@ for name in ("PIL", "tifffile", "tensorboardX", "pynvml"):
         print(name, getattr(importlib.import_module(name), "__version__", "(no version)"))
     except ImportError as error:
         print(name, "missing:", error)
+sys.exit(0 if torch.cuda.is_available() else 3)
 PYTHON
+if [ $? -ne 0 ]; then
+    note "stopped: $py sees no CUDA GPU (torch.txt says what it found)"
+    pack
+    exit 2
+fi
 
 # 1. Target 1, bf16 + channels-last, one 2448 x 2448 image in-process, eager: speed at the
 #    default 6 patches per pass with cuDNN's autotuner (profiled, operators counted, to set

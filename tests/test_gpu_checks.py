@@ -27,12 +27,15 @@ from bench.gpu_report import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Records its arguments and PYTHONPATH; a benchmark (a script, not -c or -m) then sleeps
-# FAKE_SECONDS, as a long case would, and where FAKE_RESULTS (a JSON file) names its --json
-# file's stem, appends that text there and exits with that status.
+# Records its arguments and PYTHONPATH; with FAKE_NO_GPU, the probe of torch (its code on
+# stdin) finds no GPU; a benchmark (a script, not -c or -m) then sleeps FAKE_SECONDS, as a
+# long case would, and where FAKE_RESULTS (a JSON file) names its --json file's stem, appends
+# that text there and exits with that status.
 FAKE = """import json, os, sys, time
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({"argv": sys.argv[1:], "pythonpath": os.environ.get("PYTHONPATH", "")}) + "\\n")
+if sys.argv[1] == "-" and os.environ.get("FAKE_NO_GPU"):
+    sys.exit(3)  # the probe of torch and the GPU, where torch sees none
 if sys.argv[1].startswith("bench/"):
     time.sleep(float(os.environ.get("FAKE_SECONDS", "0")))
     results = json.load(open(os.environ["FAKE_RESULTS"])) if "FAKE_RESULTS" in os.environ else {}
@@ -64,6 +67,15 @@ def run_checks(tmp_path: Path, **env: str) -> tuple[list[dict], Path, subprocess
 
 def timeline(out: Path) -> list[str]:
     return (out / "timeline.txt").read_text().splitlines()
+
+
+def test_without_a_gpu_it_stops_before_the_first_case(tmp_path):
+    calls, out, done = run_checks(tmp_path, FAKE_NO_GPU="1", GPU_CHECKS_ARCHIVE=str(tmp_path / "a.tar.gz"))
+    assert done.returncode == 2
+    assert not [call for call in calls if call["argv"][0].startswith("bench/")]
+    assert "sees no CUDA GPU" in timeline(out)[-1]
+    with tarfile.open(tmp_path / "a.tar.gz") as packed:
+        assert "gpu_checks/torch.txt" in packed.getnames()
 
 
 def test_every_command_parses_and_the_targets_come_first(tmp_path):
