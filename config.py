@@ -19,7 +19,7 @@ from dataset.segmentation import PRESETS
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
 from utils.checkpoint import CheckpointError, facts_path, read_facts
 from utils.cuda_math import CUDA_MATH
-from utils.errors import DataError
+from utils.errors import DataError, OneLineParser
 from utils.files import InUseError, WriteError
 from utils.patches import MIN_OVERLAP
 
@@ -69,7 +69,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     """The trainer's flags; `description` heads its --help (the trainer passes its docstring)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p = OneLineParser(description=description, formatter_class=_HelpFormatter)
     a = p.add_argument
     # The authors' flags, same meaning and defaults.
     a("--n_class", type=int, default=None, help="number of classes (default: from the class table; 7 for DeepGlobe)")

@@ -35,7 +35,7 @@ from dataset.large_image import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.prediction_files import host_threads, output_names, segment_files
 from models.stages import CHECKPOINT_FLAGS, STAGES, Stage
-from utils.errors import USAGE_ERROR, DataError, reports_errors
+from utils.errors import DataError, OneLineParser, USAGE_ERROR, reports_errors
 from utils.files import RunLock, remove_temporaries, replacing
 from utils.folders import output_folder
 from utils.georef import world_file, world_file_name
@@ -50,7 +50,7 @@ PREDICT_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + LARGE_IMAGE_SUFFIXES))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--input", required=True, help="an image (any format Pillow reads, or a very large one, see above), or a folder "
       f"whose {', '.join(PREDICT_SUFFIXES)} files are all segmented")

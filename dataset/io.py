@@ -40,10 +40,7 @@ ORIENTATIONS = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-QUARTER_TURNS = (5, 6, 7, 8)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PNG chunks that can say how the image is oriented: EXIF, or XMP or ImageMagick's EXIF as text.
-PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
 
 
 class NotAColourMask(DataError):
@@ -109,32 +106,6 @@ def open_image(path: PathLike) -> Image.Image:
     return image.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else image
 
 
-def image_size(path: PathLike) -> tuple[int, int]:
-    """The size of the image as read_image returns it (orientation applied), from the file's
-    header: the pixels are not decoded, except in a PNG with metadata chunks after its pixel
-    data, which Pillow reaches only by decoding it.
-
-    Args:
-        path: the image file.
-    Returns:
-        (H, W).
-    Raises:
-        DataError: as open_image, except that a truncated file may go unnoticed.
-    """
-    with _opened(path) as image:
-        width, height = image.size
-        if image.format == "TIFF" and ExifTags.Base.Orientation in image.tag_v2:
-            # Pillow gives a TIFF's size turned by this tag already, and turns its pixels as it loads them.
-            return height, width
-        with _reading_exif(path):
-            if image.format == "PNG" and not _png_has_metadata_after_pixels(path):
-                # Pillow's PNG getexif decodes the pixels to reach chunks after them; there are none.
-                exif = Image.Image.getexif(image)
-            else:
-                exif = image.getexif()
-    return (width, height) if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else (height, width)
-
-
 def _png_chunks(file: BinaryIO) -> Iterator[tuple[bytes, int]]:
     """(type, length) of each chunk of a PNG, with the file at the chunk's data while the
     caller holds it; nothing for a file that is not a PNG."""
@@ -145,17 +116,6 @@ def _png_chunks(file: BinaryIO) -> Iterator[tuple[bytes, int]]:
         data = file.tell()
         yield kind, length
         file.seek(data + length + 4)  # past the data and the CRC
-
-
-def _png_has_metadata_after_pixels(path: PathLike) -> bool:
-    """Whether a PNG has, after its pixel data, a chunk that may hold its orientation."""
-    with open(path, "rb") as file:
-        after_pixels = False
-        for kind, _ in _png_chunks(file):
-            after_pixels = after_pixels or kind == b"IDAT"
-            if after_pixels and kind in PNG_METADATA_CHUNKS:
-                return True
-    return False
 
 
 def png_significant_bits(path: PathLike) -> Optional[int]:

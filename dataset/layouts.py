@@ -75,7 +75,10 @@ class Layout:
                 mask folder exists.
         """
         if not Path(split_dir).is_dir():
-            raise DataError(f"{split_dir}: no such split folder; check the data root and split name, or prepare the data first")
+            validation = Path(split_dir).name == "crossvali"
+            why = " (training scores this validation split after every epoch)" if validation else ""
+            raise DataError(f"{split_dir}: no such split folder{why}; check the data root and split name, or prepare the "
+                            "data first")
         image_dir = Path(split_dir) / self.image_dir
         if not image_dir.is_dir():
             raise DataError(f"{image_dir}: no such folder; put the split's images in {self.image_dir}/")

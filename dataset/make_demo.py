@@ -11,7 +11,6 @@ masks, to be split by dataset.prepare_lung.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,7 +22,7 @@ from dataset.io import write_label, write_png
 from dataset.layouts import DEEP_GLOBE
 from dataset.prepare_common import SPLITS, claim_destination
 from dataset.prepare_lung import MONTGOMERY_IMAGES, MONTGOMERY_MASK_DIR, MONTGOMERY_MASKS
-from utils.errors import reports_data_errors
+from utils.errors import OneLineParser, reports_data_errors
 from utils.files import replacing
 
 URBAN = DEEPGLOBE.names.index("urban")
@@ -137,13 +136,15 @@ def make_synthetic_xrays(dst: Path, n: int, size: tuple[int, int] = (1024, round
 
 @reports_data_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dst", type=Path, required=True)
-    parser.add_argument("--n-train", type=int, default=4)
-    parser.add_argument("--n-val", type=int, default=2)
-    parser.add_argument("--n-test", type=int, default=2)
-    parser.add_argument("--size", type=int, default=1024, help="image side (X-rays: height, width in Montgomery's ratio)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dst", type=Path, required=True, help="folder to write: a data root (e.g. data/demo), or "
+                        "with --xrays a source tree for dataset.prepare_lung")
+    parser.add_argument("--n-train", type=int, default=4, help="images in train/ (default: 4)")
+    parser.add_argument("--n-val", type=int, default=2, help="images in crossvali/, the validation split (default: 2)")
+    parser.add_argument("--n-test", type=int, default=2, help="images in test/ (default: 2)")
+    parser.add_argument("--size", type=int, default=1024, help="image side; X-rays: the height, the width in "
+                        "Montgomery's ratio (default: 1024)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default: 0)")
     parser.add_argument("--xrays", type=int, default=0, metavar="N", help="write N synthetic X-rays in the Montgomery layout instead")
     parser.add_argument("--force", action="store_true", help="replace what a previous run wrote into a non-empty --dst")
     args = parser.parse_args(argv)

@@ -9,7 +9,6 @@ counted, listed in <dst>/missing_<split>.txt and skipped; the exit status is 1 i
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,7 +16,7 @@ from dataset.classes import DEEPGLOBE
 from dataset.io import NotAColourMask, read_mask, write_label
 from dataset.layouts import DEEP_GLOBE, index_files
 from dataset.prepare_common import SPLITS, MissingSample, claim_destination, copy_image, prepare_splits
-from utils.errors import DataError, reports_data_errors
+from utils.errors import DataError, OneLineParser, reports_data_errors
 
 SPLIT_LIST_DIR = Path(__file__).resolve().parent / "splits"
 SOURCE_IMAGE, SOURCE_MASK = "_sat.jpg", "_mask.png"  # the official download's names
@@ -63,7 +62,7 @@ def prepare_deep_globe(src: Path, dst: Path, force: bool = False) -> int:
 
 @reports_data_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, required=True, help="folder of <id>_sat.jpg and RGB <id>_mask.png files")
     parser.add_argument("--dst", type=Path, required=True, help="data root to write, e.g. data/deep_globe")
     parser.add_argument("--force", action="store_true", help="replace the split folders of a non-empty --dst")

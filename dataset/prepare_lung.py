@@ -13,7 +13,6 @@ deterministically from --seed. Samples with a missing or unusable file are named
 """
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -24,7 +23,7 @@ from dataset.classes import LUNG
 from dataset.io import ID_MODES, open_image, write_label
 from dataset.layouts import FOLDER, IMAGE_SUFFIXES, index_files
 from dataset.prepare_common import SPLITS, MissingSample, claim_destination, copy_image, prepare_splits
-from utils.errors import DataError, reports_data_errors
+from utils.errors import DataError, OneLineParser, reports_data_errors
 
 MONTGOMERY_IMAGES = "CXR_png"
 MONTGOMERY_MASK_DIR = "ManualMask"
@@ -140,13 +139,16 @@ def prepare_lung(src: Path, dst: Path, layout: str = "montgomery", val_fraction:
 
 @reports_data_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, required=True)
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", type=Path, required=True, help="the collection's root, laid out as --layout says")
     parser.add_argument("--dst", type=Path, required=True, help="data root to write, e.g. data/lung")
-    parser.add_argument("--layout", choices=sorted(SOURCE_LAYOUTS), default="montgomery")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=sorted(SOURCE_LAYOUTS), default="montgomery",
+                        help="montgomery: CXR_png/ and ManualMask/{leftMask,rightMask}/; folder: images/ and masks/ "
+                        "(default: montgomery)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of samples for crossvali/, the "
+                        "validation split (default: 0.2)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of samples for test/ (default: 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="the split's random seed (default: 0)")
     parser.add_argument("--force", action="store_true", help="replace the split folders of a non-empty --dst")
     args = parser.parse_args(argv)
     return prepare_lung(args.src, args.dst, args.layout, args.val_fraction, args.test_fraction, args.seed, args.force)

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dataset.classes import DEEPGLOBE, ClassTable
-from dataset.io import MaskKind, PathLike, image_size, read_image, read_mask
+from dataset.io import MaskKind, PathLike, read_image, read_mask
 from dataset.layouts import Sample, deep_globe_samples, folder_samples
 from dataset.transforms import augment as paired_augment
 from utils.errors import DataError
@@ -142,9 +142,9 @@ def build_dataset(
 
 
 def check_samples(dataset: SegmentationDataset, where: str, threads: int = 1) -> list[tuple[int, int]]:
-    """Read every mask of `dataset` and the header of every image, as a run would read
-    them, and return the images' (H, W): a bad file found before a run starts costs
-    seconds, found during it an epoch.
+    """Read every image and mask of `dataset` as a run reads them (a truncated image fails
+    only once decoded), and return the images' (H, W): a bad file found before a run starts
+    costs seconds, found during it an epoch.
 
     Raises:
         DataError: one line naming the first bad file, and how many others `where` (the
@@ -152,7 +152,7 @@ def check_samples(dataset: SegmentationDataset, where: str, threads: int = 1) ->
     """
     def check(index: int) -> tuple[int, int]:
         sample = dataset.samples[index]
-        size = image_size(sample.image)
+        size = tuple(read_image(sample.image).shape[-2:])
         if sample.mask is not None:
             label = read_mask(sample.mask, dataset.table, dataset.mask_kind)
             if tuple(label.shape) != size:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dataset.classes import DEEPGLOBE, LUNG, load_class_table
-from dataset.io import image_size, open_image, read_image, read_mask
+from dataset.io import open_image, read_image, read_mask
 from utils.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -74,7 +74,6 @@ def test_read_image_applies_the_exif_orientation(tmp_path, orientation):
     path = save_oriented(tmp_path / "a.png", Image.fromarray(rgb), orientation)
     expected = SHOWN[orientation](rgb)
     assert torch.equal(read_image(path), torch.from_numpy(expected.transpose(2, 0, 1).copy()))
-    assert image_size(path) == expected.shape[:2]
 
 
 @pytest.mark.parametrize("compression", [None, "tiff_lzw"])
@@ -86,7 +85,6 @@ def test_tiff_orientation_tag_is_applied_once(tmp_path, compression, orientation
     Image.fromarray(rgb).save(path, tiffinfo={ORIENTATION: orientation}, compression=compression)
     expected = SHOWN[orientation](rgb)
     assert torch.equal(read_image(path), torch.from_numpy(expected.transpose(2, 0, 1).copy()))
-    assert image_size(path) == expected.shape[:2]
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path):
@@ -94,7 +92,7 @@ def test_jpeg_exif_orientation_is_applied(tmp_path):
     blocks = np.kron(RNG.integers(0, 256, (2, 4, 3)), np.ones((16, 16, 1))).astype(np.uint8)
     path = save_oriented(tmp_path / "a.jpg", Image.fromarray(blocks), 6, quality=95, subsampling=0)
     image = read_image(path).permute(1, 2, 0).numpy().astype(int)
-    assert image.shape == (64, 32, 3) and image_size(path) == (64, 32)
+    assert image.shape == (64, 32, 3)
     assert np.abs(image - np.rot90(blocks, -1)).max() <= 8
 
 
@@ -128,31 +126,6 @@ def test_turning_keeps_palettes_and_sixteen_bit_grey(tmp_path):
     assert torch.equal(read_mask(path, DEEPGLOBE, "ids"), torch.from_numpy(np.rot90(ids16, 1).astype(np.uint8)))
 
 
-def test_image_size_agrees_with_read_image(tmp_path):
-    rgb = RNG.integers(0, 256, (5, 8, 3), dtype=np.uint8)
-    paths = [save_oriented(tmp_path / f"{o}.png", Image.fromarray(rgb), o) for o in (1, 6)]
-    Image.fromarray(rgb).save(tmp_path / "plain.png")
-    Image.fromarray(rgb).save(tmp_path / "plain.jpg")
-    for path in [*paths, tmp_path / "plain.png", tmp_path / "plain.jpg"]:
-        assert image_size(path) == tuple(read_image(path).shape[1:])
-    assert image_size(paths[1]) == (8, 5)
-
-
-def test_image_size_reads_only_the_header(tmp_path):
-    """A PNG cut inside its pixel data: read_image refuses it, image_size does not decode it."""
-    rgb = RNG.integers(0, 256, (50, 80, 3), dtype=np.uint8)
-    for name, orientation in (("plain.png", None), ("turned.png", 6)):
-        path = tmp_path / name
-        if orientation is None:
-            Image.fromarray(rgb).save(path)
-        else:
-            save_oriented(path, Image.fromarray(rgb), orientation)
-        path.write_bytes(path.read_bytes()[:-2000])
-        with pytest.raises(DataError, match="truncated or corrupt"):
-            read_image(path)
-        assert image_size(path) == ((80, 50) if orientation else (50, 80))
-
-
 def test_png_exif_after_the_pixel_data_counts(tmp_path):
     """PNG allows metadata after the pixels; Pillow finds it only after decoding them."""
     rgb = RNG.integers(0, 256, (5, 8, 3), dtype=np.uint8)
@@ -163,7 +136,6 @@ def test_png_exif_after_the_pixel_data_counts(tmp_path):
     path.write_bytes(png_bytes(rest[:-1] + exif + rest[-1:]))  # just before IEND
     assert [kind for kind, _ in png_chunks(path.read_bytes())][-2:] == [b"eXIf", b"IEND"]
     assert torch.equal(read_image(path), torch.from_numpy(np.rot90(rgb, -1).transpose(2, 0, 1).copy()))
-    assert image_size(path) == (8, 5)
 
 
 def test_exif_that_pillow_cannot_re_encode_is_still_applied(tmp_path):
@@ -175,26 +147,24 @@ def test_exif_that_pillow_cannot_re_encode_is_still_applied(tmp_path):
     rgb = RNG.integers(0, 256, (5, 8, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.png", exif=exif)
     assert torch.equal(read_image(tmp_path / "a.png"), torch.from_numpy(np.rot90(rgb, -1).transpose(2, 0, 1).copy()))
-    assert image_size(tmp_path / "a.png") == (8, 5)
 
 
 def test_unparsable_exif_is_a_data_error(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(RNG.integers(0, 256, (5, 8, 3), dtype=np.uint8)).save(path, exif=b"not exif at all")
-    for read in (read_image, image_size):
-        with pytest.raises(DataError, match="cannot parse the image's EXIF metadata") as error:
-            read(path)
-        assert "re-save the image" in one_line_naming(error, path)
+    with pytest.raises(DataError, match="cannot parse the image's EXIF metadata") as error:
+        read_image(path)
+    assert "re-save the image" in one_line_naming(error, path)
 
 
-def test_image_size_errors_name_the_file(tmp_path):
+def test_read_image_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        image_size(tmp_path / "absent.png")
+        read_image(tmp_path / "absent.png")
     with pytest.raises(DataError, match="is a folder, not an image file"):
-        image_size(tmp_path)
+        read_image(tmp_path)
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(DataError, match="not an image in a format Pillow reads") as error:
-        image_size(tmp_path / "notes.png")
+        read_image(tmp_path / "notes.png")
     one_line_naming(error, tmp_path / "notes.png")
 
 

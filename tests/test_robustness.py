@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import shutil
 import signal
@@ -69,8 +70,24 @@ def test_truncated_image(data, tmp_path, capsys):
     _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), str(image), "truncated or corrupt")
 
 
+def test_an_image_cut_in_its_pixel_data_stops_the_run_before_training(data, tmp_path, capsys, monkeypatch):
+    """Its header reads: only decoding finds it, which validation would do after an epoch."""
+    image = _first(data / "crossvali" / "Sat")
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+
+    def train_one_epoch(*args, **kwargs):
+        raise AssertionError("an epoch ran before the images were checked")
+
+    monkeypatch.setattr(helper, "train_one_epoch", train_one_epoch)
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), str(image), "truncated or corrupt")
+
+
 def test_missing_and_empty_split_folders(data, tmp_path, capsys):
     _fails(capsys, tiny_args(tmp_path / "nowhere", tmp_path, "--num_epochs", 1), "nowhere", "no such split folder")
+    shutil.move(data / "crossvali", tmp_path / "aside")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "crossvali: no such split folder (training scores "
+           "this validation split after every epoch)")
+    shutil.move(tmp_path / "aside", data / "crossvali")
     for f in (data / "train" / "Sat").iterdir():
         f.unlink()
     _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "Sat", "no images")
@@ -148,6 +165,18 @@ def test_stage_started_without_the_previous_stage(data, tmp_path, capsys):
 )
 def test_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
     _fails(capsys, tiny_args(data, tmp_path, *flags), fragment)
+
+
+@pytest.mark.parametrize("module", ["train_deep_globe", "predict", "dataset.prepare_deep_globe", "dataset.prepare_lung",
+                                    "dataset.make_demo"])
+def test_a_mistyped_flag_is_one_line_too(module, capsys):
+    """Not argparse's usage block above the error (for the trainer, a screen of flags)."""
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stopped:
+        main(["--sizeg", "128", "--src", "s", "--dst", "d", "--input", "i", "--output", "o"])
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1, lines
+    assert "error: unrecognized arguments: --sizeg 128" in lines[0] and "--help lists every flag" in lines[0]
 
 
 def _digest(path: Path) -> str:

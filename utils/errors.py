@@ -2,12 +2,13 @@
 user's mistakes: one line on stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, NoReturn, Optional, Sequence, Union
 
 from utils.files import WriteError
 
@@ -73,6 +74,15 @@ def report(line: str) -> None:
         print(line, file=sys.stderr)
         return
     (Path(folder) / f"rank{os.environ.get('RANK', '0')}").write_text(line)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, reporting a mistake in the flags as one line that says where the
+    flags are listed, not after argparse's usage block (a screen of flags for the trainer)."""
+
+    def error(self, message: str) -> NoReturn:
+        report(f"{self.prog}: error: {message} (--help lists every flag)")
+        sys.exit(USAGE_ERROR)
 
 
 # The data tools' mistakes: bad files in, and files that cannot be written out.
