@@ -41,12 +41,15 @@ from utils.folders import output_folder
 from utils.georef import world_file, world_file_name
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import PatchGrid
+from utils.progress import ProgressLines
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
 from utils.tiled_writer import ClassMapWriter, file_identity, partial_paths
 
 
 # A folder's files that are segmented: the training layouts' images and every very large kind.
 PREDICT_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + LARGE_IMAGE_SUFFIXES))
+# Seconds between progress lines of a very large image in a log or a pipe.
+PROGRESS_EVERY = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,21 +235,32 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
             # Rows advance only as bands are written, and stage 3 passes over every patch before
             # its first band: a second bar over patches shows that work and its time left.
             patches = helper.band_patch_count(session, (height, width), writer.rows_done)
-            with tqdm(total=height, initial=writer.rows_done, desc=path.name, unit="row", dynamic_ncols=True,
-                      disable=None) as bar, \
-                    tqdm(total=patches, desc="patches", unit="patch", leave=False, position=1, dynamic_ncols=True,
-                         disable=None if patches > session.micro_batch else True) as passes:
+            terminal = sys.stderr.isatty()
+            with progress(terminal, height, path.name, "row", initial=writer.rows_done) as bar, \
+                    progress(terminal, patches, "patches", "patch", inner=True,
+                             hide=patches <= session.micro_batch) as passes:
                 helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
                                      exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()
             carry_world_file(path, output / ids_name, image.georef is not None)
-            return not bar.disable
+            return terminal
         except KeyboardInterrupt:
             print(f"{path.name}: {writer.rows_done} of {height} rows are kept; the same command continues from there",
                   file=sys.stderr)
             raise
         finally:
             writer.close()
+
+
+def progress(terminal: bool, total: int, desc: str, unit: str, initial: int = 0, inner: bool = False,
+             hide: bool = False) -> tqdm | ProgressLines:
+    """On a terminal a bar (tqdm; none where `hide`, e.g. work of one pass), elsewhere a line
+    every PROGRESS_EVERY seconds: the work counted as a bar counts it, inner bars' too, since
+    stage 3's first pass over every patch writes no row for a long time."""
+    if terminal:
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=not inner, position=int(inner),
+                    dynamic_ncols=True, disable=hide)
+    return ProgressLines(total, desc, unit, initial=initial, every=PROGRESS_EVERY)
 
 
 def carry_world_file(source: Path, map_path: Path, georeferenced: bool) -> None:

@@ -3,6 +3,7 @@ band into <stem>_ids.tif and <stem>_preview.png, equal to the in-memory path's P
 same pixels; an interrupted run resumes. Small files and ResNet-18 keep it to CPU seconds."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import predict
 from conftest import DEVICES
 from dataset.classes import DEEPGLOBE
 from dataset.streamed_global import global_image_large
+from utils.patches import PatchGrid
+from utils.progress import ProgressLines
 from utils.tiled_writer import partial_paths
 
 # One patch per pass: the streamed passes then group patches as the in-memory path does, and
@@ -221,3 +224,34 @@ def test_each_setting_that_changes_results_changes_what_a_partial_map_resumes_fr
 
     assert identity(*flags) != identity()
     assert identity() == identity()
+
+
+def test_in_a_log_progress_is_a_line_now_and_then(models, inputs, tmp_path, monkeypatch, capsys):
+    """Where no bar is drawn (stderr is not a terminal under pytest), lines count the rows
+    written and, in stage 3, the patches of both passes: the first pass over every patch
+    writes no row, so its lines are all there is for a long while."""
+    monkeypatch.setattr(helper, "BAND_ROWS", 100)
+    monkeypatch.setattr(predict, "PROGRESS_EVERY", 0.0)
+    assert run(models, "--mode", "3", "--input", str(inputs / "big.tif"), "--output", str(tmp_path)) == 0
+    err = capsys.readouterr().err.splitlines()
+    rows = [i for i, line in enumerate(err) if line.startswith("big.tif: ") and " row (" in line]
+    assert [err[i].split(" (")[0] for i in rows] == ["big.tif: 100/300 row", "big.tif: 200/300 row",
+                                                     "big.tif: 300/300 row"]
+    patches = [i for i, line in enumerate(err) if line.startswith("patches: ")]
+    n = len(PatchGrid.build((H, W), (96, 96)))
+    assert [err[i].split(" (")[0] for i in patches] == [f"patches: {k}/{2 * n} patch" for k in range(1, 2 * n + 1)]
+    assert patches[n - 1] < rows[0]  # the first pass, before the first row
+    assert err[-1].startswith("big.tif: ") and err[-1].endswith(" s (1/1)")  # and the image's time, as before
+
+
+def test_progress_lines_say_the_count_and_the_time_left_at_most_once_a_minute():
+    now = [100.0]
+    out = io.StringIO()
+    lines = ProgressLines(1000, "slide.svs", "row", initial=100, clock=lambda: now[0], file=out)
+    for t, rows in ((30.0, 100), (60.0, 100), (61.0, 50), (3660.0, 100)):
+        now[0] = 100.0 + t
+        lines.update(rows)
+    # 200 rows in the first minute: 700 left at 200 a minute, 3.5 min; at 61 s nothing (a line came
+    # at 60 s); after 61 min 350 rows, 550 left at 350 per 61 min, 95.9 min.
+    assert out.getvalue().splitlines() == ["slide.svs: 300/1000 row (30 %) after 1 min, about 4 min left",
+                                           "slide.svs: 450/1000 row (45 %) after 1 h 1 min, about 1 h 36 min left"]
