@@ -135,7 +135,7 @@ for name in ("PIL", "tifffile", "tensorboardX", "pynvml"):
 sys.exit(0 if torch.cuda.is_available() else 3)
 PYTHON
 if [ $? -ne 0 ]; then
-    note "stopped: $py sees no CUDA GPU (torch.txt says what it found)"
+    note "stopped: $py cannot use torch or sees no CUDA GPU (torch.txt says what it found)"
     pack
     exit 2
 fi

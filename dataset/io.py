@@ -132,6 +132,22 @@ def png_significant_bits(path: PathLike) -> Optional[int]:
     return None
 
 
+def decoded_size(path: PathLike) -> tuple[int, int]:
+    """(H, W) of the image read_image returns, decoded as it decodes it (so a truncated or
+    unsupported file fails here too), without its tensor (an image's copies in float32
+    and in three channels)."""
+    image = _decoded(path)
+    return image.height, image.width
+
+
+def _decoded(path: PathLike) -> Image.Image:
+    """open_image, refusing the pixel formats read_image cannot turn into a tensor."""
+    image = open_image(path)
+    if image.mode not in SIXTEEN_BIT_MODES + EIGHT_BIT_MODES:
+        raise DataError(f"{path}: unsupported pixel format {image.mode!r}; save it as an 8-bit RGB/grey or 16-bit grey PNG")
+    return image
+
+
 def read_image(path: PathLike) -> Tensor:
     """Read an image as three channels.
 
@@ -144,13 +160,11 @@ def read_image(path: PathLike) -> Tensor:
         by 2**bits - 1 where bits is the depth the PNG declares in its sBIT chunk (12-bit
         X-rays are often stored so), else by 65535 -- see utils.images.to_unit_float.
     """
-    image = open_image(path)
+    image = _decoded(path)
     if image.mode in SIXTEEN_BIT_MODES:
         top = 2 ** (png_significant_bits(path) or 16) - 1
         grey = torch.from_numpy(np.asarray(image, dtype=np.float32) / top).clamp_(0.0, 1.0)
         return grey.expand(3, -1, -1).contiguous()
-    if image.mode not in EIGHT_BIT_MODES:
-        raise DataError(f"{path}: unsupported pixel format {image.mode!r}; save it as an 8-bit RGB/grey or 16-bit grey PNG")
     rgb = np.asarray(image.convert("RGB"))
     return torch.from_numpy(rgb.transpose(2, 0, 1).copy())
 

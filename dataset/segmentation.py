@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dataset.classes import DEEPGLOBE, ClassTable
-from dataset.io import MaskKind, PathLike, read_image, read_mask
+from dataset.io import MaskKind, PathLike, decoded_size, read_image, read_mask
 from dataset.layouts import Sample, deep_globe_samples, folder_samples
 from dataset.transforms import augment as paired_augment
 from utils.errors import DataError
@@ -152,7 +152,7 @@ def check_samples(dataset: SegmentationDataset, where: str, threads: int = 1) ->
     """
     def check(index: int) -> tuple[int, int]:
         sample = dataset.samples[index]
-        size = tuple(read_image(sample.image).shape[-2:])
+        size = decoded_size(sample.image)
         if sample.mask is not None:
             label = read_mask(sample.mask, dataset.table, dataset.mask_kind)
             if tuple(label.shape) != size:

@@ -441,7 +441,8 @@ def test_load_imagenet_backbones_errors(tmp_path):
     # A ResNet-34 file has blocks a ResNet-18 backbone lacks.
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"holds torchvision's ResNet-34, .*; unexpected keys .*layer1.2"):
+    with pytest.raises(CheckpointError, match=r"holds torchvision's ResNet-34; resnet_global is a ResNet-18, as "
+                       r"--backbone sets\); unexpected keys .*layer1.2"):
         load_imagenet_backbones(model, path, ["resnet_global"])
     # A stage's checkpoint given as ImageNet weights.
     save_weights(_model(2), tmp_path / "stage.pth")

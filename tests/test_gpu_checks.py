@@ -73,7 +73,7 @@ def test_without_a_gpu_it_stops_before_the_first_case(tmp_path):
     calls, out, done = run_checks(tmp_path, FAKE_NO_GPU="1", GPU_CHECKS_ARCHIVE=str(tmp_path / "a.tar.gz"))
     assert done.returncode == 2
     assert not [call for call in calls if call["argv"][0].startswith("bench/")]
-    assert "sees no CUDA GPU" in timeline(out)[-1]
+    assert "cannot use torch or sees no CUDA GPU" in timeline(out)[-1]
     with tarfile.open(tmp_path / "a.tar.gz") as packed:
         assert "gpu_checks/torch.txt" in packed.getnames()
 

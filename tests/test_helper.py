@@ -98,6 +98,21 @@ def test_training_steps_adam_as_the_authors_torch_did():
     assert not torch.allclose(modern[0], expected[0], rtol=1e-6, atol=0)
 
 
+def test_adam_runs_a_closure_before_it_reads_the_gradients():
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = Adam041([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 2.0
+    torch.testing.assert_close(p.detach(), _adam_041([torch.ones(2, dtype=torch.float64)],
+                                                     [[torch.full((2,), 2.0, dtype=torch.float64)]], 0.1, 0.0)[0])
+
+
 def test_adam_refuses_a_group_whose_parameters_stepped_apart():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = Adam041([a, b], lr=0.1)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dataset.classes import DEEPGLOBE, LUNG, load_class_table
-from dataset.io import open_image, read_image, read_mask
+from dataset.io import decoded_size, open_image, read_image, read_mask
 from utils.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -124,6 +124,24 @@ def test_turning_keeps_palettes_and_sixteen_bit_grey(tmp_path):
     ids16 = (grey % 7).astype(np.uint16)
     path = save_oriented(tmp_path / "m.png", Image.frombytes("I;16", (8, 5), ids16.astype("<u2").tobytes()), 8)
     assert torch.equal(read_mask(path, DEEPGLOBE, "ids"), torch.from_numpy(np.rot90(ids16, 1).astype(np.uint8)))
+
+
+def test_decoded_size_is_read_images_and_fails_where_it_fails(tmp_path):
+    rgb = RNG.integers(0, 256, (5, 8, 3), dtype=np.uint8)
+    paths = [save_oriented(tmp_path / f"{o}.png", Image.fromarray(rgb), o) for o in range(1, 9)]
+    grey = Image.frombytes("I;16", (8, 5), RNG.integers(0, 65536, (5, 8)).astype("<u2").tobytes())
+    paths.append(save_oriented(tmp_path / "g.png", grey, 6))
+    Image.fromarray(rgb).save(tmp_path / "plain.jpg")
+    for path in [*paths, tmp_path / "plain.jpg"]:
+        assert decoded_size(path) == tuple(read_image(path).shape[1:]), path.name
+    cut = tmp_path / "cut.png"
+    Image.fromarray(RNG.integers(0, 256, (50, 80, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:-2000])
+    Image.new("I", (8, 5)).save(tmp_path / "int32.tif")
+    for bad, message in ((cut, "truncated or corrupt"), (tmp_path / "int32.tif", "unsupported pixel format")):
+        for read in (read_image, decoded_size):
+            with pytest.raises(DataError, match=message):
+                read(bad)
 
 
 def test_png_exif_after_the_pixel_data_counts(tmp_path):

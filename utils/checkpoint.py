@@ -119,7 +119,9 @@ def read_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch's unpicklers raise many types on garbage
-        raise CheckpointError(_unreadable(path, str(e) or type(e).__name__)) from None
+        # Some of torch's errors say nothing without their type (a KeyError of '101').
+        said = str(e) if any(c.isalpha() for c in str(e)) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(_unreadable(path, said)) from None
 
 
 def _unreadable(path: Path, error: str) -> str:
@@ -263,7 +265,7 @@ def load_imagenet_backbones(model: nn.Module, path: str | Path, backbones: Seque
         backbone = model.get_submodule(name)
         missing, unexpected, shapes = mismatches(state, backbone.state_dict())
         if missing or unexpected or shapes:
-            raise CheckpointError(_describe(path, missing, unexpected, shapes, _imagenet_hint(state, name)))
+            raise CheckpointError(_describe(path, missing, unexpected, shapes, _imagenet_hint(state, backbone.state_dict(), name)))
         backbone.load_state_dict(state, strict=False)
 
 
@@ -273,14 +275,18 @@ _TORCHVISION_RESNETS = {(False, (2, 2, 2, 2)): "ResNet-18", (False, (3, 4, 6, 3)
                         (True, (3, 8, 36, 3)): "ResNet-152"}
 
 
-def _imagenet_hint(state: Mapping[str, Tensor], name: str) -> str:
+def _imagenet_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], name: str) -> str:
     """What an ImageNet file that does not fit a backbone is instead, where it can be told."""
     if any(key.startswith(("resnet_global.", "resnet_local.", "fpn_global.", "fpn_local.")) for key in state):
         return (" (it holds a GLNet stage's weights; --pretrained takes torchvision's ImageNet ResNet file, a "
                 "stage's checkpoint goes to --path_g, --path_g2l or --path_l2g)")
-    blocks = tuple(len({key.split(".")[1] for key in state if key.startswith(f"layer{i}.")}) for i in range(1, 5))
-    found = _TORCHVISION_RESNETS.get((any(".conv3." in key for key in state), blocks))
-    if found:
-        return f" (it holds torchvision's {found}, not the architecture --backbone gives {name})"
-    return f" ({name} expects a torchvision ResNet)"
+    found, wanted = _resnet_of(state), _resnet_of(expected)
+    if found and wanted and found != wanted:
+        return f" (it holds torchvision's {found}; {name} is a {wanted}, as --backbone sets)"
+    return f" ({name} expects a torchvision {wanted or 'ResNet'})"
 
+
+def _resnet_of(state: Mapping[str, Tensor]) -> Optional[str]:
+    """Which of torchvision's ResNets a state dict's keys lay out, if any."""
+    blocks = tuple(len({key.split(".")[1] for key in state if key.startswith(f"layer{i}.")}) for i in range(1, 5))
+    return _TORCHVISION_RESNETS.get((any(".conv3." in key for key in state), blocks))

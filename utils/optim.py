@@ -6,8 +6,8 @@ after the correction: p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t)
 eps acts 1 / sqrt(1 - beta2^t) times smaller: 32 times at the first step, 3.2 times at the
 hundredth, 1.26 times at the thousandth. Where gradients are small (weight decay alone gives
 5e-4 * |w|), early steps differ by percents. Giving torch 2's Adam eps / sqrt(1 - beta2^t) at
-step t makes the two updates the same number, and keeps torch's fused kernels and its state
-layout (so resume files are those of torch.optim.Adam).
+step t makes the two updates equal up to float rounding, and keeps torch's own (foreach)
+kernels and its state layout: resume files hold torch.optim.Adam's state.
 """
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ class Adam041(torch.optim.Adam):
     in training, where a parameter learns in every batch of a stage or in none."""
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:  # first: it may set the gradients that say which parameters step
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             steps = {int(self.state[p]["step"]) if "step" in self.state[p] else 0
                      for p in group["params"] if p.grad is not None}
@@ -33,4 +37,5 @@ class Adam041(torch.optim.Adam):
             if steps:
                 t = steps.pop() + 1
                 group["eps"] = self.defaults["eps"] / math.sqrt(1.0 - group["betas"][1] ** t)
-        return super().step(closure)
+        super().step()
+        return loss
