@@ -608,7 +608,8 @@ def evaluate(
                         confusions[kind].update(pred, label)
                 if on_prediction is not None:
                     on_prediction(sample_id, preds)
-            bar.set_postfix(miou=f"{confusions[main_kind].miou(session.table.ignore_in_metric):.3f}")
+            if bool(confusions[main_kind].matrix.any()):  # a split without masks has no score to show
+                bar.set_postfix(miou=f"{confusions[main_kind].miou(session.table.ignore_in_metric):.3f}")
     return _scores(session, confusions)
 
 

@@ -150,6 +150,17 @@ def _session(stage: Stage) -> helper.Session:
     return helper.Session(stage, model, frozen, DEEPGLOBE, (64, 64), (96, 96), 4, 0.15, torch.device("cpu"))
 
 
+def test_the_evaluation_bar_shows_a_score_only_once_there_are_labels(capsys):
+    session = _session(Stage.GLOBAL)
+    image = torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
+    helper.evaluate(session, [samples])
+    assert "miou=" not in capsys.readouterr().err
+    labelled = dict(samples, label=[torch.zeros(100, 120, dtype=torch.long)])
+    helper.evaluate(session, [samples, labelled])
+    assert "miou=" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stage", [Stage.GLOBAL2LOCAL, Stage.LOCAL2GLOBAL])
 def test_evaluation_results_do_not_depend_on_the_micro_batch(stage):
     image = torch.randint(0, 256, (3, 200, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
