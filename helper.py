@@ -10,6 +10,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
@@ -44,7 +45,12 @@ from utils.tiled_writer import ClassMapWriter
 BAND_ROWS = 512
 # Image columns merged at a time within a band (predict_bands): about ten 508-pixel patches.
 MERGE_COLUMNS = 4096
+# Seconds between saves of stage 3's first pass over a very large image, so that a stopped
+# run resumes it instead of starting it again (a slide's pass takes hours on a CPU).
+FIRST_PASS_EVERY = 60.0
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Stage 3's first pass as kept: the canvases' buffers, and the patches added into them.
+FirstPass = tuple[list[Tensor], int]
 # Compiling shows no progress of its own: said once, so a first image that takes minutes is
 # not taken for a hang.
 COMPILE_NOTE = ("--compile: the first image, and the first pass of each other size, compile the networks (minutes); "
@@ -404,7 +410,9 @@ def predict_image(session: Session, image: Tensor, tta: bool = False) -> Tensor:
 
 
 def predict_bands(
-    session: Session, image: Any, global_image: Tensor, band_rows: int, start: int = 0
+    session: Session, image: Any, global_image: Tensor, band_rows: int, start: int = 0,
+    first_pass: Optional[FirstPass] = None,
+    on_first_pass: Optional[Callable[[Sequence[Tensor], int, int], None]] = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """The stage's final prediction of one image (what predict_image gives), band by band
     from output row `start` down: (y0, ids (h, W) of rows y0..y0 + h), bands of band_rows
@@ -417,7 +425,8 @@ def predict_bands(
     stream_patch_logits (rows above the band's top whose patches reach no lower are
     dropped): the same patches in the same order per pixel as merge_argmax over the whole
     grid, so the same sums and tie-breaks. A start past row 0 skips the patches wholly
-    above it, except stage 3's first pass, which the global branch needs whole.
+    above it, except stage 3's first pass, which the global branch needs whole; that pass
+    can be kept and resumed (first_pass, on_first_pass: see stream_patch_logits).
 
     Memory: one band of ids, and the logits of the grid rows that cover it (a grid row:
     W / patch columns of (K, h, w) logits).
@@ -446,7 +455,8 @@ def predict_bands(
     first = grid.first_row_reaching(start)
     stream = stream_patch_logits(session.stage, session.model, image, global_image, grid,
                                  frozen_global=session.frozen_global, micro_batch_size=session.micro_batch,
-                                 start_row=first, on_patches=session.after_pass)
+                                 start_row=first, on_patches=session.after_pass, first_pass=first_pass,
+                                 on_first_pass=on_first_pass)
     kept: dict[int, Tensor] = {}
     y0 = start
     for row, logits in _each_under(session.autocast, stream):
@@ -460,31 +470,65 @@ def predict_bands(
                 del kept[done]
 
 
-def band_patch_count(session: Session, size: Sequence[int], start: int = 0) -> int:
+def band_patch_count(session: Session, size: Sequence[int], start: int = 0,
+                     first_pass: Optional[FirstPass] = None) -> int:
     """Patches predict_bands passes through the local branch for an image of `size` (H, W)
     from output row `start`: the rows of patches over rows start.., and in stage 3 also the
-    first pass over every patch. 0 for stage 1 (no patches) or a start past the image."""
+    first pass over every patch (those a kept first_pass had not added). 0 for stage 1 (no
+    patches) or a start past the image."""
     if session.stage is Stage.GLOBAL or start >= size[0]:
         return 0
     grid = PatchGrid.build(tuple(size), session.size_p)
     kept = (grid.n_rows - grid.first_row_reaching(start)) * grid.n_cols
-    return kept + len(grid) if session.stage is Stage.LOCAL2GLOBAL else kept
+    if session.stage is not Stage.LOCAL2GLOBAL:
+        return kept
+    return kept + len(grid) - (first_pass[1] if first_pass is not None else 0)
+
+
+def kept_first_pass(writer: ClassMapWriter) -> Optional[FirstPass]:
+    """Stage 3's first pass over a very large image as an interrupted run left it in the
+    writer's partial store (see predict_large), or None."""
+    state = writer.saved_state()
+    try:
+        buffers, done = state["first_pass"], int(state["done"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return (buffers, done) if isinstance(buffers, list) and all(isinstance(b, Tensor) for b in buffers) else None
+
+
+def _keeping_first_pass(writer: ClassMapWriter) -> Callable[[Sequence[Tensor], int, int], None]:
+    """on_first_pass for predict_bands: saves the pass into the writer's partial store when
+    it is done, and every FIRST_PASS_EVERY seconds before."""
+    last = time.monotonic()
+
+    def keep(buffers: Sequence[Tensor], done: int, total: int) -> None:
+        nonlocal last
+        if done == total or time.monotonic() - last >= FIRST_PASS_EVERY:
+            writer.save_state({"first_pass": [b.detach().cpu() for b in buffers], "done": done})
+            last = time.monotonic()
+
+    return keep
 
 
 def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *, exact_global: bool = False,
-                  band_rows: Optional[int] = None, on_band: Optional[Callable[[int], None]] = None) -> None:
+                  band_rows: Optional[int] = None, on_band: Optional[Callable[[int], None]] = None,
+                  first_pass: Optional[FirstPass] = None) -> None:
     """Predict a large image into `writer` band by band, from the row it has done on (a
     writer that resumed a partial store continues there). The global image comes from the
     pyramid level global_image_large picks, or from full resolution (exact_global, equal
     to predict_image's); patches are read from the file as they are cut. band_rows: None
-    for BAND_ROWS. on_band: told the rows of each band written.
+    for BAND_ROWS. on_band: told the rows of each band written. Stage 3's first pass over
+    every patch, which writes no band, is kept in the writer's partial store as it goes,
+    and first_pass (kept_first_pass of the writer) resumes it.
 
     Memory: the global image, one band of ids, the grid rows of logits over it, the patches
     of a pass, the reader's tile cache; nothing that grows with the image's height.
     """
     glob = global_image_large(image, session.size_g, exact=exact_global)
     view = RegionView(image, session.device)
-    for _, band in predict_bands(session, view, glob, band_rows or BAND_ROWS, start=writer.rows_done):
+    keep = _keeping_first_pass(writer) if session.stage is Stage.LOCAL2GLOBAL else None
+    for _, band in predict_bands(session, view, glob, band_rows or BAND_ROWS, start=writer.rows_done,
+                                 first_pass=first_pass, on_first_pass=keep):
         writer.write_band(band.cpu().numpy())
         if on_band is not None:
             on_band(band.shape[0])

@@ -230,17 +230,20 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
         writer = ClassMapWriter(output / ids_name, (height, width), large_identity(args, path), table.colours,
                                 preview=output / preview_name, georef=image.georef, mpp=image.mpp)
         try:
+            first_pass = helper.kept_first_pass(writer) if session.stage is Stage.LOCAL2GLOBAL else None
             if writer.rows_done:
                 print(f"{path.name}: continuing from row {writer.rows_done} of {height}", file=sys.stderr)
+            elif first_pass is not None:
+                print(f"{path.name}: continuing the pass over every patch from patch {first_pass[1]}", file=sys.stderr)
             # Rows advance only as bands are written, and stage 3 passes over every patch before
             # its first band: a second bar over patches shows that work and its time left.
-            patches = helper.band_patch_count(session, (height, width), writer.rows_done)
+            patches = helper.band_patch_count(session, (height, width), writer.rows_done, first_pass)
             terminal = sys.stderr.isatty()
             with progress(terminal, height, path.name, "row", initial=writer.rows_done) as bar, \
                     progress(terminal, patches, "patches", "patch", inner=True,
                              hide=patches <= session.micro_batch) as passes:
                 helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
-                                     exact_global=args.exact_global, on_band=bar.update)
+                                     exact_global=args.exact_global, on_band=bar.update, first_pass=first_pass)
                 writer.finish()
             carry_world_file(path, output / ids_name, image.georef is not None)
             return terminal

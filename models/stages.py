@@ -504,6 +504,8 @@ def stream_patch_logits(
     micro_batch_size: int = 1,
     start_row: int = 0,
     on_patches: Optional[Callable[[int], None]] = None,
+    first_pass: Optional[tuple[Sequence[Tensor], int]] = None,
+    on_first_pass: Optional[Callable[[Sequence[Tensor], int, int], None]] = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """The final per-patch prediction of stage 2 or 3 (the ensemble logits) of one image,
     grid row by grid row: (row, logits (n_cols, K, h, w)) for rows start_row.. in order.
@@ -519,6 +521,10 @@ def stream_patch_logits(
     checkpointing) for the ensemble. The values are run_stage's, up to float rounding where
     micro-batches group patches differently (run_stage's passes run across grid rows).
     on_patches: told the patches of each local pass done (stage 3 passes over its patches twice).
+    Stage 3's first pass can be kept and resumed: on_first_pass(buffers, done, total) is told
+    the canvases' buffers after each micro-batch of it (`done` of `total` patches added), and
+    first_pass = (buffers, done) as told resumes it there, to the same sums (the same patches
+    added in the same order); one that does not fit this image and grid is ignored.
     """
     if stage is Stage.GLOBAL:
         raise ValueError("stage 1 has no per-patch prediction: its global logits are the prediction")
@@ -538,9 +544,15 @@ def stream_patch_logits(
         raise ValueError("stage 3 needs the frozen stage-1 global branch")
     context = frozen_global.context_maps(global_image)
     canvases = empty_canvases(context)
-    for idx in grid.batches(micro_batch_size):
+    batches = grid.batches(micro_batch_size)
+    done = _resume_first_pass(canvases, first_pass, {0} | {idx.stop for idx in batches})
+    for idx in batches:
+        if idx.start < done:
+            continue
         _local2global_pass(model, image, grid, idx, context, canvases, None, None, keep_ps3=False)
         report(len(idx))
+        if on_first_pass is not None:
+            on_first_pass(canvases.buffers, idx.stop, len(grid))
     merged = normalised_context(canvases, grid)
     del canvases  # channels-last maps were divided into maps of their own
     glob = model.global_branch(global_image, merged)
@@ -564,3 +576,20 @@ def _cat_contexts(contexts: list[Context]) -> Context:
     if len(contexts) == 1:
         return contexts[0]
     return Context(*(tuple(torch.cat(maps) for maps in zip(*levels)) for levels in zip(*contexts)))  # type: ignore[arg-type]
+
+
+def _resume_first_pass(canvases: Canvases, first_pass: Optional[tuple[Sequence[Tensor], int]],
+                       stops: set[int]) -> int:
+    """Fill the canvases from a kept first pass that fits them and ends where a micro-batch
+    ends; the patches it had added (0: start afresh)."""
+    if first_pass is None:
+        return 0
+    buffers, done = first_pass
+    fits = len(buffers) == len(canvases.buffers) and all(
+        saved.shape == ours.shape and saved.dtype == ours.dtype for saved, ours in zip(buffers, canvases.buffers))
+    if not fits or done not in stops:
+        return 0
+    for saved, ours in zip(buffers, canvases.buffers):
+        ours.copy_(saved)
+    return done
+

@@ -521,30 +521,44 @@ def test_interrupted_writing_leaves_no_output_and_resumes(tmp_path):
                             preview=tmp_path / "x_preview.png", tile=TILE)
     writer.write_band(ids[:100])
     writer.write_band(ids[100:250])
+    writer.save_state({"done": 7, "kept": [torch.arange(3.0)]})
     writer.close()  # killed here: no finish
     assert not (tmp_path / "x_ids.tif").exists() and not (tmp_path / "x_preview.png").exists()
-    data, index = partial_paths(tmp_path / "x_ids.tif")
+    data, index, state = partial_paths(tmp_path / "x_ids.tif")
     with open(data, "ab") as file:  # a band half appended when the process died
         file.write(b"half a band")
     resumed = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours,
                              preview=tmp_path / "x_preview.png", tile=TILE)
     assert resumed.resumed and resumed.rows_done == 250
+    kept = resumed.saved_state()
+    assert kept["done"] == 7 and torch.equal(kept["kept"][0], torch.arange(3.0))
     resumed.close()
     write_map(tmp_path, ids, band=128)  # picks up at row 250
     with tifffile.TiffFile(tmp_path / "x_ids.tif") as tif:
         np.testing.assert_array_equal(tif.pages[0].asarray(), ids)
-    assert not data.exists() and not index.exists()
+    assert not data.exists() and not index.exists() and not state.exists()
 
 
 def test_partial_of_another_input_is_not_resumed(tmp_path):
     ids = class_map()
-    writer = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
-    writer.write_band(ids[:100])
-    writer.close()
     for identity, shape in [({"input": "y"}, ids.shape), ({"input": "x"}, (H, W + 1))]:
+        writer = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
+        writer.write_band(ids[:100])
+        writer.save_state({"done": 7})
+        writer.close()
         fresh = ClassMapWriter(tmp_path / "x_ids.tif", shape, identity, DEEPGLOBE.colours, tile=TILE)
-        assert not fresh.resumed and fresh.rows_done == 0
+        assert not fresh.resumed and fresh.rows_done == 0 and fresh.saved_state() is None
         fresh.close()
+
+
+def test_a_damaged_producer_state_costs_only_the_work_it_saved(tmp_path):
+    writer = ClassMapWriter(tmp_path / "x_ids.tif", (H, W), {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
+    assert writer.saved_state() is None
+    writer.save_state({"done": 7})
+    state = partial_paths(tmp_path / "x_ids.tif")[2]
+    state.write_bytes(state.read_bytes()[:20])
+    assert writer.saved_state() is None
+    writer.close()
 
 
 def test_file_identity_changes_with_the_input(tmp_path):

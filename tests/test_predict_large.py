@@ -159,7 +159,8 @@ def test_interrupted_run_resumes(models, inputs, tmp_path, monkeypatch, capsys, 
     assert run(models, *args) == 130
     assert "64 of 300 rows are kept" in capsys.readouterr().err
     assert not (out / "big_ids.tif").exists() and not (out / "big_preview.png").exists()
-    assert all(p.exists() for p in partial_paths(out / "big_ids.tif"))
+    data, index, state = partial_paths(out / "big_ids.tif")
+    assert data.exists() and index.exists() and not state.exists()  # mode 2 has no pass to keep
     monkeypatch.setattr(helper, "predict_bands", bands)
     assert run(models, *args, *rerun_flags) == 0
     resumed = "continuing from row 64 of 300" in capsys.readouterr().err
@@ -255,3 +256,31 @@ def test_progress_lines_say_the_count_and_the_time_left_at_most_once_a_minute():
     # at 60 s); after 61 min 350 rows, 550 left at 350 per 61 min, 95.9 min.
     assert out.getvalue().splitlines() == ["slide.svs: 300/1000 row (30 %) after 1 min, about 4 min left",
                                            "slide.svs: 450/1000 row (45 %) after 1 h 1 min, about 1 h 36 min left"]
+
+
+def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs, tmp_path, monkeypatch, capsys):
+    """Stopped during that pass, which writes no row, the same command continues it from the
+    last patch kept, and the map is the uninterrupted one."""
+    monkeypatch.setattr(helper, "FIRST_PASS_EVERY", 0.0)
+
+    class Stopping(ProgressLines):
+        def update(self, n: int = 1) -> None:
+            super().update(n)
+            if self.desc == "patches" and self.n == 5:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    args = ["--mode", "3", "--input", str(inputs / "big.tif"), "--output", str(out)]
+    monkeypatch.setattr(predict, "ProgressLines", Stopping)
+    assert run(models, *args) == 130
+    assert "0 of 300 rows are kept" in capsys.readouterr().err
+    assert all(p.exists() for p in partial_paths(out / "big_ids.tif"))
+    monkeypatch.setattr(predict, "ProgressLines", ProgressLines)
+    monkeypatch.setattr(predict, "PROGRESS_EVERY", 0.0)
+    assert run(models, *args) == 0
+    err = capsys.readouterr().err
+    n = len(PatchGrid.build((H, W), (96, 96)))
+    assert "big.tif: continuing the pass over every patch from patch 4" in err
+    assert [line.split(" (")[0] for line in err.splitlines() if line.startswith("patches: ")][-1] == (
+        f"patches: {2 * n - 4}/{2 * n - 4} patch")
+    np.testing.assert_array_equal(check_large_outputs(out, "big"), in_memory_ids(models, inputs, tmp_path / "png", 3))

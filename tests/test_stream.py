@@ -119,3 +119,33 @@ def test_band_patch_count_is_what_the_bands_pass_through(networks, image, mode, 
         list(helper.predict_bands(s, image, global_image(image, SIZE_G), 64, start=start))
         assert sum(n for n in counted if n != "trim") == patches
         assert counted[1::2] == ["trim"] * len(counted[::2]) and "trim" not in counted[::2]
+
+
+@pytest.mark.parametrize("micro_batch", [1, 3])
+def test_stage_3s_first_pass_kept_part_way_resumes_to_the_same_rows(networks, image, micro_batch):
+    """Kept after any micro-batch and resumed there, the first pass adds the rest of the
+    patches in the same order: the rows are those of an uninterrupted pass to the bit, and
+    only the patches it had not added go through the local branch again."""
+    model, frozen = networks
+    grid = PatchGrid.build(SIZE, SIZE_P)
+    glob = global_image(image, SIZE_G)[None]
+    kept = []
+
+    def keep(buffers, done, total):
+        assert total == len(grid)
+        kept.append(([b.clone() for b in buffers], done))
+
+    with torch.inference_mode():
+        expected = list(stream_patch_logits(Stage.LOCAL2GLOBAL, model, image, glob, grid, frozen_global=frozen,
+                                            micro_batch_size=micro_batch, on_first_pass=keep))
+        assert [done for _, done in kept] == [idx.stop for idx in grid.batches(micro_batch)]
+        # One that ends where no micro-batch ends, or has other buffers, is ignored: a whole pass.
+        for first_pass, fits in ((kept[2], True), (kept[-1], True), ((kept[2][0], len(grid) + 1), False),
+                                 (([], kept[2][1]), False)):
+            counted: list = []
+            rows = list(stream_patch_logits(Stage.LOCAL2GLOBAL, model, image, glob, grid, frozen_global=frozen,
+                                            micro_batch_size=micro_batch, on_patches=counted.append,
+                                            first_pass=first_pass))
+            assert [r for r, _ in rows] == [r for r, _ in expected]
+            assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rows, expected))
+            assert sum(counted) == 2 * len(grid) - (first_pass[1] if fits else 0)

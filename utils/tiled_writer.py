@@ -12,7 +12,8 @@ The finished bands go to a partial store beside the output (`.x_ids.tif.partial`
 bands deflated, and `.x_ids.tif.partial.json` saying what they are and what input they
 belong to), appended and synced band by band: an interruption at any moment leaves the
 bands written so far, and a writer made again for the same input and size resumes after
-them. finish() builds the TIFF from the store under a temporary name and renames it into
+them. The producer may keep state of its own there too (`.x_ids.tif.partial.pt`: work
+done before the first band, such as stage 3's pass over every patch). finish() builds the TIFF from the store under a temporary name and renames it into
 place (utils.files), then deletes the store: nothing ever lies half written under the
 final names.
 
@@ -30,10 +31,11 @@ import contextlib
 import itertools
 import json
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tifffile
+import torch
 from PIL import Image
 
 from utils.band_store import BandStore, CorruptStore
@@ -62,9 +64,10 @@ def file_identity(path: str | Path) -> dict:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def partial_paths(path: Path) -> tuple[Path, Path]:
-    """The partial store of an output: (data, index)."""
-    return path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.partial.json")
+def partial_paths(path: Path) -> tuple[Path, Path, Path]:
+    """The partial store of an output: (data, index, the producer's state)."""
+    return (path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.partial.json"),
+            path.with_name(f".{path.name}.partial.pt"))
 
 
 def level_sizes(height: int, width: int, tile: int = TILE) -> list[tuple[int, int]]:
@@ -143,7 +146,7 @@ class ClassMapWriter:
         self.mpp = None if mpp is None else (float(mpp[0]), float(mpp[1]))
         # Round-tripped, so that a tuple and the list JSON gives back compare equal.
         self.identity = json.loads(json.dumps(identity))
-        self.data_path, self.index_path = partial_paths(self.path)
+        self.data_path, self.index_path, self.state_path = partial_paths(self.path)
         self.resumed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +179,21 @@ class ClassMapWriter:
             file.write(json.dumps(self._index(store.bands)).encode())
 
     def _remove_partial(self) -> None:
-        for path in (self.index_path, self.data_path):  # the index first: data without it is no store
+        for path in (self.index_path, self.data_path, self.state_path):  # the index first: data without it is no store
             path.unlink(missing_ok=True)
+
+    def saved_state(self) -> Optional[dict[str, Any]]:
+        """What the map's producer saved with save_state to resume from (it belongs to the
+        store, so to the same identity), or None: nothing saved, or unreadable."""
+        with contextlib.suppress(Exception):  # a damaged file only costs the work it saved
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            return state if isinstance(state, dict) else None
+        return None
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Replace the producer's state (tensors, numbers) by `state`, whole or not at all."""
+        with writing(self.state_path) as file:
+            torch.save(state, file)
 
     @property
     def rows_done(self) -> int:
