@@ -592,4 +592,3 @@ def _resume_first_pass(canvases: Canvases, first_pass: Optional[tuple[Sequence[T
     for saved, ours in zip(buffers, canvases.buffers):
         ours.copy_(saved)
     return done
-

@@ -13,9 +13,9 @@ bands deflated, and `.x_ids.tif.partial.json` saying what they are and what inpu
 belong to), appended and synced band by band: an interruption at any moment leaves the
 bands written so far, and a writer made again for the same input and size resumes after
 them. The producer may keep state of its own there too (`.x_ids.tif.partial.pt`: work
-done before the first band, such as stage 3's pass over every patch). finish() builds the TIFF from the store under a temporary name and renames it into
-place (utils.files), then deletes the store: nothing ever lies half written under the
-final names.
+done before the first band, such as stage 3's pass over every patch). finish() builds the
+TIFF from the store under a temporary name and renames it into place (utils.files), then
+deletes the store: nothing ever lies half written under the final names.
 
 The TIFF: uint8 class ids in 512 x 512 tiles, deflate-compressed, with a palette of the
 class colours (viewers show colours, readers get ids), and reduced-resolution levels, each
@@ -179,7 +179,8 @@ class ClassMapWriter:
             file.write(json.dumps(self._index(store.bands)).encode())
 
     def _remove_partial(self) -> None:
-        for path in (self.index_path, self.data_path, self.state_path):  # the index first: data without it is no store
+        # The index first: data without it is no store.
+        for path in (self.index_path, self.data_path, self.state_path):
             path.unlink(missing_ok=True)
 
     def saved_state(self) -> Optional[dict[str, Any]]:
