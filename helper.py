@@ -10,6 +10,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,12 @@ from dataset.transforms import global_image
 from models.backbone import ResNetBackbone, fold_batchnorm
 from models.compiled import compile_for_inference
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import (CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, StageResult, run_stage,
-                           set_branch_modes, stream_patch_logits)
+from models.stages import (CHECKPOINT_FLAGS, STAGES, Batch, FirstPass, ImageResult, KeepFirstPass, Stage, StageResult,
+                           first_pass_fits, run_stage, set_branch_modes, stream_patch_logits)
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
 from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
+from utils.files import WriteError
 from utils.memory import release_free_heap
 from utils.metrics import ConfusionMatrix
 from utils.optim import Adam041
@@ -49,8 +51,6 @@ MERGE_COLUMNS = 4096
 # run resumes it instead of starting it again (a slide's pass takes hours on a CPU).
 FIRST_PASS_EVERY = 60.0
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Stage 3's first pass as kept: the canvases' buffers, and the patches added into them.
-FirstPass = tuple[list[Tensor], int]
 # Compiling shows no progress of its own: said once, so a first image that takes minutes is
 # not taken for a hang.
 COMPILE_NOTE = ("--compile: the first image, and the first pass of each other size, compile the networks (minutes); "
@@ -411,8 +411,7 @@ def predict_image(session: Session, image: Tensor, tta: bool = False) -> Tensor:
 
 def predict_bands(
     session: Session, image: Any, global_image: Tensor, band_rows: int, start: int = 0,
-    first_pass: Optional[FirstPass] = None,
-    on_first_pass: Optional[Callable[[Sequence[Tensor], int, int], None]] = None,
+    first_pass: Optional[FirstPass] = None, on_first_pass: Optional[KeepFirstPass] = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """The stage's final prediction of one image (what predict_image gives), band by band
     from output row `start` down: (y0, ids (h, W) of rows y0..y0 + h), bands of band_rows
@@ -457,6 +456,7 @@ def predict_bands(
                                  frozen_global=session.frozen_global, micro_batch_size=session.micro_batch,
                                  start_row=first, on_patches=session.after_pass, first_pass=first_pass,
                                  on_first_pass=on_first_pass)
+    del first_pass  # the stream lets go of it once copied
     kept: dict[int, Tensor] = {}
     y0 = start
     for row, logits in _each_under(session.autocast, stream):
@@ -470,56 +470,64 @@ def predict_bands(
                 del kept[done]
 
 
-def band_patch_count(session: Session, size: Sequence[int], start: int = 0,
-                     first_pass: Optional[FirstPass] = None) -> int:
+def band_patch_count(session: Session, size: Sequence[int], start: int = 0, first_pass_done: int = 0) -> int:
     """Patches predict_bands passes through the local branch for an image of `size` (H, W)
     from output row `start`: the rows of patches over rows start.., and in stage 3 also the
-    first pass over every patch (those a kept first_pass had not added). 0 for stage 1 (no
-    patches) or a start past the image."""
+    first pass over every patch, less the patches a kept one had added (first_pass_done,
+    from kept_first_pass). 0 for stage 1 (no patches) or a start past the image."""
     if session.stage is Stage.GLOBAL or start >= size[0]:
         return 0
     grid = PatchGrid.build(tuple(size), session.size_p)
     kept = (grid.n_rows - grid.first_row_reaching(start)) * grid.n_cols
-    if session.stage is not Stage.LOCAL2GLOBAL:
-        return kept
-    return kept + len(grid) - (first_pass[1] if first_pass is not None else 0)
+    return kept + len(grid) - first_pass_done if session.stage is Stage.LOCAL2GLOBAL else kept
 
 
-def kept_first_pass(writer: ClassMapWriter) -> Optional[FirstPass]:
-    """Stage 3's first pass over a very large image as an interrupted run left it in the
-    writer's partial store (see predict_large), or None."""
-    state = writer.saved_state()
-    try:
-        buffers, done = state["first_pass"], int(state["done"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError):
+def kept_first_pass(session: Session, writer: ClassMapWriter) -> Optional[FirstPass]:
+    """Stage 3's first pass over the image of `writer` as a stopped run kept it in the
+    writer's partial store (see predict_large), where it can resume on this session's
+    patch grid and micro-batches; else None."""
+    state = writer.saved_state() if session.stage is Stage.LOCAL2GLOBAL else None
+    if state is None or not isinstance(state.get("first_pass"), list) or not isinstance(state.get("done"), int):
         return None
-    return (buffers, done) if isinstance(buffers, list) and all(isinstance(b, Tensor) for b in buffers) else None
+    buffers, done = state["first_pass"], state["done"]
+    grid = PatchGrid.build((writer.height, writer.width), session.size_p)
+    fits = all(isinstance(b, Tensor) for b in buffers) and first_pass_fits(done, grid, session.micro_batch)
+    return (buffers, done) if fits else None
 
 
-def _keeping_first_pass(writer: ClassMapWriter) -> Callable[[Sequence[Tensor], int, int], None]:
-    """on_first_pass for predict_bands: saves the pass into the writer's partial store when
-    it is done, and every FIRST_PASS_EVERY seconds before."""
-    last = time.monotonic()
+def _keeping_first_pass(writer: ClassMapWriter) -> KeepFirstPass:
+    """on_first_pass for predict_bands: saves the pass into the writer's partial store every
+    FIRST_PASS_EVERY seconds, and when it ends if it took that long (a shorter one is
+    quicker to redo than to save). A save that fails (a full disk) is said once and the
+    pass goes on: it only costs the resume."""
+    start = last = time.monotonic()
+    failed = False
 
     def keep(buffers: Sequence[Tensor], done: int, total: int) -> None:
-        nonlocal last
-        if done == total or time.monotonic() - last >= FIRST_PASS_EVERY:
+        nonlocal last, failed
+        now = time.monotonic()
+        due = now - last >= FIRST_PASS_EVERY or (done == total and now - start >= FIRST_PASS_EVERY)
+        if failed or not due:
+            return
+        try:
             writer.save_state({"first_pass": [b.detach().cpu() for b in buffers], "done": done})
-            last = time.monotonic()
+        except WriteError as error:
+            failed = True
+            print(f"warning: {error}; the pass over every patch is not kept for a rerun", file=sys.stderr)
+        last = time.monotonic()
 
     return keep
 
 
 def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *, exact_global: bool = False,
-                  band_rows: Optional[int] = None, on_band: Optional[Callable[[int], None]] = None,
-                  first_pass: Optional[FirstPass] = None) -> None:
+                  band_rows: Optional[int] = None, on_band: Optional[Callable[[int], None]] = None) -> None:
     """Predict a large image into `writer` band by band, from the row it has done on (a
     writer that resumed a partial store continues there). The global image comes from the
     pyramid level global_image_large picks, or from full resolution (exact_global, equal
     to predict_image's); patches are read from the file as they are cut. band_rows: None
     for BAND_ROWS. on_band: told the rows of each band written. Stage 3's first pass over
     every patch, which writes no band, is kept in the writer's partial store as it goes,
-    and first_pass (kept_first_pass of the writer) resumes it.
+    and resumed from there (kept_first_pass).
 
     Memory: the global image, one band of ids, the grid rows of logits over it, the patches
     of a pass, the reader's tile cache; nothing that grows with the image's height.
@@ -528,7 +536,7 @@ def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *
     view = RegionView(image, session.device)
     keep = _keeping_first_pass(writer) if session.stage is Stage.LOCAL2GLOBAL else None
     for _, band in predict_bands(session, view, glob, band_rows or BAND_ROWS, start=writer.rows_done,
-                                 first_pass=first_pass, on_first_pass=keep):
+                                 first_pass=kept_first_pass(session, writer), on_first_pass=keep):
         writer.write_band(band.cpu().numpy())
         if on_band is not None:
             on_band(band.shape[0])

@@ -230,29 +230,37 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
         writer = ClassMapWriter(output / ids_name, (height, width), large_identity(args, path), table.colours,
                                 preview=output / preview_name, georef=image.georef, mpp=image.mpp)
         try:
-            first_pass = helper.kept_first_pass(writer) if session.stage is Stage.LOCAL2GLOBAL else None
+            kept = first_pass_done(session, writer)
             if writer.rows_done:
                 print(f"{path.name}: continuing from row {writer.rows_done} of {height}", file=sys.stderr)
-            elif first_pass is not None:
-                print(f"{path.name}: continuing the pass over every patch from patch {first_pass[1]}", file=sys.stderr)
+            elif kept:
+                print(f"{path.name}: continuing the pass over every patch after the {kept} kept", file=sys.stderr)
             # Rows advance only as bands are written, and stage 3 passes over every patch before
             # its first band: a second bar over patches shows that work and its time left.
-            patches = helper.band_patch_count(session, (height, width), writer.rows_done, first_pass)
+            patches = helper.band_patch_count(session, (height, width), writer.rows_done, kept)
             terminal = sys.stderr.isatty()
             with progress(terminal, height, path.name, "row", initial=writer.rows_done) as bar, \
                     progress(terminal, patches, "patches", "patch", inner=True,
                              hide=patches <= session.micro_batch) as passes:
                 helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
-                                     exact_global=args.exact_global, on_band=bar.update, first_pass=first_pass)
+                                     exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()
             carry_world_file(path, output / ids_name, image.georef is not None)
             return terminal
         except KeyboardInterrupt:
-            print(f"{path.name}: {writer.rows_done} of {height} rows are kept; the same command continues from there",
-                  file=sys.stderr)
+            patches = 0 if writer.rows_done else first_pass_done(session, writer)
+            kept = f" and {patches} patches of the pass over every patch" if patches else ""
+            print(f"{path.name}: {writer.rows_done} of {height} rows{kept} are kept; the same command continues from "
+                  "there", file=sys.stderr)
             raise
         finally:
             writer.close()
+
+
+def first_pass_done(session: helper.Session, writer: ClassMapWriter) -> int:
+    """The patches of stage 3's pass over every patch that a stopped run kept (0: none)."""
+    kept = helper.kept_first_pass(session, writer)
+    return kept[1] if kept is not None else 0
 
 
 def progress(terminal: bool, total: int, desc: str, unit: str, initial: int = 0, inner: bool = False,

@@ -130,6 +130,12 @@ class ImageResult:
         return logits
 
 
+# Stage 3's first pass over a large image as kept: the canvases' buffers and the patches
+# added into them; and what is told them after each micro-batch (buffers, done, total).
+FirstPass = tuple[Sequence[Tensor], int]
+KeepFirstPass = Callable[[Sequence[Tensor], int, int], None]
+
+
 @dataclass
 class StageResult:
     images: list[ImageResult]
@@ -504,8 +510,8 @@ def stream_patch_logits(
     micro_batch_size: int = 1,
     start_row: int = 0,
     on_patches: Optional[Callable[[int], None]] = None,
-    first_pass: Optional[tuple[Sequence[Tensor], int]] = None,
-    on_first_pass: Optional[Callable[[Sequence[Tensor], int, int], None]] = None,
+    first_pass: Optional[FirstPass] = None,
+    on_first_pass: Optional[KeepFirstPass] = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """The final per-patch prediction of stage 2 or 3 (the ensemble logits) of one image,
     grid row by grid row: (row, logits (n_cols, K, h, w)) for rows start_row.. in order.
@@ -545,7 +551,8 @@ def stream_patch_logits(
     context = frozen_global.context_maps(global_image)
     canvases = empty_canvases(context)
     batches = grid.batches(micro_batch_size)
-    done = _resume_first_pass(canvases, first_pass, {0} | {idx.stop for idx in batches})
+    done = _resume_first_pass(canvases, first_pass, grid, micro_batch_size)
+    del first_pass  # copied into the canvases: its memory goes back now, not after the image
     for idx in batches:
         if idx.start < done:
             continue
@@ -578,16 +585,21 @@ def _cat_contexts(contexts: list[Context]) -> Context:
     return Context(*(tuple(torch.cat(maps) for maps in zip(*levels)) for levels in zip(*contexts)))  # type: ignore[arg-type]
 
 
-def _resume_first_pass(canvases: Canvases, first_pass: Optional[tuple[Sequence[Tensor], int]],
-                       stops: set[int]) -> int:
-    """Fill the canvases from a kept first pass that fits them and ends where a micro-batch
-    ends; the patches it had added (0: start afresh)."""
-    if first_pass is None:
+def first_pass_fits(done: int, grid: PatchGrid, micro_batch_size: int) -> bool:
+    """Whether a first pass kept after `done` patches can resume on this grid: a kept pass
+    ends where a micro-batch of it ended (0: nothing kept)."""
+    return done > 0 and done in {idx.stop for idx in grid.batches(micro_batch_size)}
+
+
+def _resume_first_pass(canvases: Canvases, first_pass: Optional[FirstPass], grid: PatchGrid,
+                       micro_batch_size: int) -> int:
+    """Fill the canvases from a kept first pass that fits them; the patches it had added
+    (0: start afresh)."""
+    if first_pass is None or not first_pass_fits(first_pass[1], grid, micro_batch_size):
         return 0
     buffers, done = first_pass
-    fits = len(buffers) == len(canvases.buffers) and all(
-        saved.shape == ours.shape and saved.dtype == ours.dtype for saved, ours in zip(buffers, canvases.buffers))
-    if not fits or done not in stops:
+    if len(buffers) != len(canvases.buffers) or any(
+            saved.shape != ours.shape or saved.dtype != ours.dtype for saved, ours in zip(buffers, canvases.buffers)):
         return 0
     for saved, ours in zip(buffers, canvases.buffers):
         ours.copy_(saved)

@@ -273,14 +273,14 @@ def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs,
     args = ["--mode", "3", "--input", str(inputs / "big.tif"), "--output", str(out)]
     monkeypatch.setattr(predict, "ProgressLines", Stopping)
     assert run(models, *args) == 130
-    assert "0 of 300 rows are kept" in capsys.readouterr().err
+    assert "0 of 300 rows and 4 patches of the pass over every patch are kept" in capsys.readouterr().err
     assert all(p.exists() for p in partial_paths(out / "big_ids.tif"))
     monkeypatch.setattr(predict, "ProgressLines", ProgressLines)
     monkeypatch.setattr(predict, "PROGRESS_EVERY", 0.0)
     assert run(models, *args) == 0
     err = capsys.readouterr().err
     n = len(PatchGrid.build((H, W), (96, 96)))
-    assert "big.tif: continuing the pass over every patch from patch 4" in err
+    assert "big.tif: continuing the pass over every patch after the 4 kept" in err
     assert [line.split(" (")[0] for line in err.splitlines() if line.startswith("patches: ")][-1] == (
         f"patches: {2 * n - 4}/{2 * n - 4} patch")
     np.testing.assert_array_equal(check_large_outputs(out, "big"), in_memory_ids(models, inputs, tmp_path / "png", 3))

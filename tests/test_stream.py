@@ -5,6 +5,8 @@ CPU, ResNet-18 with rule weights, a 150 x 230 image cut into 80-pixel patches (4
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from dataset.classes import DEEPGLOBE
 from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
 from models.stages import Batch, Stage, run_stage, set_branch_modes, stream_patch_logits
+from utils.files import WriteError
 from utils.patches import PatchGrid
 from utils.weight_rule import apply_rule_weights
 
@@ -121,12 +124,15 @@ def test_band_patch_count_is_what_the_bands_pass_through(networks, image, mode, 
         assert counted[1::2] == ["trim"] * len(counted[::2]) and "trim" not in counted[::2]
 
 
-@pytest.mark.parametrize("micro_batch", [1, 3])
-def test_stage_3s_first_pass_kept_part_way_resumes_to_the_same_rows(networks, image, micro_batch):
+@pytest.mark.parametrize("micro_batch, fast", [(1, False), (3, False), (3, True)], ids=["1", "3", "3-bf16-nhwc"])
+def test_stage_3s_first_pass_kept_part_way_resumes_to_the_same_rows(networks, image, micro_batch, fast):
     """Kept after any micro-batch and resumed there, the first pass adds the rest of the
-    patches in the same order: the rows are those of an uninterrupted pass to the bit, and
-    only the patches it had not added go through the local branch again."""
+    patches in the same order: the rows are those of an uninterrupted pass to the bit (in
+    bf16 with channels-last maps too), and only the patches it had not added go through the
+    local branch again."""
     model, frozen = networks
+    if fast:
+        model, frozen = (copy.deepcopy(net).to(memory_format=torch.channels_last) for net in networks)
     grid = PatchGrid.build(SIZE, SIZE_P)
     glob = global_image(image, SIZE_G)[None]
     kept = []
@@ -135,9 +141,10 @@ def test_stage_3s_first_pass_kept_part_way_resumes_to_the_same_rows(networks, im
         assert total == len(grid)
         kept.append(([b.clone() for b in buffers], done))
 
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=fast):
         expected = list(stream_patch_logits(Stage.LOCAL2GLOBAL, model, image, glob, grid, frozen_global=frozen,
                                             micro_batch_size=micro_batch, on_first_pass=keep))
+        assert not fast or kept[0][0][0].dtype == torch.bfloat16
         assert [done for _, done in kept] == [idx.stop for idx in grid.batches(micro_batch)]
         # One that ends where no micro-batch ends, or has other buffers, is ignored: a whole pass.
         for first_pass, fits in ((kept[2], True), (kept[-1], True), ((kept[2][0], len(grid) + 1), False),
@@ -149,3 +156,33 @@ def test_stage_3s_first_pass_kept_part_way_resumes_to_the_same_rows(networks, im
             assert [r for r, _ in rows] == [r for r, _ in expected]
             assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rows, expected))
             assert sum(counted) == 2 * len(grid) - (first_pass[1] if fits else 0)
+
+
+def test_the_first_pass_is_kept_each_minute_and_a_failed_save_costs_only_the_resume(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(helper.time, "monotonic", lambda: now[0])
+    saved: list = []
+
+    class Writer:
+        full = False
+
+        def save_state(self, state):
+            if self.full:
+                raise WriteError("x: cannot write (No space left on device)")
+            saved.append(state["done"])
+
+    def run(writer, steps):
+        now[0] = 0.0
+        keep = helper._keeping_first_pass(writer)
+        for t, done in steps:
+            now[0] = t
+            keep([torch.zeros(2)], done, 4)
+
+    writer = Writer()
+    run(writer, [(30, 1), (61, 2), (90, 3), (125, 4)])
+    assert saved == [2, 4]  # a minute after the start, and at the end of a pass that took over a minute
+    run(writer, [(10, 4)])
+    assert saved == [2, 4]  # a pass of seconds is quicker to redo than to save
+    writer.full = True
+    run(writer, [(61, 1), (130, 2), (200, 4)])  # no exception: the pass goes on
+    assert capsys.readouterr().err.count("the pass over every patch is not kept for a rerun") == 1
