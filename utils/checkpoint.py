@@ -263,9 +263,10 @@ def load_imagenet_backbones(model: nn.Module, path: str | Path, backbones: Seque
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     for name in backbones:
         backbone = model.get_submodule(name)
-        missing, unexpected, shapes = mismatches(state, backbone.state_dict())
+        expected = backbone.state_dict()
+        missing, unexpected, shapes = mismatches(state, expected)
         if missing or unexpected or shapes:
-            raise CheckpointError(_describe(path, missing, unexpected, shapes, _imagenet_hint(state, backbone.state_dict(), name)))
+            raise CheckpointError(_describe(path, missing, unexpected, shapes, _imagenet_hint(state, expected, name)))
         backbone.load_state_dict(state, strict=False)
 
 

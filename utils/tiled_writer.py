@@ -185,9 +185,11 @@ class ClassMapWriter:
 
     def saved_state(self) -> Optional[dict[str, Any]]:
         """What the map's producer saved with save_state to resume from (it belongs to the
-        store, so to the same identity), or None: nothing saved, or unreadable."""
+        store, so to the same identity), or None: nothing saved, or unreadable. Its tensors
+        are mapped from the file, read only where used: a caller after a number in it reads
+        none of them."""
         with contextlib.suppress(Exception):  # a damaged file only costs the work it saved
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True, mmap=True)
             return state if isinstance(state, dict) else None
         return None
 
