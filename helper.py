@@ -14,11 +14,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Sized
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from dataset.classes import ClassTable
 from dataset.large_image import LargeImage, RegionView
@@ -39,6 +38,7 @@ from utils.metrics import ConfusionMatrix
 from utils.optim import Adam041
 from utils.patches import (PatchGrid, class_dtype, merge_argmax, merge_argmax_rows, merge_logits, upsample_argmax,
                            upsample_nearest)
+from utils.progress import progress
 from utils.resample import nearest_indices
 from utils.tiled_writer import ClassMapWriter
 
@@ -611,28 +611,29 @@ def train_one_epoch(
     confusions = _confusions(session)
     params = list(session.model.parameters())
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"train {epoch + 1}", disable=not session.dist.is_main, dynamic_ncols=True)
-    for i, samples in enumerate(bar):
-        batch = to_batch(samples, session.device)
-        optimizer.zero_grad(set_to_none=True)
-        result = session.run(batch, backward=True)
-        loss = all_reduce_(torch.tensor([result.loss], dtype=torch.float64, device=session.device), session.dist)
-        loss_value = loss.item() / session.dist.world_size
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"loss became {loss_value} at epoch {epoch + 1}, batch {i + 1}; stopped before the optimizer "
-                "step, checkpoints from earlier epochs are untouched (try a lower --lr)"
-            )
-        average_gradients(params, session.dist)
-        optimizer.step()
-        scheduler.step()
-        total, count = total + loss_value, count + 1
-        with torch.no_grad():
-            for r, image, label in zip(result.images, batch.images, batch.labels or []):
-                for kind, pred in predictions_of(r, session.predictions, image.shape[-2:]).items():
-                    confusions[kind].update(pred, label)
-        main_kind = session.predictions[-1]
-        bar.set_postfix(loss=f"{total / count:.4f}", miou=f"{confusions[main_kind].miou(session.table.ignore_in_metric):.3f}")
+    with progress(_length(loader), f"train {epoch + 1}", "batch", shown=session.dist.is_main) as bar:
+        for i, samples in enumerate(loader):
+            batch = to_batch(samples, session.device)
+            optimizer.zero_grad(set_to_none=True)
+            result = session.run(batch, backward=True)
+            loss = all_reduce_(torch.tensor([result.loss], dtype=torch.float64, device=session.device), session.dist)
+            loss_value = loss.item() / session.dist.world_size
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at epoch {epoch + 1}, batch {i + 1}; stopped before the optimizer "
+                    "step, checkpoints from earlier epochs are untouched (try a lower --lr)"
+                )
+            average_gradients(params, session.dist)
+            optimizer.step()
+            scheduler.step()
+            total, count = total + loss_value, count + 1
+            with torch.no_grad():
+                for r, image, label in zip(result.images, batch.images, batch.labels or []):
+                    for kind, pred in predictions_of(r, session.predictions, image.shape[-2:]).items():
+                        confusions[kind].update(pred, label)
+            miou = confusions[session.predictions[-1]].miou(session.table.ignore_in_metric)
+            bar.set_postfix(loss=f"{total / count:.4f}", miou=f"{miou:.3f}")
+            bar.update()
     return EpochStats(total / max(1, count), _scores(session, confusions))
 
 
@@ -650,9 +651,8 @@ def evaluate(
     set_branch_modes(session.model, session.stage, training=False)
     confusions = _confusions(session)
     main_kind = session.predictions[-1]
-    bar = tqdm(loader, desc=desc, disable=not session.dist.is_main, dynamic_ncols=True)
-    with torch.inference_mode():
-        for samples in bar:
+    with progress(_length(loader), desc, "batch", shown=session.dist.is_main) as bar, torch.inference_mode():
+        for samples in loader:
             for sample_id, label, preds in zip(samples["id"], samples["label"], predict(session, samples, tta)):
                 if label is not None:
                     label = label.to(session.device)
@@ -662,7 +662,12 @@ def evaluate(
                     on_prediction(sample_id, preds)
             if bool(confusions[main_kind].matrix.any()):  # a split without masks has no score to show
                 bar.set_postfix(miou=f"{confusions[main_kind].miou(session.table.ignore_in_metric):.3f}")
+            bar.update()
     return _scores(session, confusions)
+
+
+def _length(loader: Iterable[Any]) -> Optional[int]:
+    return len(loader) if isinstance(loader, Sized) else None
 
 
 def code_version() -> str:

@@ -41,15 +41,13 @@ from utils.folders import output_folder
 from utils.georef import world_file, world_file_name
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import PatchGrid
-from utils.progress import ProgressLines
+from utils.progress import progress
 from utils.signals import exit_status, stop_word, terminate_as_interrupt
 from utils.tiled_writer import ClassMapWriter, file_identity, partial_paths
 
 
 # A folder's files that are segmented: the training layouts' images and every very large kind.
 PREDICT_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + LARGE_IMAGE_SUFFIXES))
-# Seconds between progress lines of a very large image in a log or a pipe.
-PROGRESS_EVERY = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,9 +237,9 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
             # its first band: a second bar over patches shows that work and its time left.
             patches = helper.band_patch_count(session, (height, width), writer.rows_done, kept)
             terminal = sys.stderr.isatty()
-            with progress(terminal, height, path.name, "row", initial=writer.rows_done) as bar, \
-                    progress(terminal, patches, "patches", "patch", inner=True,
-                             hide=patches <= session.micro_batch) as passes:
+            with progress(height, path.name, "row", initial=writer.rows_done, terminal=terminal) as bar, \
+                    progress(patches, "patches", "patch", inner=True, bar=patches > session.micro_batch,
+                             terminal=terminal) as passes:
                 helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
                                      exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()
@@ -261,17 +259,6 @@ def first_pass_done(session: helper.Session, writer: ClassMapWriter) -> int:
     """The patches of stage 3's pass over every patch that a stopped run kept (0: none)."""
     kept = helper.kept_first_pass(session, writer)
     return kept[1] if kept is not None else 0
-
-
-def progress(terminal: bool, total: int, desc: str, unit: str, initial: int = 0, inner: bool = False,
-             hide: bool = False) -> tqdm | ProgressLines:
-    """On a terminal a bar (tqdm; none where `hide`, e.g. work of one pass), elsewhere a line
-    every PROGRESS_EVERY seconds: the work counted as a bar counts it, inner bars' too, since
-    stage 3's first pass over every patch writes no row for a long time."""
-    if terminal:
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=not inner, position=int(inner),
-                    dynamic_ncols=True, disable=hide)
-    return ProgressLines(total, desc, unit, initial=initial, every=PROGRESS_EVERY)
 
 
 def carry_world_file(source: Path, map_path: Path, georeferenced: bool) -> None:

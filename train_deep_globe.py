@@ -386,6 +386,7 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
         # The files it started from, read when it started (a resumed run reads no ImageNet file).
         facts["initialised_from"] = state.get("facts", {}).get("initialised_from", facts["initialised_from"])
         log.line(f"resuming {args.task_name} after epoch {progress.epoch + 1} (best val mIoU {progress.best_score:.4f})")
+    log.begin()
     main_kind = session.predictions[-1]
     val_loader = helper.make_loader(val_set, args, shard(range(len(val_set)), session.dist))
     for epoch in range(progress.epoch + 1, args.num_epochs):
@@ -435,6 +436,7 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, settled: S
     split = "test" if args.test else "crossvali"
     dataset = build_dataset(args.dataset, args.data_path, split, table, args.mask_kind, augment=False, seed=args.seed)
     loader = helper.make_loader(dataset, args, shard(range(len(dataset)), session.dist))
+    log.begin()
     save_dir = Path(args.save_predictions) if args.save_predictions else None
     main_kind = session.predictions[-1]
 
@@ -514,8 +516,7 @@ def run(args: argparse.Namespace) -> int:
             model, frozen = stage_models(args, table.n_class, device)
             session = helper.make_session(stage, model, frozen, table, args, device, dist=info,
                                           inference=args.evaluation)
-            log = RunLog(Path(args.log_path) / args.task_name, info.is_main)
-            held.callback(log.close)
+            log = held.enter_context(RunLog(Path(args.log_path) / args.task_name, info.is_main))
             for note in settled.notes + notes:
                 log.line(note)
             log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "

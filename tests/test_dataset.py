@@ -33,9 +33,15 @@ def random_rgb(h: int, w: int) -> np.ndarray:
 
 # --- class tables -----------------------------------------------------------------------
 
+# GLNET_SPEC.md section 5: DeepGlobe's classes in id order, and their mask colours.
+DEEPGLOBE_AS_PUBLISHED = (("unknown", (0, 0, 0)), ("urban", (0, 255, 255)), ("agriculture", (255, 255, 0)),
+                          ("rangeland", (255, 0, 255)), ("forest", (0, 255, 0)), ("water", (0, 0, 255)),
+                          ("barren", (255, 255, 255)))
+
+
 def test_presets():
     assert DEEPGLOBE.n_class == 7 and DEEPGLOBE.ignore_in_metric == (0,)
-    assert DEEPGLOBE.colours[DEEPGLOBE.names.index("water")] == (0, 0, 255)
+    assert tuple(zip(DEEPGLOBE.names, DEEPGLOBE.colours)) == DEEPGLOBE_AS_PUBLISHED
     assert LUNG.n_class == 2 and LUNG.ignore_in_metric == ()
 
 

@@ -15,6 +15,7 @@ import torch
 import config
 import helper
 import train_deep_globe
+import utils.progress
 from dataset.make_demo import make_deep_globe_demo
 from utils.checkpoint import read_file, read_state_dict
 from utils.loader_wait import LoaderWait
@@ -131,6 +132,19 @@ def test_training_lowers_the_loss_and_resume_ends_with_the_same_weights(data, tm
         straight = read_state_dict(tmp_path / "straight" / "models" / name)
         resumed = read_state_dict(tmp_path / "resumed" / "models" / name)
         assert _same(straight, resumed), name
+
+
+def test_in_a_log_progress_is_a_line_now_and_then_not_a_bar(data, tmp_path, monkeypatch, capsys):
+    """Where stderr is no terminal (a cluster's log file; pytest's capture), a bar would
+    write a carriage return per batch into the file: lines come instead, here after every
+    batch."""
+    monkeypatch.setattr(utils.progress, "EVERY", 0.0)
+    assert _run("--mode", 1, "--num_epochs", 1, "--pretrained", "none", *_common(data, tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert re.fullmatch(r"train 1: 1/1 batch \(100 %\) after 0 min, loss=\d\.\d{4}, miou=0\.\d{3}", lines[0]), lines
+    assert re.fullmatch(r"val 1: 1/1 batch \(100 %\) after 0 min, miou=0\.\d{3}", lines[1]), lines
 
 
 def _script_args(script: Path) -> list[str]:

@@ -19,6 +19,7 @@ from conftest import DEVICES
 from dataset.classes import DEEPGLOBE
 from dataset.streamed_global import global_image_large
 from utils.patches import PatchGrid
+import utils.progress
 from utils.progress import ProgressLines
 from utils.tiled_writer import partial_paths
 
@@ -232,7 +233,7 @@ def test_in_a_log_progress_is_a_line_now_and_then(models, inputs, tmp_path, monk
     written and, in stage 3, the patches of both passes: the first pass over every patch
     writes no row, so its lines are all there is for a long while."""
     monkeypatch.setattr(helper, "BAND_ROWS", 100)
-    monkeypatch.setattr(predict, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(utils.progress, "EVERY", 0.0)
     assert run(models, "--mode", "3", "--input", str(inputs / "big.tif"), "--output", str(tmp_path)) == 0
     err = capsys.readouterr().err.splitlines()
     rows = [i for i, line in enumerate(err) if line.startswith("big.tif: ") and " row (" in line]
@@ -258,6 +259,16 @@ def test_progress_lines_say_the_count_and_the_time_left_at_most_once_a_minute():
                                            "slide.svs: 450/1000 row (45 %) after 1 h 1 min, about 1 h 36 min left"]
 
 
+def test_progress_lines_of_work_of_unknown_size_say_the_count_and_the_last_values_shown():
+    now = [0.0]
+    out = io.StringIO()
+    lines = ProgressLines(None, "train 1", "batch", clock=lambda: now[0], file=out)
+    lines.set_postfix(loss="0.5000")
+    now[0] = 90.0
+    lines.update(3)
+    assert out.getvalue() == "train 1: 3 batch after 2 min, loss=0.5000\n"
+
+
 def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs, tmp_path, monkeypatch, capsys):
     """Stopped during that pass, which writes no row, the same command continues it from the
     last patch kept, and the map is the uninterrupted one."""
@@ -271,12 +282,12 @@ def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs,
 
     out = tmp_path / "out"
     args = ["--mode", "3", "--input", str(inputs / "big.tif"), "--output", str(out)]
-    monkeypatch.setattr(predict, "ProgressLines", Stopping)
+    monkeypatch.setattr(utils.progress, "ProgressLines", Stopping)
     assert run(models, *args) == 130
     assert "0 of 300 rows and 4 patches of the pass over every patch are kept" in capsys.readouterr().err
     assert all(p.exists() for p in partial_paths(out / "big_ids.tif"))
-    monkeypatch.setattr(predict, "ProgressLines", ProgressLines)
-    monkeypatch.setattr(predict, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(utils.progress, "ProgressLines", ProgressLines)
+    monkeypatch.setattr(utils.progress, "EVERY", 0.0)
     assert run(models, *args) == 0
     err = capsys.readouterr().err
     n = len(PatchGrid.build((H, W), (96, 96)))

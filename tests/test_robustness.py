@@ -30,6 +30,10 @@ def _is_progress(line: str) -> bool:
     return not line.strip() or "it/s" in line or "%|" in line
 
 
+def _log(tmp: Path) -> list[str]:
+    return (tmp / "logs" / "fpn_deepglobe_global" / "log.txt").read_text().splitlines()
+
+
 def _fails(capsys, argv: list[str], *fragments: str) -> str:
     """Run main, expect exit status 2 and a single stderr line holding every fragment."""
     assert train_deep_globe.main(argv) == 2
@@ -84,6 +88,7 @@ def test_an_image_cut_in_its_pixel_data_stops_the_run_before_training(data, tmp_
 
 def test_missing_and_empty_split_folders(data, tmp_path, capsys):
     _fails(capsys, tiny_args(tmp_path / "nowhere", tmp_path, "--num_epochs", 1), "nowhere", "no such split folder")
+    assert not list(tmp_path.rglob("log.txt"))  # a run refused at its checks leaves no log of a run
     shutil.move(data / "crossvali", tmp_path / "aside")
     _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "crossvali: no such split folder (training scores "
            "this validation split after every epoch)")
@@ -193,12 +198,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsy
     _fails(capsys, argv[:-2] + ["--num_epochs", "3", "--resume"], "loss became nan at epoch 2, batch 1",
            "checkpoints from earlier epochs are untouched")
     assert [_digest(f) for f in files] == before
+    assert _log(tmp_path)[-1].startswith("stopped: TrainingDiverged: loss became nan at epoch 2, batch 1")
 
 
 def test_existing_run_is_never_overwritten_silently(data, tmp_path, capsys):
     argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
+    log = _log(tmp_path)
     _fails(capsys, argv, "fpn_deepglobe_global.pth", "already exist", "--resume", "--task_name")
+    assert _log(tmp_path) == log  # the refused run's lines are not mixed into the log of the run in its way
     _fails(capsys, tiny_args(data, tmp_path, "--task_name", "other", "--resume"), "other.state.pth not found")
 
 
@@ -342,6 +350,7 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_to_resume(data, tmp_path, caps
     monkeypatch.setattr(helper, "train_one_epoch", interrupted)
     assert train_deep_globe.main(argv) == 130
     assert "no epoch had finished, nothing to resume" in capsys.readouterr().err
+    assert _log(tmp_path)[-1] == "stopped: interrupted"
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
     monkeypatch.undo()
     assert train_deep_globe.main(argv) == 0

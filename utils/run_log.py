@@ -7,7 +7,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from tensorboardX.proto.event_pb2 import Event
@@ -15,7 +15,9 @@ from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import RecordWriter
 from tensorboardX.summary import image, scalar
 
-from utils.files import append_line, cannot_write
+from utils.errors import user_message
+from utils.files import WriteError, append_line, cannot_write
+from utils.signals import stop_word
 
 
 class EventFile:
@@ -51,16 +53,30 @@ class EventFile:
 
 
 class RunLog:
-    """Lines, scalars and image panels of one run in `folder` (nothing when not enabled)."""
+    """Lines, scalars and image panels of one run in `folder` (nothing when not enabled).
+    Lines are printed at once, and go into log.txt from `begin()` on."""
 
     def __init__(self, folder: Path, enabled: bool) -> None:
         self.folder, self.enabled = folder, enabled
         self.events = EventFile(folder)
+        self.held: Optional[list[str]] = []  # lines of a run not yet begun
 
     def line(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
-            append_line(self.folder / "log.txt", text)
+            if self.held is None:
+                append_line(self.folder / "log.txt", text)
+            else:
+                self.held.append(text)
+
+    def begin(self) -> None:
+        """The run passed its checks: the lines so far go into log.txt, later ones as they
+        come. A run refused before (another run's checkpoints in the way, unreadable data)
+        leaves log.txt as it was: the log of the run in its way gets no lines of another."""
+        if self.enabled and self.held is not None:
+            for text in self.held:
+                append_line(self.folder / "log.txt", text)
+        self.held = None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.enabled:
@@ -73,3 +89,17 @@ class RunLog:
 
     def close(self) -> None:
         self.events.close()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, kind: Optional[type[BaseException]], error: Optional[BaseException], trace: Any) -> None:
+        """Close; a run that began and then ended by an exception says why as its last line in
+        log.txt (the terminal has the message already): a log that ends after an epoch reads
+        as a run still going, and the next run's lines would seem to continue it."""
+        self.close()
+        if error is not None and self.enabled and self.held is None:
+            reason = stop_word(error) if isinstance(error, KeyboardInterrupt) else (
+                f"{type(error).__name__}: {user_message(error)}")
+            with contextlib.suppress(WriteError):  # the run is failing already, perhaps for a full disk
+                append_line(self.folder / "log.txt", f"stopped: {reason}")
