@@ -184,6 +184,12 @@ def test_a_mistyped_flag_is_one_line_too(module, capsys):
     assert "error: unrecognized arguments: --sizeg 128" in lines[0] and "--help lists every flag" in lines[0]
 
 
+def test_flags_are_taken_whole_not_abbreviated(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_deep_globe.main(tiny_args(data, tmp_path, "--eval"))
+    assert "unrecognized arguments: --eval" in capsys.readouterr().err
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -8,7 +8,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence, Union
 
 from utils.files import WriteError
 
@@ -78,7 +78,12 @@ def report(line: str) -> None:
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse's parser, reporting a mistake in the flags as one line that says where the
-    flags are listed, not after argparse's usage block (a screen of flags for the trainer)."""
+    flags are listed, not after argparse's usage block (a screen of flags for the trainer).
+    Flags are taken whole: an abbreviation that names one flag today (--eval for
+    --evaluation) would name another, or none, once a flag is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         report(f"{self.prog}: error: {message} (--help lists every flag)")
