@@ -44,6 +44,9 @@ class ConfigError(ValueError):
     """Flags that cannot work (together)."""
 
 
+# Loader workers by default (default_workers): at most this many on CUDA; on the CPU these.
+MAX_DEFAULT_WORKERS, CPU_WORKERS = 8, 2
+
 USER_ERRORS = (DataError, CheckpointError, ConfigError, helper.TrainingDiverged, WriteError, InUseError)
 
 
@@ -97,7 +100,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     a("--num_epochs", type=int, default=None, help="epochs to train (default per mode: 120, 50, 120)")
     a("--lr", type=float, default=None, help="Adam's learning rate, lowered per iteration by the poly schedule "
       "(power 0.9) (default per mode: 5e-5, 2e-5, 5e-5)")
-    a("--num_workers", type=int, default=2, help="data loading processes")
+    a("--num_workers", type=int, default=None, help="data loading processes; they change nothing but speed "
+      f"(default: on CUDA, the cores this process may use less one, at most {MAX_DEFAULT_WORKERS}, shared among "
+      f"--nproc_per_node processes; on the CPU {CPU_WORKERS}, as the network needs the cores)")
     a("--nproc_per_node", type=int, default=None, metavar="N", help="run in N processes on this machine, one per "
       "GPU, started by torchrun (see README, 'Several GPUs')")
     a("--seed", type=int, default=0, help="seed of data order and augmentation")
@@ -151,6 +156,17 @@ def add_cuda_math_flag(parser: argparse.ArgumentParser) -> None:
         "(about 1e-3 relative error) and any cuDNN algorithm, deterministic or not. No effect on the CPU")
 
 
+def default_workers(device: str) -> int:
+    """Loader workers where --num_workers is not given. A GPU trains a batch faster than one
+    worker loads it (about 0.1 s per 2448 x 2448 image, bench/README.md), so every core the
+    process may use but its own loads; on the CPU the network is the slow part."""
+    if not device.startswith("cuda"):
+        return CPU_WORKERS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))
+
+
 def default_task_name(stage: Stage) -> str:
     """The authors' run names; a stage's checkpoint is <task name>.pth."""
     return f"fpn_deepglobe_{STAGES[stage].name}"
@@ -163,6 +179,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
     args.task_name = args.task_name or default_task_name(Stage(args.mode))
     args.num_epochs = spec.epochs if args.num_epochs is None else args.num_epochs
     args.lr = spec.lr if args.lr is None else args.lr
+    args.num_workers = default_workers(args.device) if args.num_workers is None else args.num_workers
     return args
 
 

@@ -159,7 +159,7 @@ check predict_folder_bf16 180 "$py" bench/predict_folder.py --device cuda --json
 
 # 3. Target 3: the three stage scripts for 2 epochs each on a small demo, the last epoch
 #    scaled to DeepGlobe's split and 120 + 50 + 120 epochs, with the fast settings and 8
-#    loader workers (at the default 2, on the CPU measured in bench/README.md, the loader
+#    loader workers (at 2, on the CPU measured in bench/README.md, the loader
 #    alone would hold the schedule above 2.7 hours).
 check train_schedule_bf16 240 "$py" bench/train_schedule.py --json "$out/train_schedule_bf16.json" \
     -- "${fast[@]}" --num_workers 8

@@ -3,7 +3,7 @@
     python bench/loader_rate.py --images 12 --json out.jsonl
 
 Training reads every image and mask, augments the training split and computes each global
-image in the loader's workers (helper.make_loader; --num_workers, default 2). This
+image in the loader's workers (helper.make_loader; --num_workers). This
 runs the same loader in this process (no workers) with one torch thread, as each worker
 has, over a land-cover demo in DeepGlobe's layout: a worker's rate. N workers on N free
 cores bound a stage's pace at about N times it, however fast the GPU. The first image of

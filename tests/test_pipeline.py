@@ -215,6 +215,22 @@ def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, task,
         assert (args.num_epochs, args.lr, args.pretrained) == (epochs, lr, "auto")
 
 
+@pytest.mark.parametrize("device, cores, processes, workers", [
+    ("cpu", 64, None, 2),  # the network needs the cores
+    ("cuda", 16, None, 8), ("cuda:1", 4, None, 3), ("cuda", 1, None, 1),
+    ("cuda", 16, "4", 3),  # four processes under torchrun share the cores
+])
+def test_loader_workers_by_default_are_the_cores_a_gpus_process_leaves(device, cores, processes, workers,
+                                                                        monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert config.parse_args(["--device", device]).num_workers == workers
+    assert config.parse_args(["--device", device, "--num_workers", "0"]).num_workers == 0
+
+
 def test_loader_wait_counts_the_loops_waits_for_batches_not_its_own_work():
     class SlowLoader:
         def __len__(self):
