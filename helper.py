@@ -29,7 +29,7 @@ from models.compiled import compile_for_inference
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
 from models.stages import (CHECKPOINT_FLAGS, STAGES, Batch, FirstPass, ImageResult, KeepFirstPass, Stage, StageResult,
                            first_pass_fits, run_stage, set_branch_modes, stream_patch_logits)
-from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights
+from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights, weights_digest
 from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
 from utils.files import WriteError
@@ -175,6 +175,29 @@ def frozen_context_differs(model: GLNet, frozen: GlobalBranch) -> int:
     branch, so a path_g2l trained from that path_g has the same ones: 0."""
     ours = model.state_dict()
     return sum(not torch.equal(value, ours[key]) for key, value in frozen.state_dict().items())
+
+
+# The facts' record of stage 3's frozen global branch (utils.checkpoint.weights_digest).
+FROZEN_DIGEST = "frozen_global_sha256"
+
+
+def frozen_digest(frozen: Optional[GlobalBranch]) -> Optional[str]:
+    """The digest of stage 3's frozen global branch as loaded (before an inference session
+    folds its BatchNorm), None for the stages without one."""
+    return weights_digest(frozen.state_dict()) if frozen is not None else None
+
+
+def frozen_context_warning(l2g_facts: Optional[dict[str, Any]], digest: Optional[str], path_g: Path,
+                           path_l2g: Path) -> Optional[str]:
+    """Evaluation's and prediction's line where --path_g is not the stage-1 file whose
+    global branch stage 3 was trained with, as its facts record it (older files: no line)."""
+    recorded = (l2g_facts or {}).get(FROZEN_DIGEST)
+    if digest is None or recorded is None or recorded == digest:
+        return None
+    trained = (l2g_facts or {}).get("initialised_from", {}).get("--path_g", "unknown")
+    return (f"warning: --path_g {path_g} is not the stage-1 file that {path_l2g} was trained with ({trained}, by its "
+            "facts); stage 3 takes its frozen context from --path_g, as the authors' code did: pass the --path_g "
+            "stage 3 used, unless this is meant")
 
 
 def _produced_by(flag: str) -> str:

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import config
 import helper
-from config import (USER_ERRORS, add_device_flags, check_args, checkpoint_paths, default_checkpoint, parse_size,
-                    settle_flags)
+from config import (USER_ERRORS, Settled, add_device_flags, check_args, checkpoint_paths, default_checkpoint,
+                    parse_size, settle_flags)
 from dataset.classes import ClassTable
 from dataset.large_image import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_large_image
 from dataset.layouts import IMAGE_SUFFIXES, index_files
@@ -107,13 +107,18 @@ def find_images(path: Path) -> list[Path]:
     return list(images.values())
 
 
-def build_session(args: argparse.Namespace, table: ClassTable) -> helper.Session:
+def build_session(args: argparse.Namespace, settled: Settled) -> helper.Session:
     """The stage's evaluation weights loaded from the checkpoints the flags name (args:
     as_trainer_args of predict's flags)."""
     stage = Stage(args.mode)
-    model, frozen = helper.build_models(stage, table.n_class, training=False, paths=checkpoint_paths(args),
+    paths = checkpoint_paths(args)
+    model, frozen = helper.build_models(stage, settled.table.n_class, training=False, paths=paths,
                                         backbone=args.backbone, device=torch.device(args.device))
-    return helper.make_session(stage, model, frozen, table, args, torch.device(args.device), inference=True)
+    warning = helper.frozen_context_warning(settled.facts.get("path_l2g"), helper.frozen_digest(frozen),
+                                            paths.get("path_g"), paths.get("path_l2g"))
+    if warning is not None:
+        print(warning, file=sys.stderr)
+    return helper.make_session(stage, model, frozen, settled.table, args, torch.device(args.device), inference=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     output = output_folder(args.output, "--output")
     # Locked before the models load: a second run on this folder stops at once, not seconds later.
     with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
-        session = build_session(args, table)
+        session = build_session(args, settled)
         if args.compile:
             print(helper.COMPILE_NOTE, file=sys.stderr)
         remove_temporaries(output, [name for path in small for name in output_names(path.stem)]

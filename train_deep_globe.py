@@ -40,7 +40,7 @@ from utils.folders import output_folder
 from utils.images import to_unit_float
 from utils.loader_wait import LoaderWait
 from utils.memory import return_large_blocks_to_the_system
-from utils.run_log import RunLog
+from utils.run_log import EVENTS_PREFIX, RunLog
 from utils.signals import exit_status, interrupts_deferred, stop_word, terminate_as_interrupt
 
 BEST_SUFFIX = ".best.pth"
@@ -184,7 +184,8 @@ class RunFiles:
 
 
 def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
-    """Never overwrite another run's checkpoints silently."""
+    """Never overwrite another run's checkpoints silently, nor add a run's curves to another
+    run's tensorboard events (tensorboard draws a folder's files as one run)."""
     legacy = files.state.with_name(args.task_name + LEGACY_STATE_SUFFIX)
     if legacy.exists() and not files.state.exists():
         raise ConfigError(
@@ -193,6 +194,7 @@ def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
             "another --task_name"
         )
     existing = [p for p in (files.weights, files.best, files.state) if p.exists()]
+    existing += sorted((Path(args.log_path) / args.task_name).glob(f"{EVENTS_PREFIX}*"))
     if existing and not args.resume:
         names = ", ".join(str(p) for p in existing)
         raise ConfigError(
@@ -209,12 +211,22 @@ def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
 RUN_FLAGS = ("mode", "batch_size", "lr", "size_g", "size_p", "sub_batch_size", "lamb_fmreg", "seed", "backbone",
              "dataset", "mask_kind")
 TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_score", "rng")
+# Settings a message names by what they stand for, not by their values (digests, tables).
+DESCRIBED_SETTINGS = {"train_ids_sha256": "other training images", "crossvali_ids_sha256": "other validation images",
+                      "class_table": "another class table (colours or classes not scored)",
+                      helper.FROZEN_DIGEST: "another frozen global branch (--path_g)"}
 
 
-def run_settings(args: argparse.Namespace, table: ClassTable, steps_per_epoch: int) -> dict[str, Any]:
-    """What a resumed run must share with the saved one, as stored in the .state.pth file."""
+def run_settings(args: argparse.Namespace, table: ClassTable, steps_per_epoch: int, data: dict[str, Any],
+                 val_set: SegmentationDataset, frozen_digest: Optional[str]) -> dict[str, Any]:
+    """What a resumed run must share with the saved one, as stored in the .state.pth file:
+    the flags, the data (the best epoch compares validation scores of one split), the class
+    table, and stage 3's frozen context. A state saved before a setting was kept is not
+    checked for it."""
     settings = {flag: list(v) if isinstance(v := getattr(args, flag), tuple) else v for flag in RUN_FLAGS}
-    return {**settings, "classes": list(table.names), "steps_per_epoch": steps_per_epoch}
+    return {**settings, "classes": list(table.names), "class_table": table_to_json(table),
+            "steps_per_epoch": steps_per_epoch, "train_ids_sha256": data["train_ids_sha256"],
+            "crossvali_ids_sha256": ids_sha256(val_set), helper.FROZEN_DIGEST: frozen_digest}
 
 
 def check_resumable(state: Any, path: Path, settings: dict[str, Any]) -> None:
@@ -223,7 +235,8 @@ def check_resumable(state: Any, path: Path, settings: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: not a training state (it holds no optimizer and epoch); --resume needs the "
                               f"{STATE_SUFFIX} file a training run writes")
     saved = state.get("run", {})
-    changed = [f"{key} {saved[key]} (now {value})" for key, value in settings.items() if key in saved and saved[key] != value]
+    changed = [DESCRIBED_SETTINGS.get(key, f"{key} {saved[key]} (now {value})") for key, value in settings.items()
+               if key in saved and saved[key] != value]
     if changed:
         raise ConfigError(
             f"--resume: {path} belongs to a run with other settings: {'; '.join(changed)}. Resume with the run's "
@@ -325,9 +338,12 @@ def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
 def data_identity(args: argparse.Namespace, train_set: SegmentationDataset) -> dict[str, Any]:
     """What identifies a run's data in its facts: the training images by id (a moved
     folder is the same data, another dataset is not)."""
-    ids = "\n".join(sorted(sample.id for sample in train_set.samples))
     return {"dataset": args.dataset, "data_path": str(Path(args.data_path).resolve()), "mask_kind": args.mask_kind,
-            "train_images": len(train_set), "train_ids_sha256": hashlib.sha256(ids.encode()).hexdigest()}
+            "train_images": len(train_set), "train_ids_sha256": ids_sha256(train_set)}
+
+
+def ids_sha256(dataset: SegmentationDataset) -> str:
+    return hashlib.sha256("\n".join(sorted(sample.id for sample in dataset.samples)).encode()).hexdigest()
 
 
 def refuse_other_data(data: dict[str, Any], facts: dict[str, dict[str, Any]], paths: dict[str, Optional[Path]]) -> None:
@@ -342,9 +358,11 @@ def refuse_other_data(data: dict[str, Any], facts: dict[str, dict[str, Any]], pa
             )
 
 
-def run_facts(args: argparse.Namespace, table: ClassTable, data: dict[str, Any]) -> dict[str, Any]:
+def run_facts(args: argparse.Namespace, table: ClassTable, data: dict[str, Any],
+              frozen_digest: Optional[str]) -> dict[str, Any]:
     """The facts every weights file of this run carries (utils.checkpoint.write_weights);
-    save_epoch adds the epoch and its validation scores."""
+    save_epoch adds the epoch and its validation scores. Stage 3's record its frozen global
+    branch, which evaluation and predict.py compare with the --path_g they are given."""
     stage = Stage(args.mode)
     paths = checkpoint_paths(args)
     initialised = {f"--{flag}": str(paths[flag].resolve()) for flag in STAGES[stage].reads(training=True)}  # type: ignore[union-attr]
@@ -357,10 +375,14 @@ def run_facts(args: argparse.Namespace, table: ClassTable, data: dict[str, Any])
         "training": {"lr": args.lr, "batch_size": args.batch_size, "num_epochs": args.num_epochs,
                      "seed": args.seed, "lamb_fmreg": args.lamb_fmreg},
         "initialised_from": initialised, "code_version": helper.code_version(),
+        **({helper.FROZEN_DIGEST: frozen_digest} if frozen_digest is not None else {}),
     }
 
 
-def train(args: argparse.Namespace, session: helper.Session, settled: Settled, log: RunLog) -> None:
+def train(args: argparse.Namespace, session: helper.Session, settled: Settled, log: RunLog,
+          frozen_digest: Optional[str]) -> None:
+    """Train --mode's stage. frozen_digest: stage 3's frozen global branch (helper.frozen_digest),
+    which the run's facts record and a resumed run must keep."""
     table = settled.table
     train_set = labelled_split(args, "train", table, augment=True)
     val_set = labelled_split(args, "crossvali", table, augment=False)
@@ -376,9 +398,9 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / session.dist.world_size) / args.batch_size)
     optimizer = helper.build_optimizer(session.model, session.stage, args.lr)
     scheduler = helper.poly_schedule(optimizer, args.num_epochs * steps_per_epoch)
-    settings = run_settings(args, table, steps_per_epoch)
+    settings = run_settings(args, table, steps_per_epoch, data, val_set, frozen_digest)
     progress = Progress()
-    facts = run_facts(args, table, data)
+    facts = run_facts(args, table, data, frozen_digest)
     if args.resume:
         state = read_file(files.state)
         check_resumable(state, files.state, settings)
@@ -514,6 +536,7 @@ def run(args: argparse.Namespace) -> int:
             stage = Stage(args.mode)
             start_worker_server(args.num_workers)
             model, frozen = stage_models(args, table.n_class, device)
+            digest = helper.frozen_digest(frozen)
             session = helper.make_session(stage, model, frozen, table, args, device, dist=info,
                                           inference=args.evaluation)
             log = held.enter_context(RunLog(Path(args.log_path) / args.task_name, info.is_main))
@@ -528,10 +551,13 @@ def run(args: argparse.Namespace) -> int:
                          f"was trained with ({differ} of its global-branch tensors differ); stage 3 takes its frozen "
                          "context from --path_g, as the authors' code did: pass the --path_g stage 2 used, unless "
                          "this is meant")
+            if args.evaluation and (warning := helper.frozen_context_warning(
+                    settled.facts.get("path_l2g"), digest, *map(checkpoint_paths(args).get, ("path_g", "path_l2g")))):
+                log.line(warning)
             if args.evaluation:
                 run_evaluation(args, session, settled, log)
             else:
-                train(args, session, settled, log)
+                train(args, session, settled, log, digest)
     finally:
         cleanup(info)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import collections
 import csv
+import math
 import os
 import pickle
 import zipfile
@@ -448,3 +449,15 @@ def test_load_imagenet_backbones_errors(tmp_path):
     save_weights(_model(2), tmp_path / "stage.pth")
     with pytest.raises(CheckpointError, match="holds a GLNet stage's weights; --pretrained takes torchvision's"):
         load_imagenet_backbones(model, tmp_path / "stage.pth", ["resnet_global"])
+
+
+def test_weights_digest_follows_the_values_not_the_order_or_the_file(tmp_path):
+    state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor(3, dtype=torch.int64)}
+    reordered = {"a": state["a"].clone(), "b": state["b"].t().contiguous().t()}  # another layout, the same values
+    assert checkpoint.weights_digest(state) == checkpoint.weights_digest(reordered)
+    torch.save(state, tmp_path / "w.pth")
+    assert checkpoint.weights_digest(torch.load(tmp_path / "w.pth", weights_only=True)) == checkpoint.weights_digest(state)
+    nudged = dict(state, b=torch.nextafter(state["b"], torch.tensor(math.inf)))
+    assert checkpoint.weights_digest(nudged) != checkpoint.weights_digest(state)
+    assert checkpoint.weights_digest(dict(state, b=state["b"].double())) != checkpoint.weights_digest(state)
+    assert checkpoint.weights_digest({"c": state["b"], "a": state["a"]}) != checkpoint.weights_digest(state)

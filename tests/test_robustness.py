@@ -18,6 +18,7 @@ from PIL import Image
 
 import helper
 import models.stages
+import predict
 import train_deep_globe
 from models.glnet import GLNet
 from utils.checkpoint import read_file, read_state_dict, save_weights
@@ -291,6 +292,57 @@ def test_resuming_with_other_run_settings_is_refused(data, tmp_path, capsys):
     argv[argv.index("--batch_size") + 1] = "1"
     _fails(capsys, argv, "fpn_deepglobe_global.state.pth", "other settings", "batch_size 2 (now 1)", "lr 5e-05 (now 0.1)",
            "steps_per_epoch 1 (now 2)")
+
+
+def test_resuming_on_other_data_is_refused(data, tmp_path, capsys):
+    """Same flags, same number of images, other ids: the run's best epoch would compare the
+    scores of two validation splits, and its facts would name only the last data."""
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    for split in ("train", "crossvali"):
+        old = next((other / split / "Sat").iterdir()).name.removesuffix("_sat.jpg")
+        (other / split / "Sat" / f"{old}_sat.jpg").rename(other / split / "Sat" / "renamed_sat.jpg")
+        (other / split / "Label" / f"{old}_mask.png").rename(other / split / "Label" / "renamed_mask.png")
+    argv = tiny_args(other, tmp_path, "--num_epochs", 2, "--resume")
+    _fails(capsys, argv, "other settings", "other training images; other validation images")
+
+
+def test_stage_3_keeps_the_frozen_global_branch_it_started_from(data, tmp_path, models_dir, capsys):
+    """Resumed with another --path_g, stage 3 is refused; evaluated or predicted with another
+    (not a copy), it warns, naming the file its facts record."""
+    models_dir.mkdir()
+    torch.manual_seed(0)
+    save_weights(GLNet(7, "resnet18"), models_dir / "g.pth")
+    save_weights(GLNet(7, "resnet18"), models_dir / "other_g.pth")
+    stage_3 = ["--mode", 3, "--path_g", "g.pth", "--path_g2l", "g.pth"]
+    assert train_deep_globe.main(tiny_args(data, tmp_path, *stage_3, "--num_epochs", 1)) == 0
+    capsys.readouterr()
+    resumed = ["--mode", 3, "--path_g", "other_g.pth", "--path_g2l", "g.pth", "--num_epochs", 2, "--resume"]
+    _fails(capsys, tiny_args(data, tmp_path, *resumed), "another frozen global branch (--path_g)")
+
+    def warnings(path_g: str) -> list[str]:
+        argv = ["--evaluation", "--mode", 3, "--path_g", path_g, "--path_l2g", "fpn_deepglobe_local2global.pth"]
+        assert train_deep_globe.main(tiny_args(data, tmp_path, *argv)) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+
+    assert warnings("g.pth") == []
+    shutil.copy(models_dir / "g.pth", tmp_path / "moved_g.pth")
+    assert warnings(str(tmp_path / "moved_g.pth")) == []  # the weights count, not where they lie
+    [line] = warnings("other_g.pth")
+    assert f"--path_g {models_dir / 'other_g.pth'} is not the stage-1 file that " in line
+    assert f"trained with ({(models_dir / 'g.pth').resolve()}, by its facts)" in line
+    out = tmp_path / "preds"
+    assert predict.main(["--mode", "3", "--model_path", str(models_dir), "--path_g", "other_g.pth", "--input",
+                         str(data / "test" / "Sat"), "--output", str(out), "--device", "cpu"]) == 0
+    assert "is not the stage-1 file that" in capsys.readouterr().err
+
+
+def test_a_new_run_does_not_add_its_curves_to_another_runs_tensorboard_events(data, tmp_path, capsys):
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
+    shutil.rmtree(tmp_path / "models")  # as the refusal of a run over its checkpoints suggests
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "events.out.tfevents.", "already exist",
+           "delete the file(s) to start over")
 
 
 def test_resuming_from_a_weights_file_is_refused(data, tmp_path, capsys):

@@ -102,6 +102,17 @@ def read_facts(weights: str | Path) -> Optional[dict[str, Any]]:
     return facts
 
 
+def weights_digest(state: Mapping[str, Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the same for the same
+    weights, whichever file (moved, copied, re-saved) they were loaded from."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

@@ -19,6 +19,8 @@ from utils.errors import user_message
 from utils.files import WriteError, append_line, cannot_write
 from utils.signals import stop_word
 
+EVENTS_PREFIX = "events.out.tfevents."
+
 
 class EventFile:
     """A tensorboard event file written in the calling thread, created with its first
@@ -29,7 +31,7 @@ class EventFile:
     def __init__(self, folder: Path) -> None:
         # The pid keeps two processes of one host and second apart (tensorboard's names
         # only need to contain "tfevents").
-        self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.path = folder / f"{EVENTS_PREFIX}{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self.writer: Optional[RecordWriter] = None
 
     def add(self, summaries: list[Summary], step: int) -> None:
