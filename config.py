@@ -15,6 +15,7 @@ import torch
 
 import helper
 from dataset.classes import NAMED_TABLES, ClassTable, load_class_table, table_from_json
+from dataset.prepare_common import SPLITS
 from dataset.segmentation import PRESETS
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
 from utils.checkpoint import CheckpointError, facts_path, read_facts
@@ -203,6 +204,14 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         problems.append("--num_workers cannot be negative")
     if not 0 < args.lr < math.inf:
         problems.append(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.lamb_fmreg < math.inf:
+        problems.append(f"--lamb_fmreg must be a number of at least 0, got {args.lamb_fmreg}")
+    if not args.task_name or args.task_name in (".", "..") or any(sep in args.task_name for sep in "/\\"):
+        problems.append(f"--task_name {args.task_name!r}: it names files and a folder, so it cannot be empty, . or .., "
+                        "nor hold / or \\")
+    if args.save_predictions is not None and (split := _split_holding(Path(args.save_predictions), args.data_path)):
+        problems.append(f"--save_predictions {args.save_predictions} is inside the {split} split of --data_path: the "
+                        "predictions (<id>_mask.png) would replace or join its files; write them elsewhere")
     if not 0 <= args.seed < 2**32:
         problems.append(f"--seed must be in 0..2**32-1, got {args.seed}")
     if args.n_class is not None and args.n_class != table.n_class:
@@ -234,6 +243,12 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         problems.append("--amp fp16 is for evaluation; train with --amp bf16 (it needs no loss scaling)")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _split_holding(folder: Path, data_path: str) -> Optional[str]:
+    """The split folder of the data root that holds `folder`, if one does."""
+    inside = folder.resolve()
+    return next((split for split in SPLITS if inside.is_relative_to((Path(data_path) / split).resolve())), None)
 
 
 def missing_compile_toolchain(device: torch.device) -> Optional[str]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import config
 import helper
-from config import (USER_ERRORS, Settled, add_device_flags, check_args, checkpoint_paths, default_checkpoint,
+from config import (USER_ERRORS, ConfigError, Settled, add_device_flags, check_args, checkpoint_paths, default_checkpoint,
                     parse_size, settle_flags)
 from dataset.classes import ClassTable
 from dataset.large_image import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_large_image
@@ -129,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     for note in settled.notes:
         print(note, file=sys.stderr)
     images = find_images(Path(args.input))
+    if Path(args.input).is_dir() and Path(args.output).resolve() == Path(args.input).resolve():
+        raise ConfigError(f"--output {args.output} is the --input folder, where a later run would take the predictions "
+                          "for images to segment; write them to another folder")
     kinds = {path: is_large_image_file(path) for path in images}
     large, small = [path for path in images if kinds[path]], [path for path in images if not kinds[path]]
     if large and args.tta:

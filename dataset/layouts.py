@@ -16,12 +16,22 @@ from dataset.io import PathLike
 from utils.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# In a data root while a preparation tool writes it, left behind when one was interrupted.
+INCOMPLETE_MARK = ".incomplete"
 
 
 class Sample(NamedTuple):
     id: str
     image: Path
     mask: Optional[Path]  # None: unlabelled
+
+
+def refuse_incomplete(root: PathLike) -> None:
+    """A data root that a preparation left half-written would train and score on part of
+    its splits without a word."""
+    if (Path(root) / INCOMPLETE_MARK).exists():
+        raise DataError(f"{root}: an interrupted preparation left this data root incomplete ({INCOMPLETE_MARK}); run "
+                        "the command that prepared it again")
 
 
 def strip_suffix(name: str, suffixes: Sequence[str]) -> Optional[str]:

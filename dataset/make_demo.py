@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from dataset.classes import DEEPGLOBE
 from dataset.io import write_label, write_png
 from dataset.layouts import DEEP_GLOBE
-from dataset.prepare_common import SPLITS, claim_destination
+from dataset.prepare_common import SPLITS, claimed_destination
 from dataset.prepare_lung import MONTGOMERY_IMAGES, MONTGOMERY_MASK_DIR, MONTGOMERY_MASKS
 from utils.errors import OneLineParser, reports_data_errors
 from utils.files import replacing
@@ -149,12 +149,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace what a previous run wrote into a non-empty --dst")
     args = parser.parse_args(argv)
     if args.xrays:
-        claim_destination(args.dst, args.force, owned=(MONTGOMERY_IMAGES, MONTGOMERY_MASK_DIR))
-        make_synthetic_xrays(args.dst, args.xrays, (args.size, round(args.size * MONTGOMERY_ASPECT)), args.seed)
+        with claimed_destination(args.dst, args.force, owned=(MONTGOMERY_IMAGES, MONTGOMERY_MASK_DIR)):
+            make_synthetic_xrays(args.dst, args.xrays, (args.size, round(args.size * MONTGOMERY_ASPECT)), args.seed)
         print(f"wrote {args.xrays} X-rays to {args.dst}")
     else:
-        claim_destination(args.dst, args.force)
-        make_deep_globe_demo(args.dst, args.n_train, args.n_val, args.n_test, args.size, args.seed)
+        with claimed_destination(args.dst, args.force):
+            make_deep_globe_demo(args.dst, args.n_train, args.n_val, args.n_test, args.size, args.seed)
         print(f"wrote {args.n_train}/{args.n_val}/{args.n_test} train/crossvali/test images to {args.dst}")
     return 0
 

@@ -2,39 +2,51 @@
 with per-sample failures reported rather than fatal, and the summary."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from tqdm import tqdm
 
 from dataset.io import open_image
+from dataset.layouts import INCOMPLETE_MARK
 from utils.errors import DataError
-from utils.files import replacing, writing
+from utils.files import cannot_write, replacing, writing
 
 SPLITS = ("train", "crossvali", "test")
 EMPTY_SPLIT = 1  # exit status when a split ends up with no samples
 
 
-def claim_destination(dst: Path, force: bool, owned: Sequence[str] = SPLITS) -> None:
-    """Make `dst` ready to be written.
+@contextlib.contextmanager
+def claimed_destination(dst: Path, force: bool, owned: Sequence[str] = SPLITS) -> Iterator[None]:
+    """Make `dst` ready to be written, and mark it incomplete (INCOMPLETE_MARK) until the
+    block ends normally: interrupted, it stays marked, so training and evaluation refuse it
+    and the same command starts it over.
 
-    A non-empty `dst` is only touched with `force`, and then only the folders the caller
-    writes (`owned`) are removed, so a mistyped --dst cannot wipe unrelated files.
+    A non-empty `dst` is only touched with `force` or when marked, and then only the folders
+    the caller writes (`owned`) are removed, so a mistyped --dst cannot wipe unrelated files.
 
     Raises:
-        DataError: `dst` is a file, or a non-empty folder and not `force`.
+        DataError: `dst` is a file, or a non-empty, unmarked folder and not `force`.
     """
+    mark = dst / INCOMPLETE_MARK
     if dst.exists() and not dst.is_dir():
         raise DataError(f"{dst}: is a file, not a folder; choose another --dst")
     if dst.is_dir() and any(dst.iterdir()):
-        if not force:
+        if not force and not mark.exists():
             raise DataError(f"{dst}: exists and is not empty; pass --force to replace its {'/'.join(owned)} folders")
         for folder in owned:
             if (dst / folder).exists():
                 shutil.rmtree(dst / folder)
     dst.mkdir(parents=True, exist_ok=True)
+    try:
+        mark.touch()
+    except OSError as error:
+        raise cannot_write(mark, error) from None
+    yield
+    mark.unlink()
 
 
 class MissingSample(DataError):
@@ -63,7 +75,7 @@ def prepare_splits(splits: Mapping[str, Sequence[str]], prepare_one: Callable[[s
     for split, names in splits.items():
         missing: list[str] = []
         unusable: list[str] = []
-        for name in tqdm(names, desc=split, unit="img"):
+        for name in tqdm(names, desc=split, unit="img", disable=None):  # a bar on a terminal only
             try:
                 prepare_one(split, name)
             except MissingSample:

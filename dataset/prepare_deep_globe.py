@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from dataset.classes import DEEPGLOBE
 from dataset.io import NotAColourMask, read_mask, write_label
 from dataset.layouts import DEEP_GLOBE, index_files
-from dataset.prepare_common import SPLITS, MissingSample, claim_destination, copy_image, prepare_splits
+from dataset.prepare_common import SPLITS, MissingSample, claimed_destination, copy_image, prepare_splits
 from utils.errors import DataError, OneLineParser, reports_data_errors
 
 SPLIT_LIST_DIR = Path(__file__).resolve().parent / "splits"
@@ -43,7 +43,6 @@ def prepare_deep_globe(src: Path, dst: Path, force: bool = False) -> int:
     images, masks = index_files(src, (SOURCE_IMAGE,)), index_files(src, (SOURCE_MASK,))
     if not images:
         raise DataError(f"{src}: holds no <id>{SOURCE_IMAGE} files; pass the folder that directly contains the tiles as --src")
-    claim_destination(dst, force)
 
     def prepare_one(split: str, sample_id: str) -> None:
         image, mask = images.get(sample_id), masks.get(sample_id)
@@ -57,7 +56,8 @@ def prepare_deep_globe(src: Path, dst: Path, force: bool = False) -> int:
         copy_image(image, DEEP_GLOBE.image_path(dst / split, sample_id), tuple(label.shape), str(mask))
         write_label(DEEP_GLOBE.mask_path(dst / split, sample_id), label)
 
-    return prepare_splits({split: split_ids(split) for split in SPLITS}, prepare_one, src, dst)
+    with claimed_destination(dst, force):
+        return prepare_splits({split: split_ids(split) for split in SPLITS}, prepare_one, src, dst)
 
 
 @reports_data_errors

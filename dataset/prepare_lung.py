@@ -21,8 +21,8 @@ import numpy as np
 
 from dataset.classes import LUNG
 from dataset.io import ID_MODES, open_image, write_label
-from dataset.layouts import FOLDER, IMAGE_SUFFIXES, index_files
-from dataset.prepare_common import SPLITS, MissingSample, claim_destination, copy_image, prepare_splits
+from dataset.layouts import FOLDER, IMAGE_SUFFIXES, index_files, refuse_incomplete
+from dataset.prepare_common import SPLITS, MissingSample, claimed_destination, copy_image, prepare_splits
 from utils.errors import DataError, OneLineParser, reports_data_errors
 
 MONTGOMERY_IMAGES = "CXR_png"
@@ -121,9 +121,9 @@ def prepare_lung(src: Path, dst: Path, layout: str = "montgomery", val_fraction:
     Returns:
         Exit status (see dataset.prepare_common.prepare_splits).
     """
+    refuse_incomplete(src)  # synthetic X-rays that dataset.make_demo did not finish
     sources = SOURCE_LAYOUTS[layout](src)
     splits = split_names(list(sources), val_fraction, test_fraction, seed)
-    claim_destination(dst, force)
 
     def prepare_one(split: str, name: str) -> None:
         source = sources[name]
@@ -134,7 +134,8 @@ def prepare_lung(src: Path, dst: Path, layout: str = "montgomery", val_fraction:
                    " + ".join(str(m) for m in source.masks))
         write_label(FOLDER.mask_path(dst / split, name), label)
 
-    return prepare_splits(splits, prepare_one, src, dst)
+    with claimed_destination(dst, force):
+        return prepare_splits(splits, prepare_one, src, dst)
 
 
 @reports_data_errors

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dataset.classes import DEEPGLOBE, ClassTable
 from dataset.io import MaskKind, PathLike, decoded_size, read_image, read_mask
-from dataset.layouts import Sample, deep_globe_samples, folder_samples
+from dataset.layouts import Sample, deep_globe_samples, folder_samples, refuse_incomplete
 from dataset.transforms import augment as paired_augment
 from utils.errors import DataError
 
@@ -137,6 +137,7 @@ def build_dataset(
     table = table or preset.table
     if table is None:
         raise DataError(f"{root}: the {kind!r} layout has no default class table; give one (e.g. a JSON file read by load_class_table)")
+    refuse_incomplete(root)
     samples = preset.samples(root, split)
     return SegmentationDataset(samples, table, mask_kind or preset.mask_kind, augment, seed)
 

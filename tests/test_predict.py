@@ -180,6 +180,14 @@ def test_output_that_cannot_be_a_folder_is_one_line(models, images, tmp_path, ca
         assert f"--output {output}: {message}" in one_error_line(capsys)
 
 
+def test_output_into_the_input_folder_is_refused(models, images, tmp_path, capsys):
+    """A later run on the folder would segment the predictions as images (x_mask_mask.png)."""
+    before = sorted(images.iterdir())
+    assert run(models, "--mode", "1", "--input", str(images), "--output", str(images / ".." / images.name)) == 2
+    assert "is the --input folder" in one_error_line(capsys)
+    assert sorted(images.iterdir()) == before
+
+
 def test_missing_input_and_empty_folder_are_one_line(models, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -101,6 +101,34 @@ def test_prepare_refuses_non_empty_dst_without_force(download, tmp_path, capsys)
     assert len(deep_globe_samples(dst, "train")) == 2
 
 
+def test_an_interrupted_preparation_is_refused_by_training_and_started_over_by_the_same_command(
+        download, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first split: one line and 130, and a data root whose crossvali and
+    test splits are missing or partial must not train or score silently."""
+    import dataset.prepare_deep_globe as module
+
+    src, ids, _ = download
+    dst = tmp_path / "dst"
+    real = module.prepare_splits
+
+    def interrupted(splits, prepare_one, source, destination):
+        real({"train": splits["train"]}, prepare_one, source, destination)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "prepare_splits", interrupted)
+    assert prepare_deep_globe(["--src", str(src), "--dst", str(dst)]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1:] == ["interrupted: a data folder it began is marked incomplete, and training refuses it; the same "
+                   "command starts it over"]
+    with pytest.raises(DataError, match="an interrupted preparation left this data root incomplete"):
+        build_dataset("deep_globe", dst, "train")
+    monkeypatch.undo()
+    assert prepare_deep_globe(["--src", str(src), "--dst", str(dst)]) == 0  # no --force needed
+    assert [len(deep_globe_samples(dst, split)) for split in SPLITS] == [2, 2, 2]
+    assert len(build_dataset("deep_globe", dst, "crossvali")) == 2
+    assert not list(dst.glob(".*"))
+
+
 def test_prepare_deep_globe_rejects_a_source_without_tiles(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     assert prepare_deep_globe(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst")]) == 2

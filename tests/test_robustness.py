@@ -167,6 +167,10 @@ def test_stage_started_without_the_previous_stage(data, tmp_path, capsys):
         (["--size_p", "48"], "--size_p must be larger than 50"),
         (["--test"], "--test selects the split to evaluate; add --evaluation"),
         (["--n_class", "3"], "--n_class 3 does not match the class table (7 classes)"),
+        (["--lamb_fmreg", "nan"], "--lamb_fmreg must be a number of at least 0, got nan"),
+        (["--lamb_fmreg", "-0.15"], "--lamb_fmreg must be a number of at least 0, got -0.15"),
+        (["--task_name", "runs/x"], "--task_name 'runs/x': it names files and a folder"),
+        (["--task_name", ".."], "--task_name '..': it names files and a folder"),
     ],
 )
 def test_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
@@ -183,6 +187,16 @@ def test_a_mistyped_flag_is_one_line_too(module, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and len(lines) == 1, lines
     assert "error: unrecognized arguments: --sizeg 128" in lines[0] and "--help lists every flag" in lines[0]
+
+
+def test_predictions_are_not_saved_into_a_split_of_the_data(data, tmp_path, capsys):
+    """Their names are DeepGlobe's mask names: in test/Label they would replace the truth."""
+    save_weights(GLNet(7, "resnet18"), tmp_path / "g.pth")
+    argv = tiny_args(data, tmp_path, "--evaluation", "--test", "--path_g", tmp_path / "g.pth", "--save_predictions",
+                     data / "test" / "Label")
+    before = {p.name: _digest(p) for p in (data / "test" / "Label").iterdir()}
+    _fails(capsys, argv, "is inside the test split of --data_path")
+    assert {p.name: _digest(p) for p in (data / "test" / "Label").iterdir()} == before
 
 
 def test_flags_are_taken_whole_not_abbreviated(data, tmp_path, capsys):

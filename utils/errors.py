@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence, Union
 from utils.files import WriteError
 
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses for bad flags
+INTERRUPTED = 130  # 128 + SIGINT: the shell's status for a program stopped by Ctrl-C
 # Set by a launcher of several processes (train_deep_globe.py --nproc_per_node): each
 # process leaves its one-line message in this folder, and the launcher prints it once.
 MESSAGES_ENV = "LUNGSEG_MESSAGES"
@@ -90,5 +91,19 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-# The data tools' mistakes: bad files in, and files that cannot be written out.
-reports_data_errors = reports_errors(DataError, WriteError)
+def reports_data_errors(main: Main) -> Main:
+    """The data tools' main: bad files in and files that cannot be written out are one line
+    (reports_errors), and so is Ctrl-C, which leaves what they wrote marked incomplete
+    (dataset.prepare_common.claimed_destination)."""
+    reporting = reports_errors(DataError, WriteError)(main)
+
+    @functools.wraps(main)
+    def wrapped(argv: Optional[Sequence[str]] = None) -> int:
+        try:
+            return reporting(argv)
+        except KeyboardInterrupt:
+            report("interrupted: a data folder it began is marked incomplete, and training refuses it; the same "
+                   "command starts it over")
+            return INTERRUPTED
+
+    return wrapped
