@@ -15,10 +15,11 @@ import torch
 
 import helper
 from dataset.classes import NAMED_TABLES, ClassTable, load_class_table, table_from_json
-from dataset.prepare_common import SPLITS
+from dataset.layouts import LAYOUTS, SPLITS
 from dataset.segmentation import PRESETS
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
 from utils.checkpoint import CheckpointError, facts_path, read_facts
+from utils.cores import usable_cores
 from utils.cuda_math import CUDA_MATH
 from utils.errors import DataError, OneLineParser
 from utils.files import InUseError, WriteError
@@ -102,7 +103,7 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     a("--lr", type=float, default=None, help="Adam's learning rate, lowered per iteration by the poly schedule "
       "(power 0.9) (default per mode: 5e-5, 2e-5, 5e-5)")
     a("--num_workers", type=int, default=None, help="data loading processes; they change nothing but speed "
-      f"(default: on CUDA, the cores this process may use less one, at most {MAX_DEFAULT_WORKERS}, shared among "
+      f"(default: on CUDA, the cores this process may use (affinity, container quota) less one, at most {MAX_DEFAULT_WORKERS}, shared among "
       f"--nproc_per_node processes; on the CPU {CPU_WORKERS}, as the network needs the cores)")
     a("--nproc_per_node", type=int, default=None, metavar="N", help="run in N processes on this machine, one per "
       "GPU, started by torchrun (see README, 'Several GPUs')")
@@ -160,11 +161,11 @@ def add_cuda_math_flag(parser: argparse.ArgumentParser) -> None:
 def default_workers(device: str) -> int:
     """Loader workers where --num_workers is not given. A GPU trains a batch faster than one
     worker loads it (about 0.1 s per 2448 x 2448 image, bench/README.md), so every core the
-    process may use but its own loads; on the CPU the network is the slow part."""
+    process may use but its own loads (each worker holds two batches ahead, about 0.3 GB at
+    DeepGlobe's size); on the CPU the network is the slow part."""
     if not device.startswith("cuda"):
         return CPU_WORKERS
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    per_process = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
     return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))
 
 
@@ -209,8 +210,8 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
     if not args.task_name or args.task_name in (".", "..") or any(sep in args.task_name for sep in "/\\"):
         problems.append(f"--task_name {args.task_name!r}: it names files and a folder, so it cannot be empty, . or .., "
                         "nor hold / or \\")
-    if args.save_predictions is not None and (split := _split_holding(Path(args.save_predictions), args.data_path)):
-        problems.append(f"--save_predictions {args.save_predictions} is inside the {split} split of --data_path: the "
+    if args.save_predictions is not None and (held := _data_folder_holding(Path(args.save_predictions), args)):
+        problems.append(f"--save_predictions {args.save_predictions} is inside {held}, a folder of the data: the "
                         "predictions (<id>_mask.png) would replace or join its files; write them elsewhere")
     if not 0 <= args.seed < 2**32:
         problems.append(f"--seed must be in 0..2**32-1, got {args.seed}")
@@ -245,10 +246,12 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _split_holding(folder: Path, data_path: str) -> Optional[str]:
-    """The split folder of the data root that holds `folder`, if one does."""
+def _data_folder_holding(folder: Path, args: argparse.Namespace) -> Optional[Path]:
+    """The image or mask folder of a split of --data_path that holds `folder`, if one does."""
+    layout = LAYOUTS[args.dataset]
     inside = folder.resolve()
-    return next((split for split in SPLITS if inside.is_relative_to((Path(data_path) / split).resolve())), None)
+    candidates = (Path(args.data_path) / split / sub for split in SPLITS for sub in (layout.image_dir, layout.mask_dir))
+    return next((c for c in candidates if inside.is_relative_to(c.resolve())), None)
 
 
 def missing_compile_toolchain(device: torch.device) -> Optional[str]:

@@ -12,9 +12,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Sized
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -187,15 +188,18 @@ def frozen_digest(frozen: Optional[GlobalBranch]) -> Optional[str]:
     return weights_digest(frozen.state_dict()) if frozen is not None else None
 
 
-def frozen_context_warning(l2g_facts: Optional[dict[str, Any]], digest: Optional[str], path_g: Path,
-                           path_l2g: Path) -> Optional[str]:
+def frozen_context_warning(facts: dict[str, dict[str, Any]], digest: Optional[str],
+                           paths: dict[str, Optional[Path]]) -> Optional[str]:
     """Evaluation's and prediction's line where --path_g is not the stage-1 file whose
-    global branch stage 3 was trained with, as its facts record it (older files: no line)."""
-    recorded = (l2g_facts or {}).get(FROZEN_DIGEST)
+    global branch stage 3 was trained with, as the facts of --path_l2g record it (facts:
+    by flag, as config.Settled holds them; files without the record: no line)."""
+    l2g_facts = facts.get("path_l2g", {})
+    recorded = l2g_facts.get(FROZEN_DIGEST)
     if digest is None or recorded is None or recorded == digest:
         return None
-    trained = (l2g_facts or {}).get("initialised_from", {}).get("--path_g", "unknown")
-    return (f"warning: --path_g {path_g} is not the stage-1 file that {path_l2g} was trained with ({trained}, by its "
+    trained = l2g_facts.get("initialised_from", {}).get("--path_g", "unknown")
+    return (f"warning: --path_g {paths['path_g']} is not the stage-1 file that {paths['path_l2g']} was trained with "
+            f"({trained}, by its "
             "facts); stage 3 takes its frozen context from --path_g, as the authors' code did: pass the --path_g "
             "stage 3 used, unless this is meant")
 

@@ -114,8 +114,7 @@ def build_session(args: argparse.Namespace, settled: Settled) -> helper.Session:
     paths = checkpoint_paths(args)
     model, frozen = helper.build_models(stage, settled.table.n_class, training=False, paths=paths,
                                         backbone=args.backbone, device=torch.device(args.device))
-    warning = helper.frozen_context_warning(settled.facts.get("path_l2g"), helper.frozen_digest(frozen),
-                                            paths.get("path_g"), paths.get("path_l2g"))
+    warning = helper.frozen_context_warning(settled.facts, helper.frozen_digest(frozen), paths)
     if warning is not None:
         print(warning, file=sys.stderr)
     return helper.make_session(stage, model, frozen, settled.table, args, torch.device(args.device), inference=True)

@@ -194,7 +194,6 @@ def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
             "another --task_name"
         )
     existing = [p for p in (files.weights, files.best, files.state) if p.exists()]
-    existing += sorted((Path(args.log_path) / args.task_name).glob(f"{EVENTS_PREFIX}*"))
     if existing and not args.resume:
         names = ", ".join(str(p) for p in existing)
         raise ConfigError(
@@ -203,6 +202,13 @@ def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
         )
     if args.resume and not files.state.exists():
         raise ConfigError(f"--resume: {files.state} not found (nothing to resume; drop --resume to start a new run)")
+    log_folder = Path(args.log_path) / args.task_name
+    if not args.resume and (events := sorted(log_folder.glob(f"{EVENTS_PREFIX}*"))):
+        raise ConfigError(
+            f"{log_folder} holds the tensorboard events of an earlier run ({events[0].name}"
+            f"{f' and {len(events) - 1} more' if len(events) > 1 else ''}), which tensorboard would draw as one run "
+            "with this one: delete that folder, or choose another --task_name or --log_path"
+        )
 
 
 # The flags that define a training run: resuming with other values would not continue it.
@@ -234,7 +240,9 @@ def check_resumable(state: Any, path: Path, settings: dict[str, Any]) -> None:
     if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
         raise CheckpointError(f"{path}: not a training state (it holds no optimizer and epoch); --resume needs the "
                               f"{STATE_SUFFIX} file a training run writes")
-    saved = state.get("run", {})
+    saved = dict(state.get("run", {}))
+    if "class_table" in saved:
+        saved.pop("classes", None)  # within the table; kept for states saved before it was
     changed = [DESCRIBED_SETTINGS.get(key, f"{key} {saved[key]} (now {value})") for key, value in settings.items()
                if key in saved and saved[key] != value]
     if changed:
@@ -423,7 +431,6 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
         values = {"loss/train": stats.loss, "lr": max(g["lr"] for g in optimizer.param_groups)}
         values.update({f"miou_train/{k}": s["miou"] for k, s in stats.scores.items()})
         values.update({f"miou_val/{k}": s["miou"] for k, s in val.items()})
-        log.scalars(values, epoch + 1)
         log.line(
             f"epoch {epoch + 1}/{args.num_epochs}  loss {stats.loss:.4f}  "
             + "  ".join(f"{k} train {stats.scores[k]['miou']:.4f} val {val[k]['miou']:.4f}" for k in val)
@@ -439,6 +446,9 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
 
         def write_epoch() -> None:
             save_epoch(session, optimizer, scheduler, progress, settings, files, epoch_facts)
+            # After the state: an epoch that a resume repeats is not drawn twice, and events
+            # are never in the log folder without a state to resume.
+            log.scalars(values, epoch + 1)
             if progress.best_epoch == epoch:
                 log.line(f"  new best {main_kind} val mIoU {progress.best_score:.4f}: saved {files.best}")
             log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])),
@@ -551,8 +561,8 @@ def run(args: argparse.Namespace) -> int:
                          f"was trained with ({differ} of its global-branch tensors differ); stage 3 takes its frozen "
                          "context from --path_g, as the authors' code did: pass the --path_g stage 2 used, unless "
                          "this is meant")
-            if args.evaluation and (warning := helper.frozen_context_warning(
-                    settled.facts.get("path_l2g"), digest, *map(checkpoint_paths(args).get, ("path_g", "path_l2g")))):
+            if args.evaluation and (warning := helper.frozen_context_warning(settled.facts, digest,
+                                                                              checkpoint_paths(args))):
                 log.line(warning)
             if args.evaluation:
                 run_evaluation(args, session, settled, log)

@@ -19,7 +19,7 @@ import torch
 import helper
 from dataset.layouts import DEEP_GLOBE
 from dataset.make_demo import make_deep_globe_demo
-from dataset.prepare_common import SPLITS
+from dataset.layouts import SPLITS
 
 DEEPGLOBE_SIDE = 2448  # the side of every DeepGlobe image
 

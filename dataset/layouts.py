@@ -16,6 +16,7 @@ from dataset.io import PathLike
 from utils.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SPLITS = ("train", "crossvali", "test")  # the splits the preparation tools write
 # In a data root while a preparation tool writes it, left behind when one was interrupted.
 INCOMPLETE_MARK = ".incomplete"
 
@@ -110,6 +111,7 @@ class Layout:
 
 DEEP_GLOBE = Layout("Sat", "Label", ("_sat.jpg",), "_mask.png")
 FOLDER = Layout("images", "masks", IMAGE_SUFFIXES, ".png")
+LAYOUTS = {"deep_globe": DEEP_GLOBE, "folder": FOLDER}  # by --dataset
 
 
 def deep_globe_samples(root: PathLike, split: str) -> list[Sample]:

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 
 from dataset.classes import DEEPGLOBE
 from dataset.io import write_label, write_png
-from dataset.layouts import DEEP_GLOBE
-from dataset.prepare_common import SPLITS, claimed_destination
+from dataset.layouts import DEEP_GLOBE, SPLITS
+from dataset.prepare_common import claimed_destination
 from dataset.prepare_lung import MONTGOMERY_IMAGES, MONTGOMERY_MASK_DIR, MONTGOMERY_MASKS
 from utils.errors import OneLineParser, reports_data_errors
 from utils.files import replacing

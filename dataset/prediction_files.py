@@ -4,7 +4,6 @@ one, with at most as many images in flight as threads, so memory stays bounded."
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from dataset.classes import ClassTable
 from dataset.io import read_image, save_png
+from utils.cores import usable_cores
 from utils.errors import DataError
 from utils.files import replacing_together
 
@@ -80,8 +80,7 @@ def host_threads(device: torch.device) -> HostThreads:
     outran one writer's limit. More would only hold more images in memory."""
     if device.type == "cpu":
         return HostThreads(read=1, write=1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    spare = max(2, cores - 1)  # the cores this process may use, less one to drive the GPU
+    spare = max(2, usable_cores() - 1)  # the cores this process may use, less one to drive the GPU
     read = min(MAX_READERS, max(1, spare // 4))
     return HostThreads(read=read, write=min(MAX_WRITERS, max(1, spare - read)))
 

@@ -11,11 +11,10 @@ from typing import Callable, Iterator, Mapping, Sequence
 from tqdm import tqdm
 
 from dataset.io import open_image
-from dataset.layouts import INCOMPLETE_MARK
+from dataset.layouts import INCOMPLETE_MARK, SPLITS
 from utils.errors import DataError
 from utils.files import cannot_write, replacing, writing
 
-SPLITS = ("train", "crossvali", "test")
 EMPTY_SPLIT = 1  # exit status when a split ends up with no samples
 
 
@@ -34,17 +33,16 @@ def claimed_destination(dst: Path, force: bool, owned: Sequence[str] = SPLITS) -
     mark = dst / INCOMPLETE_MARK
     if dst.exists() and not dst.is_dir():
         raise DataError(f"{dst}: is a file, not a folder; choose another --dst")
-    if dst.is_dir() and any(dst.iterdir()):
-        if not force and not mark.exists():
-            raise DataError(f"{dst}: exists and is not empty; pass --force to replace its {'/'.join(owned)} folders")
-        for folder in owned:
-            if (dst / folder).exists():
-                shutil.rmtree(dst / folder)
-    dst.mkdir(parents=True, exist_ok=True)
+    if dst.is_dir() and any(dst.iterdir()) and not force and not mark.exists():
+        raise DataError(f"{dst}: exists and is not empty; pass --force to replace its {'/'.join(owned)} folders")
     try:
-        mark.touch()
+        dst.mkdir(parents=True, exist_ok=True)
+        mark.touch()  # before the old folders go: stopped while they do, the rest is marked too
     except OSError as error:
         raise cannot_write(mark, error) from None
+    for folder in owned:
+        if (dst / folder).exists():
+            shutil.rmtree(dst / folder)
     yield
     mark.unlink()
 

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 from dataset.classes import DEEPGLOBE
 from dataset.io import NotAColourMask, read_mask, write_label
-from dataset.layouts import DEEP_GLOBE, index_files
-from dataset.prepare_common import SPLITS, MissingSample, claimed_destination, copy_image, prepare_splits
+from dataset.layouts import DEEP_GLOBE, SPLITS, index_files
+from dataset.prepare_common import MissingSample, claimed_destination, copy_image, prepare_splits
 from utils.errors import DataError, OneLineParser, reports_data_errors
 
 SPLIT_LIST_DIR = Path(__file__).resolve().parent / "splits"

@@ -21,8 +21,8 @@ import numpy as np
 
 from dataset.classes import LUNG
 from dataset.io import ID_MODES, open_image, write_label
-from dataset.layouts import FOLDER, IMAGE_SUFFIXES, index_files, refuse_incomplete
-from dataset.prepare_common import SPLITS, MissingSample, claimed_destination, copy_image, prepare_splits
+from dataset.layouts import FOLDER, IMAGE_SUFFIXES, SPLITS, index_files, refuse_incomplete
+from dataset.prepare_common import MissingSample, claimed_destination, copy_image, prepare_splits
 from utils.errors import DataError, OneLineParser, reports_data_errors
 
 MONTGOMERY_IMAGES = "CXR_png"

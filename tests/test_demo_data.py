@@ -13,7 +13,7 @@ from dataset.classes import DEEPGLOBE
 from dataset.io import open_image, read_image
 from dataset.make_demo import main as make_demo
 from dataset.make_demo import make_deep_globe_demo, make_synthetic_xrays
-from dataset.prepare_common import SPLITS
+from dataset.layouts import SPLITS
 from dataset.segmentation import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import helper
+import utils.progress
 from dataset.classes import DEEPGLOBE
 from dataset.transforms import global_image
 from models.glnet import GLNet, GlobalBranch
@@ -150,12 +151,14 @@ def _session(stage: Stage) -> helper.Session:
     return helper.Session(stage, model, frozen, DEEPGLOBE, (64, 64), (96, 96), 4, 0.15, torch.device("cpu"))
 
 
-def test_the_evaluation_bar_shows_a_score_only_once_there_are_labels(capsys):
+def test_the_evaluation_bar_shows_a_score_only_once_there_are_labels(capsys, monkeypatch):
+    monkeypatch.setattr(utils.progress, "EVERY", 0.0)  # stderr is no terminal here: a line per batch
     session = _session(Stage.GLOBAL)
     image = torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     samples = {"id": ["a"], "image": [image], "global": [global_image(image, (64, 64))], "label": [None]}
     helper.evaluate(session, [samples])
-    assert "miou=" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "eval: 1/1 batch" in err and "miou=" not in err
     labelled = dict(samples, label=[torch.zeros(100, 120, dtype=torch.long)])
     helper.evaluate(session, [samples, labelled])
     assert "miou=" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 import config
 import helper
 import train_deep_globe
+import utils.cores
 import utils.progress
 from dataset.make_demo import make_deep_globe_demo
 from utils.checkpoint import read_file, read_state_dict
@@ -223,6 +224,7 @@ def test_scripts_use_the_authors_settings(script, mode, evaluation, paths, task,
 def test_loader_workers_by_default_are_the_cores_a_gpus_process_leaves(device, cores, processes, workers,
                                                                         monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(utils.cores, "CPU_MAX", Path("/nonexistent/cpu.max"))
     if processes is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
@@ -273,3 +275,13 @@ def test_the_loader_workers_server_starts_before_the_models_load(data, tmp_path,
     common[common.index("--num_workers") + 1] = str(workers)
     assert _run("--mode", 1, "--num_epochs", 1, "--pretrained", "none", *common) == 0
     assert calls == (["server", "models"] if workers else ["models"])
+
+
+@pytest.mark.parametrize("cpu_max, cores", [("max 100000", 16), ("200000 100000", 2), ("150000 100000", 2),
+                                            ("50000 100000", 1), ("garbled", 16)])
+def test_a_containers_cpu_quota_bounds_the_cores_a_process_may_use(cpu_max, cores, tmp_path, monkeypatch):
+    """Affinity shows the host's cores; a quota of 1.5 CPUs keeps a second core busy half the time."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr(utils.cores, "CPU_MAX", tmp_path / "cpu.max")
+    assert utils.cores.usable_cores() == cores

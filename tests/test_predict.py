@@ -1,6 +1,8 @@
 """predict.py end to end on tiny generated images with ResNet-18 checkpoints."""
 import dataclasses
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 import config
 import helper
 import predict
+import utils.cores
 from dataset import prediction_files
 from dataset.classes import DEEPGLOBE
 from models.glnet import GLNet, GlobalBranch
@@ -186,6 +189,10 @@ def test_output_into_the_input_folder_is_refused(models, images, tmp_path, capsy
     assert run(models, "--mode", "1", "--input", str(images), "--output", str(images / ".." / images.name)) == 2
     assert "is the --input folder" in one_error_line(capsys)
     assert sorted(images.iterdir()) == before
+    one = tmp_path / "one.png"
+    shutil.copy(before[0], one)
+    assert run(models, "--mode", "1", "--input", str(one), "--output", str(tmp_path)) == 0  # one image: beside it
+    assert (tmp_path / "one_ids.png").exists()
 
 
 def test_missing_input_and_empty_folder_are_one_line(models, tmp_path, capsys):
@@ -292,7 +299,8 @@ def test_the_cpu_reads_and_writes_on_one_thread_each():
 
 @pytest.mark.parametrize("cores", [1, 2, 4, 16, 128])
 def test_a_gpu_gets_threads_within_its_cores_and_enough_for_30_images_a_second(cores, monkeypatch):
-    monkeypatch.setattr(prediction_files.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(utils.cores, "CPU_MAX", Path("/nonexistent/cpu.max"))
     threads = prediction_files.host_threads(torch.device("cuda"))
     assert threads.read >= 1 and threads.write >= 1
     assert threads.read + threads.write <= max(2, cores - 1)  # one core drives the GPU

@@ -8,9 +8,9 @@ from PIL import Image
 
 from dataset.classes import DEEPGLOBE, LUNG
 from dataset.io import read_mask
-from dataset.layouts import deep_globe_samples, folder_samples
+from dataset.layouts import SPLITS, deep_globe_samples, folder_samples
 from dataset.make_demo import make_synthetic_xrays
-from dataset.prepare_common import SPLITS, prepare_splits
+from dataset.prepare_common import prepare_splits
 from dataset.prepare_deep_globe import main as prepare_deep_globe
 from dataset.prepare_deep_globe import split_ids
 from dataset.prepare_lung import main as prepare_lung
@@ -118,8 +118,8 @@ def test_an_interrupted_preparation_is_refused_by_training_and_started_over_by_t
     monkeypatch.setattr(module, "prepare_splits", interrupted)
     assert prepare_deep_globe(["--src", str(src), "--dst", str(dst)]) == 130
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err[-1:] == ["interrupted: a data folder it began is marked incomplete, and training refuses it; the same "
-                   "command starts it over"]
+    assert err[-1:] == ["interrupted: a data folder it was writing, if any, is marked incomplete (training refuses "
+                        "it); the same command starts it over"]
     with pytest.raises(DataError, match="an interrupted preparation left this data root incomplete"):
         build_dataset("deep_globe", dst, "train")
     monkeypatch.undo()
@@ -127,6 +127,22 @@ def test_an_interrupted_preparation_is_refused_by_training_and_started_over_by_t
     assert [len(deep_globe_samples(dst, split)) for split in SPLITS] == [2, 2, 2]
     assert len(build_dataset("deep_globe", dst, "crossvali")) == 2
     assert not list(dst.glob(".*"))
+
+
+def test_a_preparation_stopped_while_it_removes_the_old_splits_leaves_them_marked(download, tmp_path, monkeypatch):
+    import dataset.prepare_common as module
+
+    src, ids, _ = download
+    dst = tmp_path / "dst"
+    assert prepare_deep_globe(["--src", str(src), "--dst", str(dst)]) == 0
+
+    def stopped(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module.shutil, "rmtree", stopped)
+    assert prepare_deep_globe(["--src", str(src), "--dst", str(dst), "--force"]) == 130
+    with pytest.raises(DataError, match="incomplete"):
+        build_dataset("deep_globe", dst, "train")
 
 
 def test_prepare_deep_globe_rejects_a_source_without_tiles(tmp_path, capsys):

@@ -21,7 +21,7 @@ import models.stages
 import predict
 import train_deep_globe
 from models.glnet import GLNet
-from utils.checkpoint import read_file, read_state_dict, save_weights
+from utils.checkpoint import atomic_save, read_file, read_state_dict, save_weights
 from utils.signals import interrupts_deferred
 
 from conftest import ROOT, tiny_args
@@ -189,14 +189,17 @@ def test_a_mistyped_flag_is_one_line_too(module, capsys):
     assert "error: unrecognized arguments: --sizeg 128" in lines[0] and "--help lists every flag" in lines[0]
 
 
-def test_predictions_are_not_saved_into_a_split_of_the_data(data, tmp_path, capsys):
-    """Their names are DeepGlobe's mask names: in test/Label they would replace the truth."""
+def test_predictions_are_not_saved_into_the_datas_image_or_mask_folders(data, tmp_path, capsys):
+    """Their names are DeepGlobe's mask names: in test/Label they would replace the truth.
+    Beside those folders they harm nothing."""
     save_weights(GLNet(7, "resnet18"), tmp_path / "g.pth")
     argv = tiny_args(data, tmp_path, "--evaluation", "--test", "--path_g", tmp_path / "g.pth", "--save_predictions",
                      data / "test" / "Label")
     before = {p.name: _digest(p) for p in (data / "test" / "Label").iterdir()}
-    _fails(capsys, argv, "is inside the test split of --data_path")
+    _fails(capsys, argv, f"is inside {data / 'test' / 'Label'}, a folder of the data")
     assert {p.name: _digest(p) for p in (data / "test" / "Label").iterdir()} == before
+    argv[-1] = str(data / "test" / "preds")
+    assert train_deep_globe.main(argv) == 0 and len(list((data / "test" / "preds").iterdir())) == 1
 
 
 def test_flags_are_taken_whole_not_abbreviated(data, tmp_path, capsys):
@@ -322,6 +325,16 @@ def test_resuming_on_other_data_is_refused(data, tmp_path, capsys):
     _fails(capsys, argv, "other settings", "other training images; other validation images")
 
 
+def test_a_state_saved_before_the_data_was_recorded_still_resumes(data, tmp_path):
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
+    path = tmp_path / "models" / "fpn_deepglobe_global.state.pth"
+    state = _training_state(path)
+    for key in ("train_ids_sha256", "crossvali_ids_sha256", "class_table", "frozen_global_sha256"):
+        del state["run"][key]
+    atomic_save(state, path)
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 2, "--resume")) == 0
+
+
 def test_stage_3_keeps_the_frozen_global_branch_it_started_from(data, tmp_path, models_dir, capsys):
     """Resumed with another --path_g, stage 3 is refused; evaluated or predicted with another
     (not a copy), it warns, naming the file its facts record."""
@@ -355,8 +368,8 @@ def test_stage_3_keeps_the_frozen_global_branch_it_started_from(data, tmp_path, 
 def test_a_new_run_does_not_add_its_curves_to_another_runs_tensorboard_events(data, tmp_path, capsys):
     assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
     shutil.rmtree(tmp_path / "models")  # as the refusal of a run over its checkpoints suggests
-    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "events.out.tfevents.", "already exist",
-           "delete the file(s) to start over")
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "fpn_deepglobe_global holds the tensorboard events "
+           "of an earlier run (events.out.tfevents.", "delete that folder, or choose another --task_name or --log_path")
 
 
 def test_resuming_from_a_weights_file_is_refused(data, tmp_path, capsys):

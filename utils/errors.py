@@ -102,8 +102,8 @@ def reports_data_errors(main: Main) -> Main:
         try:
             return reporting(argv)
         except KeyboardInterrupt:
-            report("interrupted: a data folder it began is marked incomplete, and training refuses it; the same "
-                   "command starts it over")
+            report("interrupted: a data folder it was writing, if any, is marked incomplete (training refuses it); "
+                   "the same command starts it over")
             return INTERRUPTED
 
     return wrapped

@@ -102,6 +102,6 @@ class RunLog:
         self.close()
         if error is not None and self.enabled and self.held is None:
             reason = stop_word(error) if isinstance(error, KeyboardInterrupt) else (
-                f"{type(error).__name__}: {user_message(error)}")
+                f"{type(error).__name__}: {' '.join(user_message(error).split())}")  # one line, as the terminal's
             with contextlib.suppress(WriteError):  # the run is failing already, perhaps for a full disk
                 append_line(self.folder / "log.txt", f"stopped: {reason}")
