@@ -203,6 +203,9 @@ def check_args(args: argparse.Namespace, table: ClassTable) -> None:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         problems.append("--num_workers cannot be negative")
+    elif args.num_workers > (most := 4 * usable_cores()):
+        problems.append(f"--num_workers {args.num_workers} is more than 4 per core this process may use ({most}): "
+                        "each is a process holding batches in memory, and more than the cores only wait their turn")
     if not 0 < args.lr < math.inf:
         problems.append(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.lamb_fmreg < math.inf:

@@ -171,6 +171,7 @@ def test_stage_started_without_the_previous_stage(data, tmp_path, capsys):
         (["--lamb_fmreg", "-0.15"], "--lamb_fmreg must be a number of at least 0, got -0.15"),
         (["--task_name", "runs/x"], "--task_name 'runs/x': it names files and a folder"),
         (["--task_name", ".."], "--task_name '..': it names files and a folder"),
+        (["--num_workers", "100000"], "--num_workers 100000 is more than 4 per core this process may use"),
     ],
 )
 def test_flags_that_cannot_work(data, tmp_path, capsys, flags, fragment):
