@@ -122,15 +122,15 @@ def build_session(args: argparse.Namespace, settled: Settled) -> helper.Session:
 
 def run(args: argparse.Namespace) -> int:
     args = as_trainer_args(args)
+    images = find_images(Path(args.input))  # the input before the checkpoints: it is the likelier slip
+    if Path(args.input).is_dir() and Path(args.output).resolve() == Path(args.input).resolve():
+        raise ConfigError(f"--output {args.output} is the --input folder, where a later run would take the predictions "
+                          "for images to segment; write them to another folder")
     settled = settle_flags(args)
     table = settled.table
     check_args(args, table)
     for note in settled.notes:
         print(note, file=sys.stderr)
-    images = find_images(Path(args.input))
-    if Path(args.input).is_dir() and Path(args.output).resolve() == Path(args.input).resolve():
-        raise ConfigError(f"--output {args.output} is the --input folder, where a later run would take the predictions "
-                          "for images to segment; write them to another folder")
     kinds = {path: is_large_image_file(path) for path in images}
     large, small = [path for path in images if kinds[path]], [path for path in images if not kinds[path]]
     if large and args.tta:

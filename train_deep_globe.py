@@ -31,8 +31,8 @@ from dataset.io import write_png
 from dataset.segmentation import SegmentationDataset, build_dataset, check_samples, collate
 from models.glnet import GLNet, GlobalBranch
 from models.stages import STAGES, Stage
-from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, link_weights, load_state, read_facts,
-                              read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
+from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, facts_path, link_weights, load_state,
+                              read_facts, read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
 from utils.distributed import DistInfo, cleanup, init_distributed, on_main, shard
 from utils.errors import MESSAGES_ENV, DataError, report, reports_errors
 from utils.files import RunLock, WriteError, remove_temporaries, write_new
@@ -193,22 +193,20 @@ def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
             f"it, rename {files.weights.name} to {files.best.name} and {legacy.name} to {files.state.name}; or choose "
             "another --task_name"
         )
-    existing = [p for p in (files.weights, files.best, files.state) if p.exists()]
-    if existing and not args.resume:
-        names = ", ".join(str(p) for p in existing)
-        raise ConfigError(
-            f"{names} already exist(s) from an earlier run: pass --resume to continue it, choose another "
-            "--task_name, or delete the file(s) to start over"
-        )
-    if args.resume and not files.state.exists():
-        raise ConfigError(f"--resume: {files.state} not found (nothing to resume; drop --resume to start a new run)")
+    if args.resume:
+        if not files.state.exists():
+            raise ConfigError(f"--resume: {files.state} not found (nothing to resume; drop --resume to start a new run)")
+        return
+    existing = [p for w in (files.weights, files.best, files.state) for p in (w, facts_path(w)) if p.exists()]
     log_folder = Path(args.log_path) / args.task_name
-    if not args.resume and (events := sorted(log_folder.glob(f"{EVENTS_PREFIX}*"))):
-        raise ConfigError(
-            f"{log_folder} holds the tensorboard events of an earlier run ({events[0].name}"
-            f"{f' and {len(events) - 1} more' if len(events) > 1 else ''}), which tensorboard would draw as one run "
-            "with this one: delete that folder, or choose another --task_name or --log_path"
-        )
+    has_events = any(log_folder.glob(f"{EVENTS_PREFIX}*"))
+    if existing:
+        names = ", ".join(map(str, existing)) + (f" and the tensorboard events in {log_folder}" if has_events else "")
+        raise ConfigError(f"{names} already exist from an earlier run: pass --resume to continue it, choose another "
+                          "--task_name, or delete them to start over")
+    if has_events:  # the run's checkpoints deleted, or in another --model_path
+        raise ConfigError(f"{log_folder} holds the tensorboard events of an earlier run, which tensorboard would draw "
+                          "as one run with this one: delete that folder, or choose another --task_name or --log_path")
 
 
 # The flags that define a training run: resuming with other values would not continue it.
@@ -235,11 +233,16 @@ def run_settings(args: argparse.Namespace, table: ClassTable, steps_per_epoch: i
             "crossvali_ids_sha256": ids_sha256(val_set), helper.FROZEN_DIGEST: frozen_digest}
 
 
-def check_resumable(state: Any, path: Path, settings: dict[str, Any]) -> None:
-    """Refuse a .state.pth that is not a training state, or whose run had other settings."""
+def check_resumable(state: Any, path: Path, settings: dict[str, Any], num_epochs: int) -> None:
+    """Refuse a .state.pth that is not a training state, whose run had other settings, or
+    that would train for fewer epochs than planned (the poly schedule would jump ahead)."""
     if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
         raise CheckpointError(f"{path}: not a training state (it holds no optimizer and epoch); --resume needs the "
                               f"{STATE_SUFFIX} file a training run writes")
+    planned = state.get("facts", {}).get("training", {}).get("num_epochs")
+    if planned is not None and num_epochs < planned:
+        raise ConfigError(f"--resume: {path} belongs to a run of {planned} epochs, and --num_epochs {num_epochs} would "
+                          f"cut its poly schedule short; pass --num_epochs {planned} (or more) as it was started")
     saved = dict(state.get("run", {}))
     if "class_table" in saved:
         saved.pop("classes", None)  # within the table; kept for states saved before it was
@@ -411,11 +414,14 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
     facts = run_facts(args, table, data, frozen_digest)
     if args.resume:
         state = read_file(files.state)
-        check_resumable(state, files.state, settings)
+        check_resumable(state, files.state, settings, args.num_epochs)
         progress = resume(state, session, optimizer, scheduler, files)
         # The files it started from, read when it started (a resumed run reads no ImageNet file).
         facts["initialised_from"] = state.get("facts", {}).get("initialised_from", facts["initialised_from"])
         log.line(f"resuming {args.task_name} after epoch {progress.epoch + 1} (best val mIoU {progress.best_score:.4f})")
+        if (planned := state.get("facts", {}).get("training", {}).get("num_epochs", args.num_epochs)) != args.num_epochs:
+            log.line(f"note: training for --num_epochs {args.num_epochs}, where the run was started for {planned}: the "
+                     "poly schedule stretches to the new total")
     log.begin()
     main_kind = session.predictions[-1]
     val_loader = helper.make_loader(val_set, args, shard(range(len(val_set)), session.dist))
@@ -531,8 +537,10 @@ def run(args: argparse.Namespace) -> int:
     settled = settle_flags(args)
     table = settled.table
     check_args(args, table)
-    # The run's own log folder too: the user may have made an old one read-only.
-    outputs = [("--log_path", args.log_path), ("--log_path", Path(args.log_path) / args.task_name),
+    # The run's own log folder too, where it exists: the user may have made an old one read-only.
+    # Otherwise it is made once the run passed its checks (RunLog.begin).
+    run_logs = Path(args.log_path) / args.task_name
+    outputs = [("--log_path", args.log_path), ("--log_path", run_logs if run_logs.is_dir() else None),
                ("--model_path", None if args.evaluation else args.model_path),
                ("--save_predictions", args.save_predictions)]
     for flag, folder in outputs:
@@ -635,7 +643,7 @@ def interruption_note(args: argparse.Namespace) -> str:
         epoch = read_file(last)["epoch"]
     except (CheckpointError, KeyError, TypeError):
         return f"no epoch had finished, nothing to resume ({last} was not written); start the run again"
-    return f"epochs up to {epoch + 1} are saved in {last}; continue with --resume"
+    return f"epochs up to {epoch + 1} are saved in {last}; continue with the same command and --resume"
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_an_image_cut_in_its_pixel_data_stops_the_run_before_training(data, tmp_
 
 def test_missing_and_empty_split_folders(data, tmp_path, capsys):
     _fails(capsys, tiny_args(tmp_path / "nowhere", tmp_path, "--num_epochs", 1), "nowhere", "no such split folder")
-    assert not list(tmp_path.rglob("log.txt"))  # a run refused at its checks leaves no log of a run
+    assert not (tmp_path / "logs" / "fpn_deepglobe_global").exists()  # a run refused at its checks leaves no log
     shutil.move(data / "crossvali", tmp_path / "aside")
     _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "crossvali: no such split folder (training scores "
            "this validation split after every epoch)")
@@ -203,6 +203,17 @@ def test_predictions_are_not_saved_into_the_datas_image_or_mask_folders(data, tm
     assert train_deep_globe.main(argv) == 0 and len(list((data / "test" / "preds").iterdir())) == 1
 
 
+@pytest.mark.parametrize("module, typed, meant", [
+    ("train_deep_globe", ["--num-epochs", "3"], "--num_epochs"),  # the data tools' spelling
+    ("dataset.make_demo", ["--n_train", "3"], "--n-train"),  # the trainer's
+    ("predict", ["--inptu", "x"], "--input"),
+])
+def test_a_mistyped_flag_is_named_with_the_flag_meant(module, typed, meant, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(typed)
+    assert f"; did you mean {meant}? (--help lists every flag)" in capsys.readouterr().err
+
+
 def test_flags_are_taken_whole_not_abbreviated(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_deep_globe.main(tiny_args(data, tmp_path, "--eval"))
@@ -230,7 +241,8 @@ def test_existing_run_is_never_overwritten_silently(data, tmp_path, capsys):
     argv = tiny_args(data, tmp_path, "--num_epochs", 1)
     assert train_deep_globe.main(argv) == 0
     log = _log(tmp_path)
-    _fails(capsys, argv, "fpn_deepglobe_global.pth", "already exist", "--resume", "--task_name")
+    _fails(capsys, argv, "fpn_deepglobe_global.pth", "fpn_deepglobe_global.pth.json", "already exist", "--resume",
+           "--task_name", "and the tensorboard events in", "delete them to start over")
     assert _log(tmp_path) == log  # the refused run's lines are not mixed into the log of the run in its way
     _fails(capsys, tiny_args(data, tmp_path, "--task_name", "other", "--resume"), "other.state.pth not found")
 
@@ -326,6 +338,18 @@ def test_resuming_on_other_data_is_refused(data, tmp_path, capsys):
     _fails(capsys, argv, "other settings", "other training images; other validation images")
 
 
+def test_resume_says_when_num_epochs_grows_and_refuses_it_shrinking(data, tmp_path, capsys):
+    """A .sh script's default is the paper's schedule: a run started with --num_epochs 1 and
+    resumed without it would train for 120, so that is said; fewer would cut the schedule."""
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
+    capsys.readouterr()
+    assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 2, "--resume")) == 0
+    assert ("note: training for --num_epochs 2, where the run was started for 1: the poly schedule stretches to the "
+            "new total") in capsys.readouterr().out
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1, "--resume"), "belongs to a run of 2 epochs",
+           "pass --num_epochs 2 (or more)")
+
+
 def test_a_state_saved_before_the_data_was_recorded_still_resumes(data, tmp_path):
     assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
     path = tmp_path / "models" / "fpn_deepglobe_global.state.pth"
@@ -368,9 +392,9 @@ def test_stage_3_keeps_the_frozen_global_branch_it_started_from(data, tmp_path, 
 
 def test_a_new_run_does_not_add_its_curves_to_another_runs_tensorboard_events(data, tmp_path, capsys):
     assert train_deep_globe.main(tiny_args(data, tmp_path, "--num_epochs", 1)) == 0
-    shutil.rmtree(tmp_path / "models")  # as the refusal of a run over its checkpoints suggests
+    shutil.rmtree(tmp_path / "models")  # or another --model_path, with the same --log_path
     _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1), "fpn_deepglobe_global holds the tensorboard events "
-           "of an earlier run (events.out.tfevents.", "delete that folder, or choose another --task_name or --log_path")
+           "of an earlier run", "delete that folder, or choose another --task_name or --log_path")
 
 
 def test_resuming_from_a_weights_file_is_refused(data, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import os
 import sys
@@ -86,9 +87,26 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        report(f"{self.prog}: error: {message} (--help lists every flag)")
+        report(f"{self.prog}: error: {message}{self._suggestions()} (--help lists every flag)")
         sys.exit(USAGE_ERROR)
+
+    def _suggestions(self) -> str:
+        """The flags that unknown ones were probably meant to be, whatever argparse noticed
+        first (a mistyped required flag reads as a missing one): the trainer spells flags
+        with underscores (the authors' names), the data tools with hyphens."""
+        known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        meant = []
+        for word in getattr(self, "_words", []):
+            flag = str(word).split("=", 1)[0]
+            if flag.startswith("--") and flag not in known:
+                swapped = "--" + flag[2:].translate(str.maketrans("-_", "_-"))
+                meant += [swapped] if swapped in known else difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+        return f"; did you mean {', '.join(dict.fromkeys(meant))}?" if meant else ""
 
 
 def reports_data_errors(main: Main) -> Main:
