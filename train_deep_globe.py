@@ -557,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
             digest = helper.frozen_digest(frozen)
             session = helper.make_session(stage, model, frozen, table, args, device, dist=info,
                                           inference=args.evaluation)
-            log = held.enter_context(RunLog(Path(args.log_path) / args.task_name, info.is_main))
+            log = held.enter_context(RunLog(run_logs, info.is_main))
             for note in settled.notes + notes:
                 log.line(note)
             log.line(f"{'evaluating' if args.evaluation else 'training'} mode {args.mode} ({STAGES[stage].name}) "
