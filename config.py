@@ -103,8 +103,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     a("--lr", type=float, default=None, help="Adam's learning rate, lowered per iteration by the poly schedule "
       "(power 0.9) (default per mode: 5e-5, 2e-5, 5e-5)")
     a("--num_workers", type=int, default=None, help="data loading processes; they change nothing but speed "
-      f"(default: on CUDA, the cores this process may use (affinity, container quota) less one, at most {MAX_DEFAULT_WORKERS}, shared among "
-      f"--nproc_per_node processes; on the CPU {CPU_WORKERS}, as the network needs the cores)")
+      "(default: on CUDA, the cores this process may use (affinity, container quota) less one, at most "
+      f"{MAX_DEFAULT_WORKERS}, shared among --nproc_per_node processes; on the CPU {CPU_WORKERS}, as the network "
+      "needs the cores)")
     a("--nproc_per_node", type=int, default=None, metavar="N", help="run in N processes on this machine, one per "
       "GPU, started by torchrun (see README, 'Several GPUs')")
     a("--seed", type=int, default=0, help="seed of data order and augmentation")

@@ -199,9 +199,8 @@ def frozen_context_warning(facts: dict[str, dict[str, Any]], digest: Optional[st
         return None
     trained = l2g_facts.get("initialised_from", {}).get("--path_g", "unknown")
     return (f"warning: --path_g {paths['path_g']} is not the stage-1 file that {paths['path_l2g']} was trained with "
-            f"({trained}, by its "
-            "facts); stage 3 takes its frozen context from --path_g, as the authors' code did: pass the --path_g "
-            "stage 3 used, unless this is meant")
+            f"({trained}, by its facts); stage 3 takes its frozen context from --path_g, as the authors' code did: "
+            "pass the --path_g stage 3 used, unless this is meant")
 
 
 def _produced_by(flag: str) -> str:

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import config
 import helper
-from config import (USER_ERRORS, ConfigError, Settled, add_device_flags, check_args, checkpoint_paths, default_checkpoint,
-                    parse_size, settle_flags)
+from config import (USER_ERRORS, ConfigError, Settled, add_device_flags, check_args, checkpoint_paths,
+                    default_checkpoint, parse_size, settle_flags)
 from dataset.classes import ClassTable
 from dataset.large_image import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_large_image
 from dataset.layouts import IMAGE_SUFFIXES, index_files

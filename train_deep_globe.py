@@ -233,9 +233,10 @@ def run_settings(args: argparse.Namespace, table: ClassTable, steps_per_epoch: i
             "crossvali_ids_sha256": ids_sha256(val_set), helper.FROZEN_DIGEST: frozen_digest}
 
 
-def check_resumable(state: Any, path: Path, settings: dict[str, Any], num_epochs: int) -> None:
+def check_resumable(state: Any, path: Path, settings: dict[str, Any], num_epochs: int) -> Optional[int]:
     """Refuse a .state.pth that is not a training state, whose run had other settings, or
-    that would train for fewer epochs than planned (the poly schedule would jump ahead)."""
+    that would train for fewer epochs than planned (the poly schedule would jump ahead).
+    Returns the epochs planned when the run started, where its facts say."""
     if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
         raise CheckpointError(f"{path}: not a training state (it holds no optimizer and epoch); --resume needs the "
                               f"{STATE_SUFFIX} file a training run writes")
@@ -254,6 +255,7 @@ def check_resumable(state: Any, path: Path, settings: dict[str, Any], num_epochs
             "flags, or start a new run under another --task_name (steps_per_epoch follows --batch_size, the "
             "training split and the number of processes)"
         )
+    return planned
 
 
 def seed_everything(seed: int) -> None:
@@ -414,12 +416,12 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
     facts = run_facts(args, table, data, frozen_digest)
     if args.resume:
         state = read_file(files.state)
-        check_resumable(state, files.state, settings, args.num_epochs)
+        planned = check_resumable(state, files.state, settings, args.num_epochs)
         progress = resume(state, session, optimizer, scheduler, files)
         # The files it started from, read when it started (a resumed run reads no ImageNet file).
         facts["initialised_from"] = state.get("facts", {}).get("initialised_from", facts["initialised_from"])
         log.line(f"resuming {args.task_name} after epoch {progress.epoch + 1} (best val mIoU {progress.best_score:.4f})")
-        if (planned := state.get("facts", {}).get("training", {}).get("num_epochs", args.num_epochs)) != args.num_epochs:
+        if planned not in (None, args.num_epochs):
             log.line(f"note: training for --num_epochs {args.num_epochs}, where the run was started for {planned}: the "
                      "poly schedule stretches to the new total")
     log.begin()
