@@ -17,6 +17,7 @@ import helper
 from dataset.classes import NAMED_TABLES, ClassTable, load_class_table, table_from_json
 from dataset.layouts import LAYOUTS, SPLITS
 from dataset.segmentation import PRESETS
+from models.backbone import BACKBONES
 from models.stages import AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Stage, checkpoint_uses
 from utils.checkpoint import CheckpointError, facts_path, read_facts
 from utils.cores import usable_cores
@@ -91,10 +92,7 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
       "change results: every pass in evaluation; in training, stage 2's FPN head and losses and stage 3's frozen "
       "local branch (only a training backbone's BatchNorm couples patches). Memory vs speed; default: 1 on the "
       "CPU (fastest and leanest there), --sub_batch_size on a GPU")
-    a("--size_g", type=parse_size, default=None, help="global image size: N or H,W, multiples of 4 (default: the "
-      "checkpoint's, else 508)")
-    a("--size_p", type=parse_size, default=None, help=f"local patch size: N or H,W, multiples of 4 above {MIN_OVERLAP} "
-      "(default: the checkpoint's, else 508)")
+    add_size_flags(p)
     for flag, stage in CHECKPOINT_FLAGS.items():
         a(f"--{flag}", default=None, help=f"stage-{int(stage)} checkpoint (read by {checkpoint_uses(flag)})")
     a("--lamb_fmreg", type=float, default=LAMB_FMREG, help="weight of the feature-map regularisation (mode 2)")
@@ -124,13 +122,22 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
       "else the dataset's own)")
     a("--mask_kind", choices=["ids", "colours"], default=None,
       help="masks hold class ids or class colours (default: the checkpoint's, else ids)")
-    a("--backbone", choices=["resnet50", "resnet18"], default=None,
+    a("--backbone", choices=BACKBONES, default=None,
       help="resnet50 is GLNet; resnet18 only for quick experiments and tests (default: the checkpoint's, else resnet50)")
     add_device_flags(p)
     a("--checkpointing", action="store_true",
       help="activation checkpointing in training (ResNet stem, stages and blocks, the global FPN head; stage 3 "
       "recomputes the local ps3): less memory, some recomputation")
     return p
+
+
+def add_size_flags(parser: argparse.ArgumentParser) -> None:
+    """The global image's and the patches' sizes: flags the trainer and predict.py share."""
+    a = parser.add_argument
+    a("--size_g", type=parse_size, default=None, help="global image size: N or H,W, multiples of 4 (default: the "
+      f"checkpoint's, else {AUTHORS_SIZE})")
+    a("--size_p", type=parse_size, default=None, help=f"local patch size: N or H,W, multiples of 4 above {MIN_OVERLAP} "
+      f"(default: the checkpoint's, else {AUTHORS_SIZE})")
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +164,37 @@ def add_cuda_math_flag(parser: argparse.ArgumentParser) -> None:
         help="arithmetic on CUDA. strict: true fp32 (no TF32) and deterministic cuDNN algorithms (under --amp too), "
         "as the authors trained and evaluated; fast: TF32 tensor cores for fp32 convolutions and matrix products "
         "(about 1e-3 relative error) and any cuDNN algorithm, deterministic or not. No effect on the CPU")
+
+
+# torchvision's IMAGENET1K_V1 files, which the authors' torchvision loaded: today's name, then
+# the name of the same weights in torchvision before 0.13. IMAGENET1K_V2 (resnet50-11ad3fa6)
+# came later, from another training recipe.
+IMAGENET_V1_FILES = {"resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
+                     "resnet18": ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth")}
+
+
+def pretrained_path(args: argparse.Namespace) -> Optional[Path]:
+    if args.pretrained == "none":
+        return None
+    if args.pretrained != "auto":
+        return Path(args.pretrained)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    fetch = (f"on a machine with internet, python -c \"import torchvision; torchvision.models.{args.backbone}"
+             f"(weights='IMAGENET1K_V1')\" and copy the file from {hub}")
+    for name in IMAGENET_V1_FILES[args.backbone]:
+        if (hub / name).is_file():
+            return hub / name
+    others = sorted(hub.glob(f"{args.backbone}-*.pth"))
+    if others:
+        raise CheckpointError(
+            f"{others[0]}: not torchvision's IMAGENET1K_V1 {args.backbone} weights "
+            f"({' or '.join(IMAGENET_V1_FILES[args.backbone])}), which the authors trained from: {fetch}; or pass "
+            f"--pretrained {others[0]} to start from this file anyway"
+        )
+    raise CheckpointError(
+        f"no ImageNet {args.backbone} weights in {hub} and no download is possible offline: {fetch}, or pass "
+        "--pretrained PATH to that file, or --pretrained none to start from random weights"
+    )
 
 
 def default_workers(device: str) -> int:

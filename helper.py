@@ -1,56 +1,38 @@
 """Training and evaluation of GLNet's stages: model creation and loading per stage, the
 optimizer and its schedule, one training epoch, evaluation and prediction (with optional
-test-time augmentation). The stage logic itself lives in models/stages.py."""
+test-time augmentation). The stage logic itself lives in models/stages.py; the prediction
+of images too large to hold, in band_prediction.py."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
-import multiprocessing
-import multiprocessing.context
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from dataset.classes import ClassTable
-from dataset.large_image import LargeImage, RegionView
-from dataset.segmentation import SegmentationDataset, collate
-from dataset.streamed_global import global_image_large
 from dataset.transforms import global_image
 from models.backbone import ResNetBackbone, fold_batchnorm
 from models.compiled import compile_for_inference
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import (CHECKPOINT_FLAGS, STAGES, Batch, FirstPass, ImageResult, KeepFirstPass, Stage, StageResult,
-                           first_pass_fits, run_stage, set_branch_modes, stream_patch_logits)
+from models.stages import CHECKPOINT_FLAGS, STAGES, Batch, ImageResult, Stage, StageResult, run_stage, set_branch_modes
 from utils.checkpoint import CheckpointError, load_imagenet_backbones, load_weights, weights_digest
 from utils.cuda_math import set_cuda_math
 from utils.distributed import DistInfo, all_reduce_, average_gradients
-from utils.files import WriteError
+from utils.images import class_dtype
 from utils.memory import release_free_heap
 from utils.metrics import ConfusionMatrix
 from utils.optim import Adam041
-from utils.patches import (PatchGrid, class_dtype, merge_argmax, merge_argmax_rows, merge_logits, upsample_argmax,
-                           upsample_nearest)
+from utils.patches import merge_argmax, merge_logits, upsample_argmax, upsample_nearest
 from utils.progress import progress
-from utils.resample import nearest_indices
-from utils.tiled_writer import ClassMapWriter
 
-# Output rows per band of a large image: the band's ids, and the grid rows of patch logits
-# over it, are what is held of the map (a band of a 100,000 px wide map: 50 MB of ids).
-BAND_ROWS = 512
-# Image columns merged at a time within a band (predict_bands): about ten 508-pixel patches.
-MERGE_COLUMNS = 4096
-# Seconds between saves of stage 3's first pass over a very large image, so that a stopped
-# run resumes it instead of starting it again (a slide's pass takes hours on a CPU).
-FIRST_PASS_EVERY = 60.0
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Compiling shows no progress of its own: said once, so a first image that takes minutes is
 # not taken for a hang.
@@ -170,12 +152,16 @@ def build_models(
     return model.to(device), frozen
 
 
-def frozen_context_differs(model: GLNet, frozen: GlobalBranch) -> int:
-    """How many tensors of stage 3's frozen global branch (from path_g) differ from the
+def frozen_training_warning(model: GLNet, frozen: GlobalBranch, paths: dict[str, Optional[Path]]) -> Optional[str]:
+    """Stage 3 training's line where its frozen global branch (from path_g) is not the
     global branch of the model it trains (from path_g2l). Stage 2 never changes its global
-    branch, so a path_g2l trained from that path_g has the same ones: 0."""
+    branch, so a path_g2l trained from that path_g has the same tensors: no line."""
     ours = model.state_dict()
-    return sum(not torch.equal(value, ours[key]) for key, value in frozen.state_dict().items())
+    differ = sum(not torch.equal(value, ours[key]) for key, value in frozen.state_dict().items())
+    if not differ:
+        return None
+    return _frozen_note(paths["path_g"], f"--path_g2l {paths['path_g2l']}",
+                        f"{differ} of its global-branch tensors differ", "stage 2")
 
 
 # The facts' record of stage 3's frozen global branch (utils.checkpoint.weights_digest).
@@ -198,9 +184,13 @@ def frozen_context_warning(facts: dict[str, dict[str, Any]], digest: Optional[st
     if digest is None or recorded is None or recorded == digest:
         return None
     trained = l2g_facts.get("initialised_from", {}).get("--path_g", "unknown")
-    return (f"warning: --path_g {paths['path_g']} is not the stage-1 file that {paths['path_l2g']} was trained with "
-            f"({trained}, by its facts); stage 3 takes its frozen context from --path_g, as the authors' code did: "
-            "pass the --path_g stage 3 used, unless this is meant")
+    return _frozen_note(paths["path_g"], str(paths["path_l2g"]), f"{trained}, by its facts", "stage 3")
+
+
+def _frozen_note(path_g: Optional[Path], trained: str, evidence: str, stage: str) -> str:
+    return (f"warning: --path_g {path_g} is not the stage-1 file that {trained} was trained with ({evidence}); stage 3 "
+            f"takes its frozen context from --path_g, as the authors' code did: pass the --path_g {stage} used, unless "
+            "this is meant")
 
 
 def _produced_by(flag: str) -> str:
@@ -323,7 +313,7 @@ def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int) -> torch.o
 def to_batch(samples: dict[str, list[Any]], device: torch.device, with_labels: bool = True) -> Batch:
     """Move a collated batch to the device (images keep their dtype; the stage runner
     converts patches as it cuts them), with the global images (computed on the CPU by
-    GlobalInput) stacked."""
+    dataset.loader.GlobalInput) stacked."""
     labels = samples["label"]
     has_labels = with_labels and all(label is not None for label in labels)
     return Batch(
@@ -331,48 +321,6 @@ def to_batch(samples: dict[str, list[Any]], device: torch.device, with_labels: b
         global_images=torch.stack(samples["global"]).to(device, non_blocking=True),
         labels=[label.to(device, non_blocking=True) for label in labels] if has_labels else None,
     )
-
-
-class GlobalInput(torch.utils.data.Dataset):
-    """Adds each sample's downsampled global image, so DataLoader workers compute it."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, size_g: Sequence[int]) -> None:
-        self.dataset, self.size_g = dataset, tuple(size_g)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = dict(self.dataset[index])
-        sample["global"] = global_image(sample["image"], self.size_g)
-        return sample
-
-
-def make_loader(dataset: SegmentationDataset, args: argparse.Namespace, indices: Sequence[int]) -> torch.utils.data.DataLoader:
-    """The trainer's loader of `indices` of a dataset, in that order: args.batch_size
-    samples a batch, each with its global image (GlobalInput), args.num_workers workers
-    started afresh each time it is iterated."""
-    return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(GlobalInput(dataset, args.size_g), list(indices)),
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=args.num_workers,
-        collate_fn=collate,
-        persistent_workers=False,
-        multiprocessing_context=worker_context() if args.num_workers > 0 else None,
-    )
-
-
-def worker_context() -> Optional[multiprocessing.context.BaseContext]:
-    """Where available, loader workers start from a fork server that has imported only what
-    loading needs. Forked from this process instead, each would inherit its pages (networks
-    and optimizer state): shared copy-on-write, yet counted in the worker's resident set
-    and copied wherever Python touches the objects on them."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["helper", "dataset.segmentation"])
-    return context
 
 
 def predictions_of(result: ImageResult, kinds: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
@@ -386,7 +334,7 @@ def _class_map(result: ImageResult, kind: str, size: Sequence[int]) -> Tensor:
     return merge_argmax(result.patch_logits(kind), result.grid)  # type: ignore[arg-type]
 
 
-def _scores_of(result: ImageResult, kind: str, size: Sequence[int]) -> Tensor:
+def _summed_logits(result: ImageResult, kind: str, size: Sequence[int]) -> Tensor:
     """Full-resolution summed logits (K, H, W) of one kind; only test-time augmentation,
     which must map scores back before adding them, needs these."""
     if kind == "global":
@@ -435,153 +383,6 @@ def predict_image(session: Session, image: Tensor, tta: bool = False) -> Tensor:
     return predict(session, samples, tta, kinds=(final,))[0][final]
 
 
-def predict_bands(
-    session: Session, image: Any, global_image: Tensor, band_rows: int, start: int = 0,
-    first_pass: Optional[FirstPass] = None, on_first_pass: Optional[KeepFirstPass] = None,
-) -> Iterator[tuple[int, Tensor]]:
-    """The stage's final prediction of one image (what predict_image gives), band by band
-    from output row `start` down: (y0, ids (h, W) of rows y0..y0 + h), bands of band_rows
-    rows (the last one shorter), on the session's device. The whole map is never held.
-
-    image: (3, H, W) as predict_image takes it, or anything stream_patch_logits can cut
-    patches from (a lazy view of a file); global_image: its global image, (3, Hg, Wg) or
-    (1, 3, Hg, Wg). Stage 1 upsamples the global argmax row band by row band. Stages 2 and
-    3 merge each band from the grid rows of patches over it as they come from
-    stream_patch_logits (rows above the band's top whose patches reach no lower are
-    dropped): the same patches in the same order per pixel as merge_argmax over the whole
-    grid, so the same sums and tie-breaks. A start past row 0 skips the patches wholly
-    above it, except stage 3's first pass, which the global branch needs whole; that pass
-    can be kept and resumed (first_pass, on_first_pass: see stream_patch_logits).
-
-    Memory: one band of ids, and the logits of the grid rows that cover it (a grid row:
-    W / patch columns of (K, h, w) logits).
-    """
-    if band_rows < 1:
-        raise ValueError(f"band_rows must be at least 1, got {band_rows}")
-    height, width = (int(s) for s in image.shape[-2:])
-    with torch.inference_mode():
-        # An inference tensor, as predict_image's global images are: compiled networks
-        # (--compile) guard on the kind, and then one graph serves both paths.
-        global_image = global_image.to(session.device).clone()
-    global_image = global_image if global_image.dim() == 4 else global_image[None]
-    if session.stage is Stage.GLOBAL:
-        with torch.inference_mode(), session.autocast():
-            logits = session.model.global_branch(global_image).logits[0]
-            small = logits.argmax(0).to(class_dtype(logits.shape[0]))
-        wide = small.index_select(1, nearest_indices(width, small.shape[1], small.device))
-        rows = nearest_indices(height, small.shape[0], small.device)
-        for y0 in range(start, height, band_rows):
-            yield y0, wide.index_select(0, rows[y0 : y0 + band_rows])
-        return
-    if start >= height:
-        return
-    grid = PatchGrid.build((height, width), session.size_p)
-    patch_h = grid.patch_size[0]
-    first = grid.first_row_reaching(start)
-    stream = stream_patch_logits(session.stage, session.model, image, global_image, grid,
-                                 frozen_global=session.frozen_global, micro_batch_size=session.micro_batch,
-                                 start_row=first, on_patches=session.after_pass, first_pass=first_pass,
-                                 on_first_pass=on_first_pass)
-    del first_pass  # the stream lets go of it once copied
-    kept: dict[int, Tensor] = {}
-    y0 = start
-    for row, logits in _each_under(session.autocast, stream):
-        kept[row] = logits
-        final = grid.tops[row + 1] if row + 1 < grid.n_rows else height  # rows above it have all their patches
-        while y0 < height and min(y0 + band_rows, height) <= final:
-            y1 = min(y0 + band_rows, height)
-            yield y0, merge_argmax_rows(kept, grid, y0, y1, MERGE_COLUMNS)
-            y0 = y1
-            for done in [r for r in kept if grid.tops[r] + patch_h <= y0]:
-                del kept[done]
-
-
-def band_patch_count(session: Session, size: Sequence[int], start: int = 0, first_pass_done: int = 0) -> int:
-    """Patches predict_bands passes through the local branch for an image of `size` (H, W)
-    from output row `start`: the rows of patches over rows start.., and in stage 3 also the
-    first pass over every patch, less the patches a kept one had added (first_pass_done,
-    from kept_first_pass). 0 for stage 1 (no patches) or a start past the image."""
-    if session.stage is Stage.GLOBAL or start >= size[0]:
-        return 0
-    grid = PatchGrid.build(tuple(size), session.size_p)
-    kept = (grid.n_rows - grid.first_row_reaching(start)) * grid.n_cols
-    return kept + len(grid) - first_pass_done if session.stage is Stage.LOCAL2GLOBAL else kept
-
-
-def kept_first_pass(session: Session, writer: ClassMapWriter) -> Optional[FirstPass]:
-    """Stage 3's first pass over the image of `writer` as a stopped run kept it in the
-    writer's partial store (see predict_large), where it can resume on this session's
-    patch grid and micro-batches; else None."""
-    state = writer.saved_state() if session.stage is Stage.LOCAL2GLOBAL else None
-    if state is None or not isinstance(state.get("first_pass"), list) or not isinstance(state.get("done"), int):
-        return None
-    buffers, done = state["first_pass"], state["done"]
-    grid = PatchGrid.build((writer.height, writer.width), session.size_p)
-    fits = all(isinstance(b, Tensor) for b in buffers) and first_pass_fits(done, grid, session.micro_batch)
-    return (buffers, done) if fits else None
-
-
-def _keeping_first_pass(writer: ClassMapWriter) -> KeepFirstPass:
-    """on_first_pass for predict_bands: saves the pass into the writer's partial store every
-    FIRST_PASS_EVERY seconds, and when it ends if it took that long (a shorter one is
-    quicker to redo than to save). A save that fails (a full disk) is said once and the
-    pass goes on: it only costs the resume."""
-    start = last = time.monotonic()
-    failed = False
-
-    def keep(buffers: Sequence[Tensor], done: int, total: int) -> None:
-        nonlocal last, failed
-        now = time.monotonic()
-        due = now - last >= FIRST_PASS_EVERY or (done == total and now - start >= FIRST_PASS_EVERY)
-        if failed or not due:
-            return
-        try:
-            writer.save_state({"first_pass": [b.detach().cpu() for b in buffers], "done": done})
-        except WriteError as error:
-            failed = True
-            print(f"warning: {error}; the pass over every patch is not kept for a rerun", file=sys.stderr)
-        last = time.monotonic()
-
-    return keep
-
-
-def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *, exact_global: bool = False,
-                  band_rows: Optional[int] = None, on_band: Optional[Callable[[int], None]] = None) -> None:
-    """Predict a large image into `writer` band by band, from the row it has done on (a
-    writer that resumed a partial store continues there). The global image comes from the
-    pyramid level global_image_large picks, or from full resolution (exact_global, equal
-    to predict_image's); patches are read from the file as they are cut. band_rows: None
-    for BAND_ROWS. on_band: told the rows of each band written. Stage 3's first pass over
-    every patch, which writes no band, is kept in the writer's partial store as it goes,
-    and resumed from there (kept_first_pass).
-
-    Memory: the global image, one band of ids, the grid rows of logits over it, the patches
-    of a pass, the reader's tile cache; nothing that grows with the image's height.
-    """
-    glob = global_image_large(image, session.size_g, exact=exact_global)
-    view = RegionView(image, session.device)
-    keep = _keeping_first_pass(writer) if session.stage is Stage.LOCAL2GLOBAL else None
-    for _, band in predict_bands(session, view, glob, band_rows or BAND_ROWS, start=writer.rows_done,
-                                 first_pass=kept_first_pass(session, writer), on_first_pass=keep):
-        writer.write_band(band.cpu().numpy())
-        if on_band is not None:
-            on_band(band.shape[0])
-
-
-def _each_under(context: Callable[[], ContextManager], items: Iterator[Any]) -> Iterator[Any]:
-    """items, each made inside a fresh context(): a context held across a generator's
-    yields would be in force in its consumer too."""
-    while True:
-        with context():
-            item = next(items, _END)
-        if item is _END:
-            return
-        yield item
-
-
-_END = object()
-
-
 @torch.inference_mode()
 def tta_scores(session: Session, samples: dict[str, list[Any]], kinds: Sequence[str]) -> list[dict[str, Tensor]]:
     """Test-time augmentation's summed logits (K, H, W) per image and kind: the whole method
@@ -597,7 +398,7 @@ def tta_scores(session: Session, samples: dict[str, list[Any]], kinds: Sequence[
         result = session.run(to_batch(moved, session.device, with_labels=False))
         for total, r, img in zip(totals, result.images, images):
             for kind in kinds:
-                back = _untransform(_scores_of(r, kind, img.shape[-2:]), k, flip)
+                back = _untransform(_summed_logits(r, kind, img.shape[-2:]), k, flip)
                 total[kind] = total[kind] + back if kind in total else back
     return totals
 

@@ -26,15 +26,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+import band_prediction
 import config
 import helper
-from config import (USER_ERRORS, ConfigError, Settled, add_device_flags, check_args, checkpoint_paths,
-                    default_checkpoint, parse_size, settle_flags)
+from config import (USER_ERRORS, ConfigError, Settled, add_device_flags, add_size_flags, check_args, checkpoint_paths,
+                    default_checkpoint, settle_flags)
 from dataset.classes import ClassTable
-from dataset.large_image import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_large_image
+from dataset.large_files import LARGE_IMAGE_SUFFIXES, is_large_image_file, open_large_image
 from dataset.layouts import IMAGE_SUFFIXES, index_files
 from dataset.prediction_files import host_threads, output_names, segment_files
-from models.stages import CHECKPOINT_FLAGS, STAGES, Stage
+from models.backbone import BACKBONES
+from models.stages import CHECKPOINT_FLAGS, STAGES, SUB_BATCH_SIZE, Stage
 from utils.errors import DataError, OneLineParser, USAGE_ERROR, reports_errors
 from utils.files import RunLock, remove_temporaries, replacing
 from utils.folders import output_folder
@@ -63,11 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
       "(default: saved_models)")
     for flag, stage in CHECKPOINT_FLAGS.items():
         a(f"--{flag}", default=default_checkpoint(stage), help=f"stage-{int(stage)} checkpoint (default: %(default)s)")
-    a("--size_g", type=parse_size, default=None, help="global image size: N or H,W (default: the one the checkpoint "
-      "was trained with, as its facts say, else 508)")
-    a("--size_p", type=parse_size, default=None, help="local patch size: N or H,W (default: the checkpoint's, else 508)")
+    add_size_flags(p)
     a("--micro_batch_size", type=int, default=None, help="patches per forward pass of the local branch (memory vs "
-      "speed; results do not depend on it; default: 1 on the CPU, 6 on a GPU)")
+      f"speed; results do not depend on it; default: 1 on the CPU, {SUB_BATCH_SIZE} on a GPU)")
     add_device_flags(p)
     a("--tta", action="store_true", help="test-time augmentation: 4 rotations x 2 flips (8 times slower; not for "
       "very large images, which are predicted band by band)")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
       "(one extra read of the whole image; equal to the in-memory path's) instead of from the smallest pyramid level "
       "at least 4 times --size_g on both sides (the default where the file has one; slightly different pixels)")
     a("--classes", default=None, help="class table JSON (default: the checkpoint's, else DeepGlobe's 7 classes)")
-    a("--backbone", choices=["resnet50", "resnet18"], default=None, help="must match the checkpoints (default: "
+    a("--backbone", choices=BACKBONES, default=None, help="must match the checkpoints (default: "
       "the checkpoint's, else resnet50)")
     return p
 
@@ -242,12 +242,12 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
                 print(f"{path.name}: continuing the pass over every patch after the {kept} kept", file=sys.stderr)
             # Rows advance only as bands are written, and stage 3 passes over every patch before
             # its first band: a second bar over patches shows that work and its time left.
-            patches = helper.band_patch_count(session, (height, width), writer.rows_done, kept)
+            patches = band_prediction.band_patch_count(session, (height, width), writer.rows_done, kept)
             terminal = sys.stderr.isatty()
             with progress(height, path.name, "row", initial=writer.rows_done, terminal=terminal) as bar, \
                     progress(patches, "patches", "patch", inner=True, bar=patches > session.micro_batch,
                              terminal=terminal) as passes:
-                helper.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
+                band_prediction.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
                                      exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()
             carry_world_file(path, output / ids_name, image.georef is not None)
@@ -264,7 +264,7 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
 
 def first_pass_done(session: helper.Session, writer: ClassMapWriter) -> int:
     """The patches of stage 3's pass over every patch that a stopped run kept (0: none)."""
-    kept = helper.kept_first_pass(session, writer)
+    kept = band_prediction.kept_first_pass(session, writer)
     return kept[1] if kept is not None else 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -15,7 +14,6 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,14 +23,16 @@ from PIL import Image
 
 import helper
 from config import (ONE_VALUE, RESNET_STRIDE, USER_ERRORS, ConfigError, Settled, check_args, checkpoint_paths,
-                    parse_args, settle_flags)
-from dataset.classes import ClassTable, table_to_json
+                    parse_args, pretrained_path, settle_flags)
+from dataset.classes import ClassTable
 from dataset.io import write_png
+from dataset.loader import GlobalInput, make_loader, worker_context
 from dataset.segmentation import SegmentationDataset, build_dataset, check_samples, collate
 from models.glnet import GLNet, GlobalBranch
 from models.stages import STAGES, Stage
-from utils.checkpoint import (CheckpointError, atomic_save, authors_layout, facts_path, link_weights, load_state,
-                              read_facts, read_file, read_state_dict, state_dict_of, strip_prefix, write_weights)
+from run_state import (Progress, RunFiles, check_resumable, data_identity, guard_outputs, refuse_other_data, resume,
+                       run_facts, run_settings, save_epoch)
+from utils.checkpoint import CheckpointError, read_file
 from utils.distributed import DistInfo, cleanup, init_distributed, on_main, shard
 from utils.errors import MESSAGES_ENV, DataError, report, reports_errors
 from utils.files import RunLock, WriteError, remove_temporaries, write_new
@@ -40,43 +40,8 @@ from utils.folders import output_folder
 from utils.images import to_unit_float
 from utils.loader_wait import LoaderWait
 from utils.memory import return_large_blocks_to_the_system
-from utils.run_log import EVENTS_PREFIX, RunLog
-from utils.signals import exit_status, interrupts_deferred, stop_word, terminate_as_interrupt
-
-BEST_SUFFIX = ".best.pth"
-STATE_SUFFIX = ".state.pth"
-LEGACY_STATE_SUFFIX = ".last.pth"  # the training state's name before the weights file held the last epoch
-
-
-# torchvision's IMAGENET1K_V1 files, which the authors' torchvision loaded: today's name, then
-# the name of the same weights in torchvision before 0.13. IMAGENET1K_V2 (resnet50-11ad3fa6)
-# came later, from another training recipe.
-IMAGENET_V1_FILES = {"resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
-                     "resnet18": ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth")}
-
-
-def pretrained_path(args: argparse.Namespace) -> Optional[Path]:
-    if args.pretrained == "none":
-        return None
-    if args.pretrained != "auto":
-        return Path(args.pretrained)
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    fetch = (f"on a machine with internet, python -c \"import torchvision; torchvision.models.{args.backbone}"
-             f"(weights='IMAGENET1K_V1')\" and copy the file from {hub}")
-    for name in IMAGENET_V1_FILES[args.backbone]:
-        if (hub / name).is_file():
-            return hub / name
-    others = sorted(hub.glob(f"{args.backbone}-*.pth"))
-    if others:
-        raise CheckpointError(
-            f"{others[0]}: not torchvision's IMAGENET1K_V1 {args.backbone} weights "
-            f"({' or '.join(IMAGENET_V1_FILES[args.backbone])}), which the authors trained from: {fetch}; or pass "
-            f"--pretrained {others[0]} to start from this file anyway"
-        )
-    raise CheckpointError(
-        f"no ImageNet {args.backbone} weights in {hub} and no download is possible offline: {fetch}, or pass "
-        "--pretrained PATH to that file, or --pretrained none to start from random weights"
-    )
+from utils.run_log import RunLog
+from utils.signals import exit_status, stop_word, terminate_as_interrupt
 
 
 def stage_models(args: argparse.Namespace, n_class: int,
@@ -102,8 +67,14 @@ def stage_models(args: argparse.Namespace, n_class: int,
 def start_worker_server(num_workers: int) -> None:
     """Start the loader workers' fork server now, if there will be workers, so that its
     imports (torch) overlap the model loading instead of delaying the first batch."""
-    if num_workers > 0 and helper.worker_context() is not None:
+    if num_workers > 0 and worker_context() is not None:
         multiprocessing.forkserver.ensure_running()
+
+
+def trainer_loader(dataset: SegmentationDataset, indices: Sequence[int],
+                   args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    """The loader of `indices` of a dataset with the flags' batch size, workers and global image size."""
+    return make_loader(dataset, indices, batch_size=args.batch_size, num_workers=args.num_workers, size_g=args.size_g)
 
 
 def epoch_order(n: int, seed: int, epoch: int, info: DistInfo) -> list[int]:
@@ -149,120 +120,10 @@ def prediction_panel(session: helper.Session, samples: dict[str, list[Any]], max
     return np.concatenate([np.asarray(Image.fromarray(t).resize(size, Image.NEAREST)) for t in tiles], axis=1)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """What a training run writes into --model_path after every epoch.
-
-    weights: <task_name>.pth, the last finished epoch's weights in the authors' layout. The
-        authors' script wrote this file after every epoch and chained their stages (and made
-        their released files) from it, so the stage scripts read it too.
-    best: <task_name>.best.pth, the weights of the best validation epoch (ours).
-    state: <task_name>.state.pth, everything --resume needs (ours).
-    """
-
-    weights: Path
-    best: Path
-    state: Path
-
-    @classmethod
-    def of(cls, args: argparse.Namespace) -> RunFiles:
-        return cls(*(helper.checkpoint_path(args.model_path, args.task_name + suffix)
-                     for suffix in (".pth", BEST_SUFFIX, STATE_SUFFIX)))
-
-
-def guard_outputs(args: argparse.Namespace, files: RunFiles) -> None:
-    """Never overwrite another run's checkpoints silently, nor add a run's curves to another
-    run's tensorboard events (tensorboard draws a folder's files as one run)."""
-    legacy = files.state.with_name(args.task_name + LEGACY_STATE_SUFFIX)
-    if legacy.exists() and not files.state.exists():
-        raise ConfigError(
-            f"{legacy}: a run saved by an earlier version, whose {files.weights.name} held the best epoch. To resume "
-            f"it, rename {files.weights.name} to {files.best.name} and {legacy.name} to {files.state.name}; or choose "
-            "another --task_name"
-        )
-    if args.resume:
-        if not files.state.exists():
-            raise ConfigError(f"--resume: {files.state} not found (nothing to resume; drop --resume to start a new run)")
-        return
-    existing = [p for w in (files.weights, files.best, files.state) for p in (w, facts_path(w)) if p.exists()]
-    log_folder = Path(args.log_path) / args.task_name
-    has_events = any(log_folder.glob(f"{EVENTS_PREFIX}*"))
-    if existing:
-        names = ", ".join(map(str, existing)) + (f" and the tensorboard events in {log_folder}" if has_events else "")
-        raise ConfigError(f"{names} already exist from an earlier run: pass --resume to continue it, choose another "
-                          "--task_name, or delete them to start over")
-    if has_events:  # the run's checkpoints deleted, or in another --model_path
-        raise ConfigError(f"{log_folder} holds the tensorboard events of an earlier run, which tensorboard would draw "
-                          "as one run with this one: delete that folder, or choose another --task_name or --log_path")
-
-
-# The flags that define a training run: resuming with other values would not continue it.
-# Performance flags (--device, --num_workers, --micro_batch_size, --checkpointing, ...) and
-# --num_epochs (train longer; the poly schedule stretches to the new total) may change.
-RUN_FLAGS = ("mode", "batch_size", "lr", "size_g", "size_p", "sub_batch_size", "lamb_fmreg", "seed", "backbone",
-             "dataset", "mask_kind")
-TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_score", "rng")
-# Settings a message names by what they stand for, not by their values (digests, tables).
-DESCRIBED_SETTINGS = {"train_ids_sha256": "other training images", "crossvali_ids_sha256": "other validation images",
-                      "class_table": "another class table (colours or classes not scored)",
-                      helper.FROZEN_DIGEST: "another frozen global branch (--path_g)"}
-
-
-def run_settings(args: argparse.Namespace, table: ClassTable, steps_per_epoch: int, data: dict[str, Any],
-                 val_set: SegmentationDataset, frozen_digest: Optional[str]) -> dict[str, Any]:
-    """What a resumed run must share with the saved one, as stored in the .state.pth file:
-    the flags, the data (the best epoch compares validation scores of one split), the class
-    table, and stage 3's frozen context. A state saved before a setting was kept is not
-    checked for it."""
-    settings = {flag: list(v) if isinstance(v := getattr(args, flag), tuple) else v for flag in RUN_FLAGS}
-    return {**settings, "classes": list(table.names), "class_table": table_to_json(table),
-            "steps_per_epoch": steps_per_epoch, "train_ids_sha256": data["train_ids_sha256"],
-            "crossvali_ids_sha256": ids_sha256(val_set), helper.FROZEN_DIGEST: frozen_digest}
-
-
-def check_resumable(state: Any, path: Path, settings: dict[str, Any], num_epochs: int) -> Optional[int]:
-    """Refuse a .state.pth that is not a training state, whose run had other settings, or
-    that would train for fewer epochs than planned (the poly schedule would jump ahead).
-    Returns the epochs planned when the run started, where its facts say."""
-    if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
-        raise CheckpointError(f"{path}: not a training state (it holds no optimizer and epoch); --resume needs the "
-                              f"{STATE_SUFFIX} file a training run writes")
-    planned = state.get("facts", {}).get("training", {}).get("num_epochs")
-    if planned is not None and num_epochs < planned:
-        raise ConfigError(f"--resume: {path} belongs to a run of {planned} epochs, and --num_epochs {num_epochs} would "
-                          f"cut its poly schedule short; pass --num_epochs {planned} (or more) as it was started")
-    saved = dict(state.get("run", {}))
-    if "class_table" in saved:
-        saved.pop("classes", None)  # within the table; kept for states saved before it was
-    changed = [DESCRIBED_SETTINGS.get(key, f"{key} {saved[key]} (now {value})") for key, value in settings.items()
-               if key in saved and saved[key] != value]
-    if changed:
-        raise ConfigError(
-            f"--resume: {path} belongs to a run with other settings: {'; '.join(changed)}. Resume with the run's "
-            "flags, or start a new run under another --task_name (steps_per_epoch follows --batch_size, the "
-            "training split and the number of processes)"
-        )
-    return planned
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
 
 
 def labelled_split(args: argparse.Namespace, split: str, table: ClassTable, augment: bool) -> SegmentationDataset:
@@ -283,113 +144,6 @@ def refuse_tiny_images(dataset: SegmentationDataset, sizes: list[tuple[int, int]
         raise DataError(f"{tiny[0]}: training --mode {mode} trains the local branch on each image's patches, and "
                         f"{ONE_VALUE}; remove the image from the train split or enlarge it"
                         + (f" (and {len(tiny) - 1} more: {', '.join(tiny[1:])})" if len(tiny) > 1 else ""))
-
-
-@dataclass
-class Progress:
-    """Where a run stands after its last finished epoch (-1: none yet)."""
-
-    epoch: int = -1
-    best_score: float = -1.0
-    best_epoch: Optional[int] = None
-
-
-def resume(state: dict[str, Any], session: helper.Session, optimizer: torch.optim.Optimizer,
-           scheduler: torch.optim.lr_scheduler.LRScheduler, files: RunFiles) -> Progress:
-    """Restore the model, optimizer, schedule and random state of a checked training state."""
-    if session.dist.is_main:
-        restore_weights(state["model"], files.weights, state.get("facts"))
-        if state.get("best_epoch") == state["epoch"]:
-            restore_weights(state["model"], files.best, state.get("facts"))
-    load_state(session.model, state_dict_of(state, files.state), files.state)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return Progress(int(state["epoch"]), float(state["best_score"]), state.get("best_epoch"))
-
-
-def restore_weights(weights: dict[str, torch.Tensor], path: Path, facts: Optional[dict[str, Any]]) -> None:
-    """Write the weights of a training state, and their facts, to `path` unless it holds
-    them already: a kill between an epoch's writes leaves an older file (or none) behind
-    the state."""
-    wanted = strip_prefix(weights)
-    try:
-        held, held_facts = read_state_dict(path), read_facts(path)
-    except CheckpointError:
-        held, held_facts = {}, None
-    if held_facts != facts or held.keys() != wanted.keys() or not all(torch.equal(held[k], wanted[k]) for k in held):
-        write_weights(weights, path, facts)
-
-
-def save_epoch(session: helper.Session, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, settings: dict[str, Any],
-               files: RunFiles, facts: dict[str, Any]) -> None:
-    """The training state, then the epoch's weights, then the best weights if this epoch is
-    the best, each weights file with its facts, with Ctrl-C held until all are on disk.
-    After a kill between the writes, the state lets --resume rewrite the weights files."""
-    weights = authors_layout(session.model)
-    with interrupts_deferred():
-        atomic_save(
-            {
-                "model": weights,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": progress.epoch,
-                "best_score": progress.best_score,
-                "best_epoch": progress.best_epoch,
-                "rng": rng_state(),
-                "run": settings,
-                "facts": facts,
-            },
-            files.state,
-        )
-        write_weights(weights, files.weights, facts)
-        if progress.best_epoch == progress.epoch:
-            link_weights(files.weights, files.best)
-
-
-def data_identity(args: argparse.Namespace, train_set: SegmentationDataset) -> dict[str, Any]:
-    """What identifies a run's data in its facts: the training images by id (a moved
-    folder is the same data, another dataset is not)."""
-    return {"dataset": args.dataset, "data_path": str(Path(args.data_path).resolve()), "mask_kind": args.mask_kind,
-            "train_images": len(train_set), "train_ids_sha256": ids_sha256(train_set)}
-
-
-def ids_sha256(dataset: SegmentationDataset) -> str:
-    return hashlib.sha256("\n".join(sorted(sample.id for sample in dataset.samples)).encode()).hexdigest()
-
-
-def refuse_other_data(data: dict[str, Any], facts: dict[str, dict[str, Any]], paths: dict[str, Optional[Path]]) -> None:
-    """A stage chains only from files trained on the same training images."""
-    for flag, found in facts.items():
-        theirs = found.get("data", {})
-        if theirs.get("train_ids_sha256") not in (None, data["train_ids_sha256"]):
-            raise ConfigError(
-                f"{paths[flag]} was trained on other data ({theirs.get('train_images')} training images in "
-                f"{theirs.get('data_path')}; this run has {data['train_images']} in {data['data_path']}): chain from "
-                f"a file trained on this data (--{flag})"
-            )
-
-
-def run_facts(args: argparse.Namespace, table: ClassTable, data: dict[str, Any],
-              frozen_digest: Optional[str]) -> dict[str, Any]:
-    """The facts every weights file of this run carries (utils.checkpoint.write_weights);
-    save_epoch adds the epoch and its validation scores. Stage 3's record its frozen global
-    branch, which evaluation and predict.py compare with the --path_g they are given."""
-    stage = Stage(args.mode)
-    paths = checkpoint_paths(args)
-    initialised = {f"--{flag}": str(paths[flag].resolve()) for flag in STAGES[stage].reads(training=True)}  # type: ignore[union-attr]
-    if STAGES[stage].imagenet and not args.resume:
-        initialised["--pretrained"] = str(path.resolve()) if (path := pretrained_path(args)) else "none"
-    return {
-        "stage": int(stage), "stage_name": STAGES[stage].name, "task_name": args.task_name,
-        "size_g": list(args.size_g), "size_p": list(args.size_p), "sub_batch_size": args.sub_batch_size,
-        "backbone": args.backbone, "class_table": table_to_json(table), "data": data,
-        "training": {"lr": args.lr, "batch_size": args.batch_size, "num_epochs": args.num_epochs,
-                     "seed": args.seed, "lamb_fmreg": args.lamb_fmreg},
-        "initialised_from": initialised, "code_version": helper.code_version(),
-        **({helper.FROZEN_DIGEST: frozen_digest} if frozen_digest is not None else {}),
-    }
 
 
 def train(args: argparse.Namespace, session: helper.Session, settled: Settled, log: RunLog,
@@ -426,11 +180,11 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
                      "poly schedule stretches to the new total")
     log.begin()
     main_kind = session.predictions[-1]
-    val_loader = helper.make_loader(val_set, args, shard(range(len(val_set)), session.dist))
+    val_loader = trainer_loader(val_set, shard(range(len(val_set)), session.dist), args)
     for epoch in range(progress.epoch + 1, args.num_epochs):
         train_set.set_epoch(epoch)
         order = epoch_order(len(train_set), args.seed, epoch, session.dist)
-        train_wait, val_wait = LoaderWait(helper.make_loader(train_set, args, order)), LoaderWait(val_loader)
+        train_wait, val_wait = LoaderWait(trainer_loader(train_set, order, args)), LoaderWait(val_loader)
         start = time.perf_counter()
         stats = helper.train_one_epoch(session, train_wait, optimizer, scheduler, epoch)
         trained = time.perf_counter()
@@ -459,7 +213,7 @@ def train(args: argparse.Namespace, session: helper.Session, settled: Settled, l
             log.scalars(values, epoch + 1)
             if progress.best_epoch == epoch:
                 log.line(f"  new best {main_kind} val mIoU {progress.best_score:.4f}: saved {files.best}")
-            log.panel("predictions", prediction_panel(session, collate([helper.GlobalInput(val_set, args.size_g)[0]])),
+            log.panel("predictions", prediction_panel(session, collate([GlobalInput(val_set, args.size_g)[0]])),
                       epoch + 1)
 
         # Rank 0 writes; a failure there (a full disk) stops every rank, none left waiting.
@@ -475,7 +229,7 @@ def run_evaluation(args: argparse.Namespace, session: helper.Session, settled: S
     table = settled.table
     split = "test" if args.test else "crossvali"
     dataset = build_dataset(args.dataset, args.data_path, split, table, args.mask_kind, augment=False, seed=args.seed)
-    loader = helper.make_loader(dataset, args, shard(range(len(dataset)), session.dist))
+    loader = trainer_loader(dataset, shard(range(len(dataset)), session.dist), args)
     log.begin()
     save_dir = Path(args.save_predictions) if args.save_predictions else None
     main_kind = session.predictions[-1]
@@ -566,13 +320,13 @@ def run(args: argparse.Namespace) -> int:
                      f"with {helper.environment_summary(device)}")
             if args.compile:
                 log.line(helper.COMPILE_NOTE)
-            if frozen is not None and not args.evaluation and (differ := helper.frozen_context_differs(model, frozen)):
-                log.line(f"warning: --path_g {args.path_g} is not the stage-1 file that --path_g2l {args.path_g2l} "
-                         f"was trained with ({differ} of its global-branch tensors differ); stage 3 takes its frozen "
-                         "context from --path_g, as the authors' code did: pass the --path_g stage 2 used, unless "
-                         "this is meant")
-            if args.evaluation and (warning := helper.frozen_context_warning(settled.facts, digest,
-                                                                              checkpoint_paths(args))):
+            if frozen is None:
+                warning = None
+            elif args.evaluation:
+                warning = helper.frozen_context_warning(settled.facts, digest, checkpoint_paths(args))
+            else:
+                warning = helper.frozen_training_warning(model, frozen, checkpoint_paths(args))
+            if warning is not None:
                 log.line(warning)
             if args.evaluation:
                 run_evaluation(args, session, settled, log)

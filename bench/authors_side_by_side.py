@@ -1,6 +1,6 @@
 """Mode-3 evaluation of one image by the authors' code and by LUNGseg, as whole processes
-taking turns on one machine: wall time, peak RSS and the per-class IoU each prints (issue 15,
-target 4). Their code is not in this repository; bring a clone of it:
+taking turns on one machine: wall time, peak RSS and the per-class IoU each prints
+(bench/README.md, Targets, 4). Their code is not in this repository; bring a clone of it:
 
     git clone https://github.com/VITA-Group/GLNet /path/to/GLNet      # where there is internet
     pip install opencv-python-headless                                # their one import beyond ours

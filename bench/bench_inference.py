@@ -35,6 +35,7 @@ from config import default_checkpoint  # noqa: E402
 from dataset.classes import DEEPGLOBE  # noqa: E402
 from dataset.make_demo import make_deep_globe_demo  # noqa: E402
 from dataset.transforms import global_image  # noqa: E402
+from models.backbone import BACKBONES  # noqa: E402
 from models.glnet import GLNet, GlobalBranch  # noqa: E402
 from models.stages import (  # noqa: E402
     AUTHORS_SIZE, CHECKPOINT_FLAGS, LAMB_FMREG, STAGES, SUB_BATCH_SIZE, Batch, Stage, set_branch_modes,
@@ -447,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--size_g", type=config.parse_size, default=AUTHORS_SIZE, help=f"global image size (default: {AUTHORS_SIZE[0]})")
     a("--size_p", type=config.parse_size, default=AUTHORS_SIZE, help=f"patch size (default: {AUTHORS_SIZE[0]})")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="(default: resnet50)")
+    a("--backbone", choices=BACKBONES, default="resnet50", help="(default: resnet50)")
     a("--profile", action="store_true", help="print the top operators of one more run of each case")
     a("--cudnn_benchmark", action="store_true", help="let cuDNN time its algorithms for each new shape "
       "(torch.backends.cudnn.benchmark; the warm-up run pays for it)")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one run, for a session that is lent a GPU for a few
-# minutes, in the order of issue 15's targets: mode 3 at 2448 x 2448 in bf16 in-process
+# minutes, in the order of the speed targets (bench/README.md): mode 3 at 2448 x 2448 in bf16 in-process
 # (speed, memory), predict.py over a folder end to end, the training schedule with the fast
 # settings, compiled in-process, the faithful schedule; then the CUDA variants of the tests,
-# the other compiled cases, issue 17's 40,000 x 40,000 image, and the wider benchmark.
+# the other compiled cases, the 40,000 x 40,000 image, and the wider benchmark.
 #
 #   bash bench/gpu_checks.sh OUT
 #
@@ -185,7 +185,7 @@ check eval_bf16_compile_mb2 180 "$py" "${bench[@]}" --modes 3 --sizes 2448 --rep
 check eval_bf16_mb36 90 "$py" "${bench[@]}" --modes 3 --sizes 2448 --repeat 5 "${fast[@]}" --micro_batch_size 36 \
     --cudnn_benchmark --profile --count_ops --json "$out/eval_bf16_mb36.json"
 
-# 6. Issue 17: predict.py on a 40,000 x 40,000 tiled, pyramidal TIFF in mode 3, the peak RSS
+# 6. Very large images: predict.py on a 40,000 x 40,000 tiled, pyramidal TIFF in mode 3, the peak RSS
 #    of the whole process (bench/README.md, "Very large images end to end").
 check predict_large_40k_mode3 900 "$py" bench/predict_large_rss.py --sizes 40000 --mode 3 --device cuda \
     --json "$out/predict_large_40k_mode3.json" -- --amp bf16 --cuda_math fast

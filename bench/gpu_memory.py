@@ -2,13 +2,13 @@
 
 `torch.cuda.max_memory_allocated` counts the bytes tensors held at most. What `nvidia-smi`
 and gpustat show is NVML's figure for the process: that, plus the caching allocator's
-reserve, cuDNN's and cuBLAS's workspaces and the CUDA context itself. Issue 15 asks for
-both side by side.
+reserve, cuDNN's and cuBLAS's workspaces and the CUDA context itself. The targets
+(bench/README.md) ask for both side by side.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

@@ -1,5 +1,5 @@
-"""Issue 15's targets as a run of bench/gpu_checks.sh measured them: a Markdown summary, from
-the run's files alone, for bench/README.md and the issue.
+"""The speed targets (bench/README.md, Targets) as a run of bench/gpu_checks.sh measured
+them: a Markdown summary, from the run's files alone, for bench/README.md.
 
     python bench/gpu_report.py bench/results/gpu_checks-<hash>
 

@@ -1,4 +1,4 @@
-"""Peak memory and time of the large-image I/O (issue 17) on a synthetic tiled TIFF.
+"""Peak memory and time of the large-image I/O on a synthetic tiled TIFF.
 
     python bench/large_io_rss.py --side 8000 16000
 
@@ -6,7 +6,7 @@ Per side, in this one process (run it straight from a shell: Linux carries a par
 peak RSS into a child it execs, see bench/README.md):
   1. make: write a side x side RGB TIFF, 512-pixel tiles, deflate, band by band (the
      image never exists whole);
-  2. global: open it (dataset.large_image) and stream its 508 x 508 global image from the
+  2. global: open it (dataset.large_files) and stream its 508 x 508 global image from the
      full-resolution level (dataset.streamed_global; the exact path, the most reading);
   3. write: read it again in bands of 512 rows, make class ids of each band (a cheap
      function of the pixels standing in for the network) and write them through
@@ -35,7 +35,7 @@ import tifffile  # noqa: E402
 import torch  # noqa: E402
 
 from dataset.classes import DEEPGLOBE  # noqa: E402
-from dataset.large_image import open_large_image  # noqa: E402
+from dataset.large_files import open_large_image  # noqa: E402
 from dataset.streamed_global import global_image_streamed  # noqa: E402
 from utils.tiled_writer import ClassMapWriter, file_identity  # noqa: E402
 

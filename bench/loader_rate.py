@@ -1,9 +1,9 @@
-"""How many images one data-loading worker prepares per second (issue 15's third target).
+"""How many images one data-loading worker prepares per second (for target 3 of bench/README.md).
 
     python bench/loader_rate.py --images 12 --json out.jsonl
 
 Training reads every image and mask, augments the training split and computes each global
-image in the loader's workers (helper.make_loader; --num_workers). This
+image in the loader's workers (dataset.loader; --num_workers). This
 runs the same loader in this process (no workers) with one torch thread, as each worker
 has, over a land-cover demo in DeepGlobe's layout: a worker's rate. N workers on N free
 cores bound a stage's pace at about N times it, however fast the GPU. The first image of
@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from bench.records import (DEEPGLOBE_SIDE, add_output_flags, environment, make_demo_copies, reporter,  # noqa: E402
                            scratch_folder)
+from dataset.loader import make_loader  # noqa: E402
 from dataset.segmentation import build_dataset  # noqa: E402
-from helper import make_loader  # noqa: E402
 from models.stages import AUTHORS_SIZE  # noqa: E402
 from utils.loader_wait import LoaderWait  # noqa: E402
 
@@ -33,8 +33,7 @@ from utils.loader_wait import LoaderWait  # noqa: E402
 def split_rate(data: Path, split: str, augment: bool) -> dict[str, Any]:
     """Images per second of one split's loader, from its waits after the first image."""
     dataset = build_dataset("deep_globe", str(data), split, augment=augment, seed=0)
-    waits = LoaderWait(make_loader(dataset, argparse.Namespace(size_g=AUTHORS_SIZE, batch_size=1, num_workers=0),
-                                   range(len(dataset))))
+    waits = LoaderWait(make_loader(dataset, range(len(dataset)), batch_size=1, num_workers=0, size_g=AUTHORS_SIZE))
     timed = sum(1 for _ in waits) - 1
     seconds = waits.total - waits.first
     return {"split": split, "augment": augment, "images_timed": timed,

@@ -1,5 +1,5 @@
-"""Images per second of predict.py over a folder of JPEGs, files in to files out (issue 15's
-second target: at least 80 % of bench_inference's in-process figure on the same GPU).
+"""Images per second of predict.py over a folder of JPEGs, files in to files out (target 2
+of bench/README.md: at least 80 % of bench_inference's in-process figure on the same GPU).
 
     python bench/predict_folder.py --device cuda -- --amp bf16 --cuda_math fast --channels_last
     python bench/predict_folder.py --host_only     # what the host alone sustains, no network
@@ -41,6 +41,7 @@ from dataset.classes import DEEPGLOBE  # noqa: E402
 from dataset.io import read_image, read_mask  # noqa: E402
 from dataset.layouts import DEEP_GLOBE, Sample  # noqa: E402
 from dataset.prediction_files import HostThreads, host_threads, segment_files, write_prediction  # noqa: E402
+from models.backbone import BACKBONES  # noqa: E402
 
 
 def predict_command(args: argparse.Namespace, images: Path, models: Path, out: Path) -> list[str]:
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warm", type=int, default=4, help="images of the first run, whose time is subtracted (default: 4)")
     a("--size", type=int, default=2448, help="image side (default: 2448, DeepGlobe's)")
     a("--mode", type=int, choices=[1, 2, 3], default=3, help="stage predicting (default: 3)")
-    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="network of the checkpoints written "
+    a("--backbone", choices=BACKBONES, default="resnet50", help="network of the checkpoints written "
       "(default: resnet50, the authors')")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="predict.py's --device (default: cuda "
       "when there is one)")

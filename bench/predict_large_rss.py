@@ -1,4 +1,4 @@
-"""Peak memory and time of predict.py on a synthetic very large image (issue 17), end to end:
+"""Peak memory and time of predict.py on a synthetic very large image, end to end:
 reading by regions, the global image, the network, the class map written band by band.
 
     python bench/predict_large_rss.py --sizes 20000 40000 --mode 1
@@ -32,6 +32,7 @@ from bench.bench_inference import run_measured, write_rule_checkpoints  # noqa: 
 from bench.large_io_rss import make_tiff  # noqa: E402
 from bench.records import add_output_flags, environment, reporter, reports_failed_commands, scratch_folder  # noqa: E402
 from config import parse_size  # noqa: E402
+from models.backbone import BACKBONES  # noqa: E402
 from models.stages import Stage  # noqa: E402
 from utils.patches import PatchGrid  # noqa: E402
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sizes", type=parse_size, nargs="+", default=[parse_size("8000")], help="image sizes: N or H,W / HxW "
       "(default: 8000)")
     a("--mode", type=int, choices=[1, 2, 3], default=3, help="stage predicting (default: 3)")
-    a("--backbone", choices=["resnet50", "resnet18"], default="resnet50", help="network of the checkpoints written "
+    a("--backbone", choices=BACKBONES, default="resnet50", help="network of the checkpoints written "
       "(default: resnet50, the authors')")
     a("--device", default="cpu", help="predict.py's --device (default: cpu)")
     a("--size_g", type=int, default=508, help="global image size (default: 508)")

@@ -17,9 +17,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 import helper
-from dataset.layouts import DEEP_GLOBE
+from dataset.layouts import DEEP_GLOBE, SPLITS
 from dataset.make_demo import make_deep_globe_demo
-from dataset.layouts import SPLITS
 
 DEEPGLOBE_SIDE = 2448  # the side of every DeepGlobe image
 

@@ -1,4 +1,4 @@
-"""How long the three-stage training schedule takes (issue 15's third target), from epochs
+"""How long the three-stage training schedule takes (target 3 of bench/README.md), from epochs
 of the repository's own stage scripts: data loading and validation included, writing each
 epoch's checkpoints (after its line is logged) left out.
 

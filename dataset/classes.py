@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from utils.errors import DataError, opening
-from utils.patches import class_dtype
+from utils.images import class_dtype
 
 Colour = tuple[int, int, int]
 BINARY_THRESHOLD = 128  # DeepGlobe's official rule: a mask channel is "on" when >= 128
@@ -86,7 +86,7 @@ class ClassTable:
         Args:
             rgb: (H, W, 3) uint8.
         Returns:
-            (H, W) class ids, of utils.patches.class_dtype.
+            (H, W) class ids, of utils.images.class_dtype.
         Raises:
             DataError: a binarised colour that is not in the table (the message does not
                 name a file; callers that read one prefix it).

@@ -17,7 +17,7 @@ from torch import Tensor
 from dataset.classes import ClassTable
 from utils.errors import DataError, opening
 from utils.files import replacing
-from utils.patches import class_dtype
+from utils.images import class_dtype
 
 PathLike = Union[str, Path]
 MaskKind = Literal["ids", "colours"]
@@ -179,7 +179,7 @@ def read_mask(path: PathLike, table: ClassTable, kind: MaskKind) -> Tensor:
             the id, see _check_palette_indices_are_ids), "colours" for RGB or palette masks
             drawn in the table's colours.
     Returns:
-        (H, W) class ids, of utils.patches.class_dtype (one byte up to 256 classes).
+        (H, W) class ids, of utils.images.class_dtype (one byte up to 256 classes).
     Raises:
         DataError: naming the file, for a mask that does not match `kind` or the table
             (NotAColourMask for a grey mask read as colours).

@@ -1,4 +1,4 @@
-"""Whole-slide images read with OpenSlide (see dataset.large_image).
+"""Whole-slide images read with OpenSlide (see dataset.large_files).
 
 OpenSlide returns RGBA where alpha marks pixels the scanner did not capture (outside
 the scanned area of a MIRAX or VMS slide, for instance); those are composited over the
@@ -11,18 +11,16 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from dataset.large_image import MAX_LEVEL_PIXELS, LargeImage
-from utils.errors import DataError
+from dataset.large_image import LargeImage
+from utils.errors import DataError, one_line
 
+# The largest reduced level read whole (block_rows), so the largest a global image comes from.
+MAX_LEVEL_PIXELS = 64 * 1024 * 1024
 RE_EXPORT = "the slide is truncated or corrupt; re-download or re-export it"
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 class SlideImage(LargeImage):
-    """A slide OpenSlide reads (open it with dataset.large_image.open_large_image)."""
+    """A slide OpenSlide reads (open it with dataset.large_files.open_large_image)."""
 
     def __init__(self, path: Path, vendor: str) -> None:
         self.path = Path(path)
@@ -30,7 +28,7 @@ class SlideImage(LargeImage):
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideError as error:  # the unsupported-format error is one of these
-            raise DataError(f"{self.path}: OpenSlide cannot open this {vendor} slide ({_one_line(error)}); "
+            raise DataError(f"{self.path}: OpenSlide cannot open this {vendor} slide ({one_line(error)}); "
                             f"{RE_EXPORT}") from None
         props = self._slide.properties
         self.levels = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
@@ -65,7 +63,7 @@ class SlideImage(LargeImage):
             rgba = np.asarray(self._slide.read_region(location, level, (width, height)))
         except openslide.OpenSlideError as error:
             raise DataError(f"{self.path}: cannot read rows {top}..{top + height} of level {level} "
-                            f"({_one_line(error)}); {RE_EXPORT}") from None
+                            f"({one_line(error)}); {RE_EXPORT}") from None
         rgb, alpha = rgba[..., :3], rgba[..., 3:]
         if alpha.min() == 255:
             return np.ascontiguousarray(rgb)

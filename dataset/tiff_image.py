@@ -1,4 +1,4 @@
-"""TIFF and GeoTIFF images read tile by tile with tifffile (see dataset.large_image).
+"""TIFF and GeoTIFF images read tile by tile with tifffile (see dataset.large_files).
 
 tifffile parses the file's tables and decodes one tile (or strip) at a time by its index;
 the tiles under a region are read, decoded, cut and joined here. Checks that need only
@@ -23,7 +23,7 @@ import tifffile
 from tifffile import COMPRESSION, PHOTOMETRIC, PLANARCONFIG, TIFF
 
 from dataset.large_image import LargeImage
-from utils.errors import DataError, opening
+from utils.errors import DataError, one_line, opening
 from utils.georef import GEOTIFF_TAGS, Georef
 
 # Decoded tiles kept for neighbouring regions (patches overlap, and a band's tiles serve
@@ -43,7 +43,7 @@ SAVE_TILED = ("re-save it as a tiled TIFF (e.g. vips tiffsave IN OUT --tile --py
 
 
 class TiffFacts(NamedTuple):
-    """What decides the way a TIFF goes (dataset.large_image.is_large_image_file)."""
+    """What decides the way a TIFF goes (dataset.large_files.is_large_image_file)."""
 
     pixels: int  # of the full-resolution image
     structured: bool  # tiled, pyramidal or georeferenced
@@ -58,7 +58,7 @@ def _open(path: Path) -> tifffile.TiffFile:
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             raise
         except Exception as error:  # tifffile's many ways of saying "not a TIFF it can parse"
-            raise DataError(f"{path}: not a TIFF file tifffile can read ({_one_line(error)}); check the file, or "
+            raise DataError(f"{path}: not a TIFF file tifffile can read ({one_line(error)}); check the file, or "
                             f"{SAVE_TILED}") from None
 
 
@@ -85,10 +85,6 @@ def describe_tiff(path: Path) -> TiffFacts:
             eight_bit=base.bitspersample == 8 and base.sampleformat == 1,
             upright=base.tags.valueof(ORIENTATION, 1) == 1,
         )
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 @dataclass
@@ -174,7 +170,7 @@ def _level(path: Path, page: tifffile.TiffPage, file_size: int) -> _Level:
 
 
 class TiffImage(LargeImage):
-    """A TIFF or GeoTIFF read tile by tile (open it with dataset.large_image.open_large_image).
+    """A TIFF or GeoTIFF read tile by tile (open it with dataset.large_files.open_large_image).
 
     Reduced-resolution levels this reader cannot use (another pixel format or
     compression than the full-resolution one can have) are left out of `levels`.
@@ -222,7 +218,7 @@ class TiffImage(LargeImage):
                     crs = ds.crs.to_string() if ds.crs else None
                     transform = None if ds.transform.is_identity else tuple(float(v) for v in ds.transform[:6])
         except RasterioError as error:
-            raise DataError(f"{self.path}: its GeoTIFF georeferencing cannot be read ({_one_line(error)}); fix the "
+            raise DataError(f"{self.path}: its GeoTIFF georeferencing cannot be read ({one_line(error)}); fix the "
                             "file's GeoTIFF tags (e.g. gdal_translate with -a_srs and -a_ullr)") from None
         return Georef(crs, transform, tags)  # type: ignore[arg-type]
 
@@ -253,7 +249,7 @@ class TiffImage(LargeImage):
         except MemoryError:
             raise
         except Exception as error:  # the codecs' many error types: the tile's bytes are bad
-            raise DataError(f"{self.path}: cannot decode tile {index} of level {level} ({_one_line(error)}); the file is "
+            raise DataError(f"{self.path}: cannot decode tile {index} of level {level} ({one_line(error)}); the file is "
                             "truncated or corrupt, re-download or re-export it") from None
         if segment is None or segment.ndim != 4:
             raise DataError(f"{self.path}: cannot decode tile {index} of level {level}; the file is corrupt, re-export it")

@@ -65,6 +65,7 @@ _LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, in
     # Small variant so tests can build whole networks in milliseconds.
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
 }
+BACKBONES = tuple(_LAYOUTS)  # GLNet's first
 
 
 class ResNetBackbone(nn.Module):

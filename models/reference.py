@@ -12,7 +12,7 @@ Shapes: an image (3, H, W) in [0, 1]; its global image (1, 3, Hg, Wg); N patches
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,11 @@ GROUPS = {  # the parameter groups a mode trains (BatchNorm in train mode); the 
     2: ("resnet_local", "fpn_local", "ensemble_conv"),
     3: ("resnet_global", "fpn_global", "ensemble_conv"),
 }
+Head = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], Tensor]  # an FPN's logits, ps0, ps1, ps2, ps3
+Branch = tuple[tuple[Tensor, ...], Head]  # a branch's c2..c5 and its FPN's outputs
 
 
-def up(x: Tensor, size) -> Tensor:
+def up(x: Tensor, size: Sequence[int]) -> Tensor:
     """The paper's "upsample": bilinear, align_corners=False."""
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
@@ -85,7 +87,7 @@ class FPN(nn.Module):
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, c: tuple[Tensor, ...], ext: Optional[tuple[list[Tensor], ...]] = None):
+    def forward(self, c: tuple[Tensor, ...], ext: Optional[Sequence[list[Tensor]]] = None) -> Head:
         """c: (c2, c3, c4, c5); ext: the other branch's (c2..c5, ps0, ps1, ps2), each map resized
         to the one it joins. Returns logits (B, n_class, H/4, W/4), ps0, ps1, ps2 (p5..p2 after
         each step) and ps3 (B, 512, H/4, W/4), the input of `classify`."""
@@ -116,12 +118,12 @@ class GLNet(nn.Module):
         self.ensemble_conv = nn.Conv2d(1024, n_class, 3, padding=1)
         nn.init.normal_(self.ensemble_conv.weight, 0.0, 0.01)
 
-    def global_branch(self, image_g: Tensor, ext=None):
+    def global_branch(self, image_g: Tensor, ext: Optional[Sequence[list[Tensor]]] = None) -> Branch:
         """(c2..c5, (logits, ps0, ps1, ps2, ps3)) of the global image; ext: merged local maps."""
         c = self.resnet_global(image_g)
         return c, self.fpn_global(c, ext)
 
-    def local_branch(self, patches: Tensor, glob, grid: PatchGrid, idx: range):
+    def local_branch(self, patches: Tensor, glob: Branch, grid: PatchGrid, idx: range) -> Branch:
         """The local branch on patches idx with the global maps of their image, cropped at
         each patch and upsampled to the local map they join."""
         c = self.resnet_local(patches)  # c2..c5 of the N patches
@@ -138,13 +140,13 @@ class GLNet(nn.Module):
         return self.ensemble_conv(torch.cat([local_ps3, crop], dim=1)), crop
 
 
-def crops(fmap: Tensor, grid: PatchGrid, idx: range, size) -> Tensor:
+def crops(fmap: Tensor, grid: PatchGrid, idx: range, size: Sequence[int]) -> Tensor:
     """A whole-image map (1, C, Hf, Wf) cut at each patch's box and upsampled: (N, C, *size)."""
     boxes = [grid.cell_box(i, fmap.shape[-2:]) for i in idx]
     return torch.cat([up(fmap[:, :, t : t + h, l : l + w], size) for t, l, h, w in boxes])
 
 
-def merge(patch_maps: list[Tensor], grid: PatchGrid, size) -> Tensor:
+def merge(patch_maps: list[Tensor], grid: PatchGrid, size: Sequence[int]) -> Tensor:
     """Every patch's map upsampled to its box on a (1, C, *size) map and added there, then
     divided by the patch coverage of the full-resolution image upsampled to `size`."""
     canvas = patch_maps[0].new_zeros((1, patch_maps[0].shape[1], *size))

@@ -162,15 +162,16 @@ class Batch:
 
 
 class _Losses:
-    """Computes the loss terms when labels exist and backpropagates them when training.
+    """Computes the loss terms when labels exist and backpropagates them when training;
+    lamb_fmreg weighs stage 2's feature-map regularisation.
 
     Their values reach the StageResult at the end of the run (`settle`), all in one copy
     to the host: reading each as it is made would make the host wait for the device at
     every sub-batch, with nothing queued behind it.
     """
 
-    def __init__(self, result: StageResult, backward: bool) -> None:
-        self.result, self.backward = result, backward
+    def __init__(self, result: StageResult, backward: bool, lamb_fmreg: float) -> None:
+        self.result, self.backward, self.lamb_fmreg = result, backward, lamb_fmreg
         self._pending: list[tuple[list[float], list[Tensor]]] = []  # (result list, terms of one value)
 
     def focal(self, logits: Tensor, target: Optional[Tensor]) -> Optional[Tensor]:
@@ -248,9 +249,8 @@ def run_stage(
         grids=[PatchGrid.build(img.shape[-2:], patch_size) for img in batch.images],
         sub_batch_size=sub_batch_size,
         micro_batch_size=micro_batch_size or sub_batch_size,
-        losses=_Losses(result, backward),
+        losses=_Losses(result, backward, lamb_fmreg),
         frozen_global=frozen_global,
-        lamb_fmreg=lamb_fmreg,
         on_patches=on_patches or (lambda n: None),
     )
     result.images = _RUNNERS[stage](run)
@@ -270,7 +270,6 @@ class _Run:
     micro_batch_size: int
     losses: _Losses
     frozen_global: Optional[GlobalBranch]
-    lamb_fmreg: float
     on_patches: Callable[[int], None]
 
 
@@ -289,7 +288,7 @@ def _run_global2local(run: _Run) -> list[ImageResult]:
         outputs = []
         for idx in grid.batches(run.sub_batch_size):
             outputs.append(_global2local_step(run.model, image, label, grid, idx, context, run.losses,
-                                              run.lamb_fmreg, run.micro_batch_size))
+                                              run.micro_batch_size))
             run.on_patches(len(idx))
         local_logits, ensemble_logits = (torch.cat(o) for o in zip(*outputs))
         images.append(ImageResult(glob.logits[i : i + 1], grid, local_logits, ensemble_logits))
@@ -347,10 +346,8 @@ def _merge_local_features(
         canvases = empty_canvases(context)
         terms = None if recompute else _PerPatch(len(grid))
         logits = _PerPatch(len(grid))
-        for idx in grid.batches(run.micro_batch_size):
-            _local2global_pass(run.model, image, grid, idx, context, canvases, logits, terms,
-                               keep_ps3=run.losses.backward)
-            run.on_patches(len(idx))
+        _local2global_passes(run.model, image, grid, context, canvases, run.micro_batch_size, run.on_patches,
+                             logits=logits, terms=terms, keep_ps3=run.losses.backward)
         merged.append(normalised_context(canvases, grid))
         del canvases  # channels-last maps were divided into maps of their own
         kept.append(terms)
@@ -395,12 +392,11 @@ def _global2local_step(
     grid: PatchGrid,
     idx: range,
     context: BranchOutput,
-    losses: _Losses,
-    lamb_fmreg: float,
+    losses: Optional[_Losses],
     micro_batch_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Stage 2 on one sub-batch: local and ensemble logits; the loss is backpropagated
-    (when training) before returning.
+    (when training) before returning. losses: None where none are computed (no label).
 
     Only the backbone couples the patches of a sub-batch (BatchNorm statistics). The head,
     the crops and the losses (means over equally sized patches) do not, so they run
@@ -410,15 +406,17 @@ def _global2local_step(
     (up to float summation order), at a fraction of the head's activation memory.
     """
     c = model.local_features(_patches(image, grid, idx))
-    head_in = tuple(t.detach().requires_grad_() for t in c) if losses.backward else c
+    losses = losses if label is not None else None
+    backward = losses is not None and losses.backward
+    head_in = tuple(t.detach().requires_grad_() for t in c) if backward else c
     n = len(idx)
     parts = [
-        _global2local_head(model, head_in, rows, label, grid, idx, context, losses, lamb_fmreg, len(rows) / n)
+        _global2local_head(model, head_in, rows, label, grid, idx, context, losses, len(rows) / n)
         for rows in chunks(n, micro_batch_size)
     ]
     local_logits, ensemble_logits, values = zip(*parts)
-    if label is not None:
-        if losses.backward:
+    if losses is not None:
+        if backward:
             torch.autograd.backward(c, [t.grad for t in head_in])
         fmreg, focal_local, focal_ensemble, total = zip(*values)
         losses.record_parts(fmreg, [focal_local, focal_ensemble], total)
@@ -433,28 +431,26 @@ def _global2local_head(
     grid: PatchGrid,
     idx: range,
     context: BranchOutput,
-    losses: _Losses,
-    lamb_fmreg: float,
+    losses: Optional[_Losses],
     share: float,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """The head and losses of the micro-batch `rows` of a sub-batch whose backbone maps are
     c. Loss terms are weighted by the micro-batch's share of the sub-batch, so that they
     sum to the sub-batch's: (fmreg, focal local, focal ensemble, total); none without a
-    label."""
+    label (losses None)."""
     part = idx[rows.start : rows.stop]
     maps = tuple(m[rows.start : rows.stop] for m in c)
     local = model.local_head(maps, context.context(), grid, part)  # type: ignore[arg-type]
     ensemble, crop = model.ensemble(model.ensemble_local_term(local.ps3), context.ps3, grid, part)
     target = _patch_targets(label, grid, part, local.logits.shape[-2:])
-    values: tuple[Tensor, ...] = ()
-    if target is not None:
-        fmreg = share * fmreg_loss(local.ps3, crop)
-        loss_local, loss_ens = share * focal_loss(local.logits, target), share * focal_loss(ensemble, target)
-        total = loss_local + loss_ens + lamb_fmreg * fmreg
-        values = tuple(t.detach() for t in (fmreg, loss_local, loss_ens, total))
-        if losses.backward:
-            total.backward()
-    return local.logits.detach(), ensemble.detach(), values
+    if losses is None or target is None:
+        return local.logits.detach(), ensemble.detach(), ()
+    fmreg = share * fmreg_loss(local.ps3, crop)
+    loss_local, loss_ens = share * focal_loss(local.logits, target), share * focal_loss(ensemble, target)
+    total = loss_local + loss_ens + losses.lamb_fmreg * fmreg
+    if losses.backward:
+        total.backward()
+    return local.logits.detach(), ensemble.detach(), tuple(t.detach() for t in (fmreg, loss_local, loss_ens, total))
 
 
 def _local2global_pass(
@@ -477,6 +473,33 @@ def _local2global_pass(
         logits.write(idx, local.logits)
     if terms is not None:
         terms.write(idx, local.ps3 if keep_ps3 else model.ensemble_local_term(local.ps3))
+
+
+def _local2global_passes(
+    model: GLNet,
+    image: Tensor,
+    grid: PatchGrid,
+    context: Context,
+    canvases: Canvases,
+    micro_batch_size: int,
+    report: Callable[[int], None],
+    *,
+    start: int = 0,
+    logits: Optional[_PerPatch] = None,
+    terms: Optional[_PerPatch] = None,
+    keep_ps3: bool = False,
+    on_pass: Optional[KeepFirstPass] = None,
+) -> None:
+    """Stage 3's first pass: _local2global_pass over the patches from `start` (where a
+    micro-batch begins) to the last, each micro-batch's patches reported; on_pass is told
+    the canvases' buffers after each (buffers, patches added, patches of the grid)."""
+    for idx in grid.batches(micro_batch_size):
+        if idx.start < start:
+            continue
+        _local2global_pass(model, image, grid, idx, context, canvases, logits, terms, keep_ps3)
+        report(len(idx))
+        if on_pass is not None:
+            on_pass(canvases.buffers, idx.stop, len(grid))
 
 
 def _local_ps3(
@@ -537,12 +560,10 @@ def stream_patch_logits(
     report = on_patches or (lambda n: None)
     if stage is Stage.GLOBAL2LOCAL:
         context = model.global_branch(global_image).image(0)
-        losses = _Losses(StageResult(images=[]), backward=False)
         for row in range(start_row, grid.n_rows):
             ensemble = []
             for idx in row_patches(grid, row, micro_batch_size):
-                ensemble.append(_global2local_step(model, image, None, grid, idx, context, losses, LAMB_FMREG,
-                                                   micro_batch_size)[1])
+                ensemble.append(_global2local_step(model, image, None, grid, idx, context, None, micro_batch_size)[1])
                 report(len(idx))
             yield row, torch.cat(ensemble)
         return
@@ -550,16 +571,10 @@ def stream_patch_logits(
         raise ValueError("stage 3 needs the frozen stage-1 global branch")
     context = frozen_global.context_maps(global_image)
     canvases = empty_canvases(context)
-    batches = grid.batches(micro_batch_size)
     done = _resume_first_pass(canvases, first_pass, grid, micro_batch_size)
     del first_pass  # copied into the canvases: its memory goes back now, not after the image
-    for idx in batches:
-        if idx.start < done:
-            continue
-        _local2global_pass(model, image, grid, idx, context, canvases, None, None, keep_ps3=False)
-        report(len(idx))
-        if on_first_pass is not None:
-            on_first_pass(canvases.buffers, idx.stop, len(grid))
+    _local2global_passes(model, image, grid, context, canvases, micro_batch_size, report, start=done,
+                         on_pass=on_first_pass)
     merged = normalised_context(canvases, grid)
     del canvases  # channels-last maps were divided into maps of their own
     glob = model.global_branch(global_image, merged)

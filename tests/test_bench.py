@@ -306,9 +306,9 @@ def test_loader_rate_times_the_trainers_loader_in_process(tmp_path, monkeypatch)
 
     seen, trainers_loader = [], loader_rate.make_loader
 
-    def spying_loader(dataset, args, indices):
-        assert args.num_workers == 0 and torch.get_num_threads() == 1
-        for batch in trainers_loader(dataset, args, indices):
+    def spying_loader(dataset, indices, **settings):
+        assert settings["num_workers"] == 0 and torch.get_num_threads() == 1
+        for batch in trainers_loader(dataset, indices, **settings):
             seen.append((dataset.augment, tuple(batch["global"][0].shape[-2:])))
             yield batch
 

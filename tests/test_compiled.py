@@ -12,6 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import config
+import band_prediction
 import helper
 from conftest import DEVICES, exact_cuda_math
 from dataset.classes import DEEPGLOBE
@@ -109,7 +110,7 @@ def test_compiled_autocast_is_as_close_to_fp32_as_eager_autocast_and_compiles_a_
     # are passes of four, as the whole image's, so the same graphs give the same map.
     image = torch.randint(0, 256, (3, *IMAGE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     whole = helper.predict_image(session, image)
-    bands = [ids for _, ids in helper.predict_bands(session, image, global_image(image, SIZE_G), band_rows=32)]
+    bands = [ids for _, ids in band_prediction.predict_bands(session, image, global_image(image, SIZE_G), band_rows=32)]
     assert torch.equal(torch.cat(bands), whole)
     assert _graphs() == (first[0] + 2 * len(last_passes), 0)
 

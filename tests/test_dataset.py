@@ -434,9 +434,7 @@ def test_the_trainers_loader_gives_the_same_batches_with_or_without_workers(tmp_
     """The number of loader workers changes nothing in the results (README, Training): the
     trainer's loader, started as training starts it, gives the same ids, images, labels and
     global images, in the epoch's order, epoch after epoch, with 0 or 2 workers."""
-    from argparse import Namespace
-
-    from helper import make_loader
+    from dataset.loader import make_loader
     from train_deep_globe import epoch_order
     from utils.distributed import DistInfo
 
@@ -444,11 +442,11 @@ def test_the_trainers_loader_gives_the_same_batches_with_or_without_workers(tmp_
 
     def epochs(workers):
         dataset = build_dataset("deep_globe", tmp_path, "train", augment=True, seed=3)
-        args = Namespace(size_g=(16, 16), batch_size=2, num_workers=workers)
         batches = []
         for epoch in range(2):
             dataset.set_epoch(epoch)
-            batches.append(list(make_loader(dataset, args, epoch_order(len(dataset), 3, epoch, DistInfo()))))
+            batches.append(list(make_loader(dataset, epoch_order(len(dataset), 3, epoch, DistInfo()), batch_size=2,
+                                           num_workers=workers, size_g=(16, 16))))
         return batches
 
     alone, shared = epochs(0), epochs(2)

@@ -115,13 +115,13 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
 SLOW_SAVE = """
 import sys, time
 sys.path.insert(0, '.')
-import train_deep_globe
-save = train_deep_globe.atomic_save
+import run_state, train_deep_globe
+save = run_state.atomic_save
 def slow(obj, path, **kwargs):
     print("writing", path, flush=True)
     time.sleep(1.5)  # inside the epoch's deferred block, between nothing and everything written
     save(obj, path, **kwargs)
-train_deep_globe.atomic_save = slow
+run_state.atomic_save = slow
 sys.exit(train_deep_globe.main(sys.argv[1:]))
 """
 

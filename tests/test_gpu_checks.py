@@ -98,7 +98,7 @@ def test_every_command_parses_and_the_targets_come_first(tmp_path):
             assert args.device == "cuda" and args.json
         parsed.append((argv[0], args, flags))
 
-    # Issue 15's targets first: mode 3 at 2448 in bf16 in-process, eager; predict.py over a
+    # The speed targets first (bench/README.md, Targets): mode 3 at 2448 in bf16 in-process, eager; predict.py over a
     # folder; the training schedule with the fast settings; compiled in-process; the
     # faithful fp32 schedule, with train_deep_globe.py's defaults.
     first = [(name.split("/")[1], getattr(args, "compile", False)) for name, args, _ in parsed[:7]]

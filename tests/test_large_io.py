@@ -1,5 +1,5 @@
 """Large-image I/O: reading tiled, pyramidal and georeferenced TIFFs and slides by regions,
-the streamed global image, and the band-by-band tiled class-map writer (issue 17).
+the streamed global image, and the band-by-band tiled class-map writer.
 
 Every file is made here, small (hundreds of pixels, 256-pixel tiles), so the whole
 module runs in seconds on a CPU.
@@ -25,7 +25,7 @@ from PIL import Image
 
 from dataset.classes import DEEPGLOBE
 from dataset.io import read_image
-from dataset.large_image import is_large_image_file, open_large_image
+from dataset.large_files import is_large_image_file, open_large_image
 from dataset.slide_image import SlideImage
 from dataset.streamed_global import global_image_large, global_image_streamed, pick_level
 from dataset.tiff_image import TiffImage, _ome_mpp
@@ -143,7 +143,7 @@ def test_levels_are_listed_full_resolution_first_and_read(files, kind, levels):
         assert image.levels == levels
         for i, (h, w) in enumerate(levels[1:], start=1):
             step = W // w if kind == "svs" else 2 ** i  # the halvings were taken by striding
-            np.testing.assert_array_equal(image.read_level(i), a[::step, ::step][:h, :w])
+            np.testing.assert_array_equal(image.read_region(0, 0, h, w, level=i), a[::step, ::step][:h, :w])
             np.testing.assert_array_equal(image.read_region(10, 20, 30, 40, level=i), a[::step, ::step][10:40, 20:60])
 
 
@@ -639,15 +639,15 @@ def test_bands_must_fit_the_map(tmp_path):
             writer.write_band(bad)
     with pytest.raises(ValueError, match="write them all first"):
         writer.finish()
-    writer.discard()
-    assert not any(tmp_path.iterdir())
+    writer.close()
+    assert not (tmp_path / "x_ids.tif").exists()  # nothing under the final name
 
 
 # ------------------------------------------------------------------ layering
 
 
 @pytest.mark.parametrize("module", ["utils/banded_resample.py", "utils/band_store.py", "utils/georef.py",
-                                    "utils/tiled_writer.py", "dataset/large_image.py", "dataset/tiff_image.py",
+                                    "utils/tiled_writer.py", "dataset/large_image.py", "dataset/large_files.py", "dataset/tiff_image.py",
                                     "dataset/slide_image.py", "dataset/streamed_global.py"])
 def test_new_modules_keep_the_layers(module):
     allowed = {"utils": ("utils",), "dataset": ("utils", "dataset")}[module.split("/")[0]]

@@ -1,10 +1,11 @@
-"""predict.py on very large images (issue 17): a tiled TIFF or GeoTIFF is predicted band by
+"""predict.py on very large images: a tiled TIFF or GeoTIFF is predicted band by
 band into <stem>_ids.tif and <stem>_preview.png, equal to the in-memory path's PNG of the
 same pixels; an interrupted run resumes. Small files and ResNet-18 keep it to CPU seconds."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import tifffile
 import torch
 from PIL import Image
 
-import helper
+import band_prediction
 import predict
 from conftest import DEVICES
 from dataset.classes import DEEPGLOBE
@@ -62,10 +63,21 @@ def run(models: Path, *args: str, device: str = "cpu") -> int:
     return predict.main(["--model_path", str(models), "--device", device, *SIZES, *args])
 
 
-def in_memory_ids(models: Path, inputs: Path, out: Path, mode: int, device: str = "cpu") -> np.ndarray:
-    assert run(models, "--mode", str(mode), "--input", str(inputs / "png" / "big.png"), "--output", str(out),
-               device=device) == 0
-    return np.asarray(Image.open(out / "big_ids.png"))
+@pytest.fixture(scope="module")
+def in_memory_ids(models, inputs, tmp_path_factory) -> Callable[..., np.ndarray]:
+    """The in-memory path's class map of the same pixels (big.png) by mode and device, each
+    predicted once for the module."""
+    maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def ids(mode: int, device: str = "cpu") -> np.ndarray:
+        if (mode, device) not in maps:
+            out = tmp_path_factory.mktemp("png")
+            assert run(models, "--mode", str(mode), "--input", str(inputs / "png" / "big.png"), "--output", str(out),
+                       device=device) == 0
+            maps[mode, device] = np.asarray(Image.open(out / "big_ids.png"))
+        return maps[mode, device]
+
+    return ids
 
 
 def check_large_outputs(out: Path, stem: str) -> np.ndarray:
@@ -86,13 +98,13 @@ def check_large_outputs(out: Path, stem: str) -> np.ndarray:
 # device, which must agree to the bit (Pillow's integer arithmetic, one division).
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", [3, 1])
-def test_tiled_tiff_equals_the_png_path(models, inputs, tmp_path, mode, device, capsys):
+def test_tiled_tiff_equals_the_png_path(models, inputs, in_memory_ids, tmp_path, mode, device, capsys):
     out = tmp_path / "large"
     assert run(models, "--mode", str(mode), "--input", str(inputs / "big.tif"), "--output", str(out),
                device=device) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["big_ids.tif", "big_preview.png"]
     ids = check_large_outputs(out, "big")
-    np.testing.assert_array_equal(ids, in_memory_ids(models, inputs, tmp_path / "png", mode, device))
+    np.testing.assert_array_equal(ids, in_memory_ids(mode, device))
     assert len(np.unique(ids)) > 1  # a map of one class would hide a misplaced band
 
 
@@ -144,9 +156,9 @@ def test_tta_is_refused_in_one_line(models, inputs, tmp_path, capsys):
 
 # The same command resumes; other patches per pass (float rounding may differ) start over.
 @pytest.mark.parametrize("rerun_flags", [[], ["--micro_batch_size", "2"]], ids=["same", "other-micro-batch"])
-def test_interrupted_run_resumes(models, inputs, tmp_path, monkeypatch, capsys, rerun_flags):
-    monkeypatch.setattr(helper, "BAND_ROWS", 64)
-    bands = helper.predict_bands
+def test_interrupted_run_resumes(models, inputs, in_memory_ids, tmp_path, monkeypatch, capsys, rerun_flags):
+    monkeypatch.setattr(band_prediction, "BAND_ROWS", 64)
+    bands = band_prediction.predict_bands
 
     def interrupted(*args, **kwargs):
         for k, band in enumerate(bands(*args, **kwargs)):
@@ -156,19 +168,19 @@ def test_interrupted_run_resumes(models, inputs, tmp_path, monkeypatch, capsys, 
 
     out = tmp_path / "out"
     args = ["--mode", "2", "--input", str(inputs / "big.tif"), "--output", str(out)]
-    monkeypatch.setattr(helper, "predict_bands", interrupted)
+    monkeypatch.setattr(band_prediction, "predict_bands", interrupted)
     assert run(models, *args) == 130
     assert "64 of 300 rows are kept" in capsys.readouterr().err
     assert not (out / "big_ids.tif").exists() and not (out / "big_preview.png").exists()
     data, index, state = partial_paths(out / "big_ids.tif")
     assert data.exists() and index.exists() and not state.exists()  # mode 2 has no pass to keep
-    monkeypatch.setattr(helper, "predict_bands", bands)
+    monkeypatch.setattr(band_prediction, "predict_bands", bands)
     assert run(models, *args, *rerun_flags) == 0
     resumed = "continuing from row 64 of 300" in capsys.readouterr().err
     assert resumed == (not rerun_flags)
     ids = check_large_outputs(out, "big")
     if not rerun_flags:
-        np.testing.assert_array_equal(ids, in_memory_ids(models, inputs, tmp_path / "png", 2))
+        np.testing.assert_array_equal(ids, in_memory_ids(2))
 
 
 def test_unreadable_file_is_one_line(models, tmp_path, capsys):
@@ -194,7 +206,7 @@ def test_a_pyramid_level_makes_the_global_image_by_default(models, inputs, pixel
         made.append(global_image_large(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(helper, "global_image_large", recorded)
+    monkeypatch.setattr(band_prediction, "global_image_large", recorded)
     assert run(models, "--mode", "1", "--input", str(path), "--output", str(tmp_path / "level")) == 0
     expected = np.asarray(Image.fromarray(level).resize((64, 64), Image.Resampling.BILINEAR))  # Pillow, from the level
     assert torch.equal(made[0], torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
@@ -232,7 +244,7 @@ def test_in_a_log_progress_is_a_line_now_and_then(models, inputs, tmp_path, monk
     """Where no bar is drawn (stderr is not a terminal under pytest), lines count the rows
     written and, in stage 3, the patches of both passes: the first pass over every patch
     writes no row, so its lines are all there is for a long while."""
-    monkeypatch.setattr(helper, "BAND_ROWS", 100)
+    monkeypatch.setattr(band_prediction, "BAND_ROWS", 100)
     monkeypatch.setattr(utils.progress, "EVERY", 0.0)
     assert run(models, "--mode", "3", "--input", str(inputs / "big.tif"), "--output", str(tmp_path)) == 0
     err = capsys.readouterr().err.splitlines()
@@ -269,10 +281,11 @@ def test_progress_lines_of_work_of_unknown_size_say_the_count_and_the_last_value
     assert out.getvalue() == "train 1: 3 batch after 2 min, loss=0.5000\n"
 
 
-def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs, tmp_path, monkeypatch, capsys):
+def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs, in_memory_ids, tmp_path, monkeypatch,
+                                                                 capsys):
     """Stopped during that pass, which writes no row, the same command continues it from the
     last patch kept, and the map is the uninterrupted one."""
-    monkeypatch.setattr(helper, "FIRST_PASS_EVERY", 0.0)
+    monkeypatch.setattr(band_prediction, "FIRST_PASS_EVERY", 0.0)
 
     class Stopping(ProgressLines):
         def update(self, n: int = 1) -> None:
@@ -294,4 +307,4 @@ def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs,
     assert "big.tif: continuing the pass over every patch after the 4 kept" in err
     assert [line.split(" (")[0] for line in err.splitlines() if line.startswith("patches: ")][-1] == (
         f"patches: {2 * n - 4}/{2 * n - 4} patch")
-    np.testing.assert_array_equal(check_large_outputs(out, "big"), in_memory_ids(models, inputs, tmp_path / "png", 3))
+    np.testing.assert_array_equal(check_large_outputs(out, "big"), in_memory_ids(3))

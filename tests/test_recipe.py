@@ -155,9 +155,9 @@ def test_auto_takes_only_the_imagenet_weights_the_authors_used(tmp_path, monkeyp
     (hub / v2).touch()
     args = _parsed([])
     with pytest.raises(helper.CheckpointError, match=f"{v2}: not torchvision's IMAGENET1K_V1 resnet50 weights"):
-        train_deep_globe.pretrained_path(args)
+        config.pretrained_path(args)
     (hub / v1).touch()
-    assert train_deep_globe.pretrained_path(args) == hub / v1
+    assert config.pretrained_path(args) == hub / v1
 
 
 def test_a_resumed_run_needs_no_imagenet_file(markers):

@@ -357,17 +357,24 @@ def test_resume_says_when_num_epochs_grows_and_refuses_it_shrinking(data, tmp_pa
 
 
 def test_stage_3_keeps_the_frozen_global_branch_it_started_from(data, tmp_path, models_dir, capsys):
-    """Resumed with another --path_g, stage 3 is refused; evaluated or predicted with another
-    (not a copy), it warns, naming the file its facts record."""
+    """Resumed with another --path_g, stage 3 is refused; started with a --path_g other than
+    its --path_g2l's, or evaluated or predicted with another (not a copy), it warns, naming
+    the file its facts record."""
     models_dir.mkdir()
     torch.manual_seed(0)
     save_weights(GLNet(7, "resnet18"), models_dir / "g.pth")
     save_weights(GLNet(7, "resnet18"), models_dir / "other_g.pth")
     stage_3 = ["--mode", 3, "--path_g", "g.pth", "--path_g2l", "g.pth"]
     assert train_deep_globe.main(tiny_args(data, tmp_path, *stage_3, "--num_epochs", 1)) == 0
-    capsys.readouterr()
+    assert "warning" not in capsys.readouterr().out
     resumed = ["--mode", 3, "--path_g", "other_g.pth", "--path_g2l", "g.pth", "--num_epochs", 2, "--resume"]
     _fails(capsys, tiny_args(data, tmp_path, *resumed), "another frozen global branch (--path_g)")
+    # A new run whose --path_g2l was not trained from its --path_g trains, as the authors' did, but says so.
+    mixed = ["--mode", 3, "--path_g", "other_g.pth", "--path_g2l", "g.pth", "--num_epochs", 1, "--task_name", "mixed"]
+    assert train_deep_globe.main(tiny_args(data, tmp_path, *mixed)) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert (f"--path_g {models_dir / 'other_g.pth'} is not the stage-1 file that --path_g2l {models_dir / 'g.pth'} "
+            "was trained with (") in line and " of its global-branch tensors differ); " in line
 
     def warnings(path_g: str) -> list[str]:
         argv = ["--evaluation", "--mode", 3, "--path_g", path_g, "--path_l2g", "fpn_deepglobe_local2global.pth"]

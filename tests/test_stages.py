@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES
 from models.glnet import BRANCH_GROUPS, GLNet, GlobalBranch
-from models.stages import (Batch, Stage, StageResult, _Losses, run_stage, set_branch_modes,
+from models.stages import (LAMB_FMREG, Batch, Stage, StageResult, _Losses, run_stage, set_branch_modes,
                            stream_patch_logits)
 from utils.patches import PatchGrid
 
@@ -266,7 +266,7 @@ def test_loss_parts_are_summed_in_order_as_python_floats():
     right gives 0.0 and any other order 1.0."""
     parts = [torch.tensor(2.0**53), torch.tensor(1.0), torch.tensor(-(2.0**53))]
     result = StageResult(images=[])
-    losses = _Losses(result, backward=False)
+    losses = _Losses(result, backward=False, lamb_fmreg=LAMB_FMREG)
     losses.record_parts(parts, [parts[::-1], [torch.tensor(0.25, dtype=torch.bfloat16)]], parts)
     losses.settle()
     assert (result.fmreg, result.criteria, result.totals) == ([0.0], [1.0, 0.25], [0.0])

@@ -1,5 +1,5 @@
-"""Streamed prediction (issue 17): the engine's grid rows (models.stages.stream_patch_logits)
-against run_stage, and helper.predict_bands against helper.predict_image.
+"""Streamed prediction of very large images: the engine's grid rows (models.stages.stream_patch_logits)
+against run_stage, and band_prediction.predict_bands against helper.predict_image.
 
 CPU, ResNet-18 with rule weights, a 150 x 230 image cut into 80-pixel patches (4 x 6).
 """
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import band_prediction
 import helper
 from dataset.classes import DEEPGLOBE
 from dataset.transforms import global_image
@@ -85,22 +86,22 @@ def test_bands_stack_to_predict_image(networks, image, mode, monkeypatch):
     if mode > 1:
         rows = list(stream_patch_logits(Stage(mode), s.model, image, glob[None], PatchGrid.build(SIZE, SIZE_P),
                                          frozen_global=s.frozen_global))
-        monkeypatch.setattr(helper, "stream_patch_logits",
+        monkeypatch.setattr(band_prediction, "stream_patch_logits",
                             lambda *a, start_row, **k: replayed.append(start_row) or iter(rows[start_row:]))
     # Bands of several heights, merged in pieces of several widths (one column, a piece
     # edge inside a patch, the whole width).
     for band_rows, columns in [(1, 4096), (7, 4096), (64, 4096), (150, 4096), (500, 4096), (7, 37), (64, 1),
                                (500, 100)]:
-        monkeypatch.setattr(helper, "MERGE_COLUMNS", columns)
-        bands = list(helper.predict_bands(s, image, glob, band_rows))
+        monkeypatch.setattr(band_prediction, "MERGE_COLUMNS", columns)
+        bands = list(band_prediction.predict_bands(s, image, glob, band_rows))
         assert [y0 for y0, _ in bands] == list(range(0, SIZE[0], band_rows))
         assert all(band.shape == (min(band_rows, SIZE[0] - y0), SIZE[1]) for y0, band in bands)
         assert torch.equal(torch.cat([band for _, band in bands]), whole), (band_rows, columns)
     for start in (1, 61, 149):  # resuming: the bands from an output row on
-        bands = list(helper.predict_bands(s, image, glob, 32, start=start))
+        bands = list(band_prediction.predict_bands(s, image, glob, 32, start=start))
         assert bands[0][0] == start
         assert torch.equal(torch.cat([band for _, band in bands]), whole[start:]), start
-    assert list(helper.predict_bands(s, image, glob, 32, start=SIZE[0])) == []
+    assert list(band_prediction.predict_bands(s, image, glob, 32, start=SIZE[0])) == []
     if mode > 1:  # grid rows at tops 0, 23, 47, 70 of 80-row patches: row 61 needs them all, 149 the last
         assert replayed == [0] * 8 + [0, 0, 3]
 
@@ -114,12 +115,12 @@ def test_band_patch_count_is_what_the_bands_pass_through(networks, image, mode, 
     """What predict.py's patch bar counts to: the patches predict_bands reports, run for real;
     on the CPU each pass is followed by a trim of the heap."""
     s = session(networks, mode)
-    assert helper.band_patch_count(s, SIZE, start) == patches
+    assert band_prediction.band_patch_count(s, SIZE, start) == patches
     if start in (0, 149) and mode > 1:
         counted: list = []
         s.on_patches = counted.append
         monkeypatch.setattr(helper, "release_free_heap", lambda: counted.append("trim"))
-        list(helper.predict_bands(s, image, global_image(image, SIZE_G), 64, start=start))
+        list(band_prediction.predict_bands(s, image, global_image(image, SIZE_G), 64, start=start))
         assert sum(n for n in counted if n != "trim") == patches
         assert counted[1::2] == ["trim"] * len(counted[::2]) and "trim" not in counted[::2]
 
@@ -160,7 +161,7 @@ def test_stage_3s_first_pass_kept_part_way_resumes_to_the_same_rows(networks, im
 
 def test_the_first_pass_is_kept_each_minute_and_a_failed_save_costs_only_the_resume(monkeypatch, capsys):
     now = [0.0]
-    monkeypatch.setattr(helper.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(band_prediction.time, "monotonic", lambda: now[0])
     saved: list = []
 
     class Writer:
@@ -173,7 +174,7 @@ def test_the_first_pass_is_kept_each_minute_and_a_failed_save_costs_only_the_res
 
     def run(writer, steps):
         now[0] = 0.0
-        keep = helper._keeping_first_pass(writer)
+        keep = band_prediction._keeping_first_pass(writer)
         for t, done in steps:
             now[0] = t
             keep([torch.zeros(2)], done, 4)

@@ -41,6 +41,12 @@ def opening(path: Union[str, Path], kind: str, if_missing: str) -> Iterator[None
         raise DataError(f"{path}: permission denied; make the file readable") from None
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type's name where it has none), to quote
+    a library's error inside ours."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def user_message(error: BaseException) -> str:
     """The one-line message of a user mistake. Errors re-raised from DataLoader workers
     carry the worker's traceback, whose last line is the original message."""

@@ -16,7 +16,6 @@ from typing import Optional, Union
 # GeoKeyDirectory, GeoDoubleParams, GeoAsciiParams; GDAL's nodata and metadata ride along
 # (42112 GDAL_METADATA, 42113 GDAL_NODATA) only when asked for, they describe the pixels.
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
-GEO_KEY_DIRECTORY = 34735
 
 # A tag as tifffile's TiffWriter.write(extratags=...) takes it: (code, TIFF data type
 # number, count, value); value a tuple of numbers, or a str for ASCII (type 2).

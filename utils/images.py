@@ -1,4 +1,5 @@
-"""Image tensors' values: 8-bit images scaled to float32 in [0, 1], the networks' input."""
+"""Image tensors' values: 8-bit images scaled to float32 in [0, 1], the networks' input;
+and the dtype of class maps, the networks' output."""
 from __future__ import annotations
 
 import functools
@@ -23,3 +24,9 @@ def to_unit_float(image: Tensor) -> Tensor:
     if not image.is_floating_point():
         raise TypeError(f"expected a uint8 or float image tensor, got {image.dtype}")
     return image.float()
+
+
+def class_dtype(n_class: int) -> torch.dtype:
+    """The dtype of class maps: one byte per pixel wherever the ids fit, which keeps the
+    maps of huge images (three per image in evaluation) small."""
+    return torch.uint8 if n_class <= 256 else torch.long

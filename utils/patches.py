@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.images import class_dtype
 from utils.layout import memory_format_of
 from utils.resample import nearest_indices, resize
 
@@ -410,12 +411,6 @@ def merge_logits(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64
     for r0, r1 in _bands(0, grid.image_size[0], out[0].nbytes, max_band_bytes):
         _add_cover_layers(out[r0:r1].zero_(), by_cell, grid, r0)
     return out.permute(2, 0, 1)
-
-
-def class_dtype(n_class: int) -> torch.dtype:
-    """The dtype of class maps: one byte per pixel wherever the ids fit, which keeps the
-    maps of huge images (three per image in evaluation) small."""
-    return torch.uint8 if n_class <= 256 else torch.long
 
 
 def merge_argmax(patch_logits: Tensor, grid: PatchGrid, max_band_bytes: int = 64 << 20) -> Tensor:

@@ -341,17 +341,11 @@ class ClassMapWriter:
         """Close the store's file (the store stays, for a later writer to resume)."""
         self.store.close()
 
-    def discard(self) -> None:
-        """Close and delete the partial store."""
-        self.close()
-        self._remove_partial()
-
     def __enter__(self) -> ClassMapWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
 
 
 class _Steps:
