@@ -39,7 +39,7 @@ from models.backbone import BACKBONES
 from models.stages import CHECKPOINT_FLAGS, STAGES, SUB_BATCH_SIZE, Stage
 from utils.errors import DataError, OneLineParser, USAGE_ERROR, reports_errors
 from utils.files import RunLock, remove_temporaries, replacing
-from utils.folders import output_folder
+from utils.folders import output_folder, removed_if_failed
 from utils.georef import world_file, world_file_name
 from utils.memory import return_large_blocks_to_the_system
 from utils.patches import PatchGrid
@@ -136,19 +136,20 @@ def run(args: argparse.Namespace) -> int:
     if large and args.tta:
         raise DataError(f"{large[0]}: --tta cannot be used on very large images (predicted band by band, while "
                         "test-time augmentation turns the whole image); leave out --tta")
-    output = output_folder(args.output, "--output")
-    # Locked before the models load: a second run on this folder stops at once, not seconds later.
-    with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
-        session = build_session(args, settled)
-        if args.compile:
-            print(helper.COMPILE_NOTE, file=sys.stderr)
-        remove_temporaries(output, [name for path in small for name in output_names(path.stem)]
-                           + [name for path in large for name in large_output_names(path.stem)]
-                           + [world_file_name(large_output_names(path.stem)[0]) for path in large]
-                           + [p.name for path in large for p in partial_paths(output / f"{path.stem}_ids.tif")])
-        alone = len(images) == 1
-        skipped = segment_all(session, small, table, output, tta=args.tta, alone=alone) if small else []
-        skipped += segment_large(session, large, table, output, args, alone=alone)
+    with removed_if_failed(args.output):  # a refused run leaves no empty --output behind
+        output = output_folder(args.output, "--output")
+        # Locked before the models load: a second run on this folder stops at once, not seconds later.
+        with RunLock(output / ".predict", f"--output {output}", "choose another --output"):
+            session = build_session(args, settled)
+            if args.compile:
+                print(helper.COMPILE_NOTE, file=sys.stderr)
+            remove_temporaries(output, [name for path in small for name in output_names(path.stem)]
+                               + [name for path in large for name in large_output_names(path.stem)]
+                               + [world_file_name(large_output_names(path.stem)[0]) for path in large]
+                               + [p.name for path in large for p in partial_paths(output / f"{path.stem}_ids.tif")])
+            alone = len(images) == 1
+            skipped = segment_all(session, small, table, output, tta=args.tta, alone=alone) if small else []
+            skipped += segment_large(session, large, table, output, args, alone=alone)
     print(f"wrote the predictions of {len(images) - len(skipped)} image(s) to {output}")
     if skipped:
         # Each was named with its reason as it was skipped; the last line counts them.

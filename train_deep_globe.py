@@ -36,7 +36,7 @@ from utils.checkpoint import CheckpointError, read_file
 from utils.distributed import DistInfo, cleanup, init_distributed, on_main, shard
 from utils.errors import MESSAGES_ENV, DataError, report, reports_errors
 from utils.files import RunLock, WriteError, remove_temporaries, write_new
-from utils.folders import output_folder
+from utils.folders import output_folder, removed_if_failed
 from utils.images import to_unit_float
 from utils.loader_wait import LoaderWait
 from utils.memory import return_large_blocks_to_the_system
@@ -299,9 +299,17 @@ def run(args: argparse.Namespace) -> int:
     outputs = [("--log_path", args.log_path), ("--log_path", run_logs if run_logs.is_dir() else None),
                ("--model_path", None if args.evaluation else args.model_path),
                ("--save_predictions", args.save_predictions)]
-    for flag, folder in outputs:
-        if folder is not None:
-            output_folder(folder, flag)
+    with removed_if_failed(*(folder for _, folder in outputs)):  # a refused run leaves no empty folders behind
+        for flag, folder in outputs:
+            if folder is not None:
+                output_folder(folder, flag)
+        run_session(args, settled, run_logs)
+    return 0
+
+
+def run_session(args: argparse.Namespace, settled: Settled, run_logs: Path) -> None:
+    """Train or evaluate, the flags checked and the output folders made."""
+    table = settled.table
     info, device = init_distributed(args.device)
     try:
         with contextlib.ExitStack() as held:
@@ -334,7 +342,6 @@ def run(args: argparse.Namespace) -> int:
                 train(args, session, settled, log, digest)
     finally:
         cleanup(info)
-    return 0
 
 
 @reports_errors(*USER_ERRORS)

@@ -162,10 +162,17 @@ def test_use_channels_last_converts_both_networks():
                 assert p.is_contiguous(memory_format=torch.channels_last), name
 
 
-def test_missing_checkpoint_is_one_line(models, images, tmp_path, capsys):
-    code = run(models, "--mode", "3", "--path_l2g", "nope.pth", "--input", str(images), "--output", str(tmp_path))
+def test_missing_checkpoint_is_one_line_and_leaves_no_empty_output_folder(models, images, tmp_path, capsys):
+    out = tmp_path / "preds" / "run1"
+    code = run(models, "--mode", "3", "--path_l2g", "nope.pth", "--input", str(images), "--output", str(out))
     assert code == 2
     assert "nope.pth: not found" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # neither folder it made for the run
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert run(models, "--mode", "3", "--path_l2g", "nope.pth", "--input", str(images), "--output",
+               str(tmp_path / "kept")) == 2
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"  # a folder that was there stays, as it was
 
 
 def test_checkpoint_flag_naming_a_folder_says_so(models, images, tmp_path, capsys):

@@ -144,6 +144,18 @@ def test_checkpoint_of_another_architecture(data, tmp_path, models_dir, capsys):
     _fails(capsys, argv, "g.pth", "does not match the model", "mis-shaped keys")
 
 
+def test_a_refused_run_leaves_no_empty_folders(data, tmp_path, capsys):
+    """Refused after its output folders were made (the ImageNet file is read with the
+    models), a run removes them again; folders that were there stay."""
+    missing = tmp_path / "nope.pth"
+    before = sorted(tmp_path.iterdir())
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1, "--pretrained", missing), str(missing))
+    assert sorted(tmp_path.iterdir()) == before  # neither --model_path nor --log_path
+    (tmp_path / "logs").mkdir()
+    _fails(capsys, tiny_args(data, tmp_path, "--num_epochs", 1, "--pretrained", missing), str(missing))
+    assert sorted(tmp_path.iterdir()) == sorted([*before, tmp_path / "logs"])
+
+
 def test_not_a_checkpoint(data, tmp_path, models_dir, capsys):
     models_dir.mkdir()
     (models_dir / "g.pth").write_text("hello")

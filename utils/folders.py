@@ -1,8 +1,11 @@
-"""Output folders, checked before any work is done."""
+"""Output folders, checked before any work is done, and not left behind empty by a run that
+failed."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator, Optional, Union
 
 from utils.errors import DataError
 
@@ -20,3 +23,20 @@ def output_folder(path: str | Path, flag: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise DataError(f"{flag} {path}: this folder is not writable; choose another path") from None
     return path
+
+
+@contextlib.contextmanager
+def removed_if_failed(*paths: Optional[Union[str, Path]]) -> Iterator[None]:
+    """Of the folders `paths` name (None: none) and their parents, those missing now that the
+    block creates are removed again if it raises while they are empty: a run refused for a
+    mistake, or stopped before it wrote anything, leaves no empty folders for the user to
+    clean up. Folders holding anything stay."""
+    missing = {folder for path in paths if path is not None
+               for folder in (Path(path).absolute(), *Path(path).absolute().parents) if not folder.exists()}
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(missing, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty, or not made after all
+                folder.rmdir()
+        raise
