@@ -223,14 +223,16 @@ def test_synthetic_pyramid_levels_are_the_image_strided(tmp_path):
 def test_predict_large_benchmark_runs_predict_on_its_synthetic_tiff(tmp_path, capsys):
     from bench import predict_large_rss
 
-    flags = ["--sizes", "300x2100", "--mode", "2", "--backbone", "resnet18", "--size_g", "64", "--size_p", "96",
+    flags = ["--sizes", "200x700", "--mode", "2", "--backbone", "resnet18", "--size_g", "64", "--size_p", "96",
              "--threads", "1", "--folder", str(tmp_path), "--json", str(tmp_path / "r.jsonl")]
     assert predict_large_rss.main([*flags, "--", "--micro_batch_size", "2"]) == 0
     environment, record = (json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines())
     assert environment["threads"] == 1 and environment["commit"]
     # The spec's grid: from ceil(side / 96) patches, more until neighbours overlap by 50 px:
-    # 6 rows (96 - 204 / 5 >= 50) by 45 columns (96 - 2004 / 44 >= 50). One level: 2100 / 2 < 2048.
-    assert record["size"] == [300, 2100] and record["patches"] == 6 * 45 and record["levels"] == 1
+    # 4 rows (96 - 104 / 3 >= 50) by 15 columns (96 - 604 / 14 >= 50). No level: 700 < 2048.
+    assert record["size"] == [200, 700] and record["patches"] == 4 * 15 and record["levels"] == 0
+    # Halvings until the longest side is under 2048: 2100 needs one, 4100 two (2050 is not under).
+    assert [predict_large_rss.default_levels(300, w) for w in (2047, 2100, 4100)] == [0, 1, 2]
     assert record["predict_flags"] == ["--micro_batch_size", "2"]
     assert record["peak_rss_mb"] > 0 and record["seconds"] > 0 and record["input_mb"] >= 0
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # its temporary folder is gone
