@@ -25,8 +25,9 @@ from utils.progress import ProgressLines
 from utils.tiled_writer import partial_paths
 
 # One patch per pass: the streamed passes then group patches as the in-memory path does, and
-# the maps are equal to the bit (other micro-batches may differ in float rounding).
-SIZES = ["--size_g", "64", "--size_p", "96", "--micro_batch_size", "1", "--backbone", "resnet18"]
+# the maps are equal to the bit (other micro-batches may differ in float rounding). A 4 x 5 grid.
+SIZE_P = 128
+SIZES = ["--size_g", "64", "--size_p", str(SIZE_P), "--micro_batch_size", "1", "--backbone", "resnet18"]
 H, W = 300, 420
 CRS = "EPSG:32633"
 TRANSFORM = rasterio.Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4600000.0)
@@ -252,7 +253,7 @@ def test_in_a_log_progress_is_a_line_now_and_then(models, inputs, tmp_path, monk
     assert [err[i].split(" (")[0] for i in rows] == ["big.tif: 100/300 row", "big.tif: 200/300 row",
                                                      "big.tif: 300/300 row"]
     patches = [i for i, line in enumerate(err) if line.startswith("patches: ")]
-    n = len(PatchGrid.build((H, W), (96, 96)))
+    n = len(PatchGrid.build((H, W), (SIZE_P, SIZE_P)))
     assert [err[i].split(" (")[0] for i in patches] == [f"patches: {k}/{2 * n} patch" for k in range(1, 2 * n + 1)]
     assert patches[n - 1] < rows[0]  # the first pass, before the first row
     assert err[-1].startswith("big.tif: ") and err[-1].endswith(" s (1/1)")  # and the image's time, as before
@@ -303,7 +304,7 @@ def test_stage_3s_pass_over_every_patch_resumes_where_it_stopped(models, inputs,
     monkeypatch.setattr(utils.progress, "EVERY", 0.0)
     assert run(models, *args) == 0
     err = capsys.readouterr().err
-    n = len(PatchGrid.build((H, W), (96, 96)))
+    n = len(PatchGrid.build((H, W), (SIZE_P, SIZE_P)))
     assert "big.tif: continuing the pass over every patch after the 4 kept" in err
     assert [line.split(" (")[0] for line in err.splitlines() if line.startswith("patches: ")][-1] == (
         f"patches: {2 * n - 4}/{2 * n - 4} patch")
