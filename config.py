@@ -135,9 +135,9 @@ def add_size_flags(parser: argparse.ArgumentParser) -> None:
     """The global image's and the patches' sizes: flags the trainer and predict.py share."""
     a = parser.add_argument
     a("--size_g", type=parse_size, default=None, help="global image size: N or H,W, multiples of 4 (default: the "
-      f"checkpoint's, else {AUTHORS_SIZE})")
+      f"checkpoint's, else {AUTHORS_SIZE[0]})")
     a("--size_p", type=parse_size, default=None, help=f"local patch size: N or H,W, multiples of 4 above {MIN_OVERLAP} "
-      f"(default: the checkpoint's, else {AUTHORS_SIZE})")
+      f"(default: the checkpoint's, else {AUTHORS_SIZE[0]})")
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:

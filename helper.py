@@ -188,6 +188,8 @@ def frozen_context_warning(facts: dict[str, dict[str, Any]], digest: Optional[st
 
 
 def _frozen_note(path_g: Optional[Path], trained: str, evidence: str, stage: str) -> str:
+    """One wording for both warnings: the file `trained` was trained with another --path_g
+    (evidence: how that is known), and `stage` names the run whose --path_g to pass."""
     return (f"warning: --path_g {path_g} is not the stage-1 file that {trained} was trained with ({evidence}); stage 3 "
             f"takes its frozen context from --path_g, as the authors' code did: pass the --path_g {stage} used, unless "
             "this is meant")

@@ -249,7 +249,7 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
                     progress(patches, "patches", "patch", inner=True, bar=patches > session.micro_batch,
                              terminal=terminal) as passes:
                 band_prediction.predict_large(dataclasses.replace(session, on_patches=passes.update), image, writer,
-                                     exact_global=args.exact_global, on_band=bar.update)
+                                              exact_global=args.exact_global, on_band=bar.update)
                 writer.finish()
             carry_world_file(path, output / ids_name, image.georef is not None)
             return terminal

@@ -299,7 +299,9 @@ def run(args: argparse.Namespace) -> int:
     outputs = [("--log_path", args.log_path), ("--log_path", run_logs if run_logs.is_dir() else None),
                ("--model_path", None if args.evaluation else args.model_path),
                ("--save_predictions", args.save_predictions)]
-    with removed_if_failed(*(folder for _, folder in outputs)):  # a refused run leaves no empty folders behind
+    # A refused run leaves no empty folders behind. Rank 0 alone removes them: a rank that fails
+    # first must not remove a folder another is about to write into.
+    with removed_if_failed(*(folder for _, folder in outputs if os.environ.get("RANK", "0") == "0")):
         for flag, folder in outputs:
             if folder is not None:
                 output_folder(folder, flag)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import config
 import band_prediction
+import config
 import helper
 from conftest import DEVICES, exact_cuda_math
 from dataset.classes import DEEPGLOBE

@@ -24,6 +24,7 @@ import utils.files
 from models.glnet import GLNet
 from utils.checkpoint import read_file, read_state_dict, save_weights
 from utils.files import RunLock
+from utils.folders import removed_if_failed
 
 from conftest import ROOT, tiny_args
 
@@ -98,6 +99,27 @@ def _hold_lock_and_die(path: Path) -> int:
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     assert proc.wait() == -signal.SIGKILL
     return proc.pid
+
+
+def test_a_failed_block_removes_only_the_empty_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()  # the user's, empty
+    made = tmp_path / "a" / "b"
+    with pytest.raises(KeyboardInterrupt):
+        # x/../kept passes through a folder x the block makes: kept is still the user's.
+        with removed_if_failed(made, tmp_path / "x" / ".." / "kept", None):
+            made.mkdir(parents=True)
+            (tmp_path / "x").mkdir()
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "x"]
+    with pytest.raises(ValueError):
+        with removed_if_failed(tmp_path / "c" / "d"):
+            (tmp_path / "c" / "d").mkdir(parents=True)
+            (tmp_path / "c" / "d" / "written").write_text("")
+            raise ValueError
+    assert (tmp_path / "c" / "d" / "written").exists()  # a folder holding anything stays, and its parents
+    with removed_if_failed(tmp_path / "e"):
+        (tmp_path / "e").mkdir()
+    assert (tmp_path / "e").is_dir()  # nothing is removed after a block that succeeded
 
 
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):

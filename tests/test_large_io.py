@@ -647,8 +647,8 @@ def test_bands_must_fit_the_map(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["utils/banded_resample.py", "utils/band_store.py", "utils/georef.py",
-                                    "utils/tiled_writer.py", "dataset/large_image.py", "dataset/large_files.py", "dataset/tiff_image.py",
-                                    "dataset/slide_image.py", "dataset/streamed_global.py"])
+                                    "utils/tiled_writer.py", "dataset/large_image.py", "dataset/large_files.py",
+                                    "dataset/tiff_image.py", "dataset/slide_image.py", "dataset/streamed_global.py"])
 def test_new_modules_keep_the_layers(module):
     allowed = {"utils": ("utils",), "dataset": ("utils", "dataset")}[module.split("/")[0]]
     ours = {"utils", "dataset", "models", "helper", "predict", "train_deep_globe"}

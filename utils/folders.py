@@ -31,8 +31,11 @@ def removed_if_failed(*paths: Optional[Union[str, Path]]) -> Iterator[None]:
     block creates are removed again if it raises while they are empty: a run refused for a
     mistake, or stopped before it wrote anything, leaves no empty folders for the user to
     clean up. Folders holding anything stay."""
-    missing = {folder for path in paths if path is not None
-               for folder in (Path(path).absolute(), *Path(path).absolute().parents) if not folder.exists()}
+    # Normalised first: as given, a/../b with no folder a would be missing (through a) while b
+    # exists, and b would be removed. lexists never raises: a folder this user cannot look
+    # into counts as missing, and rmdir cannot remove it anyway.
+    absolute = [Path(os.path.abspath(path)) for path in paths if path is not None]
+    missing = {folder for path in absolute for folder in (path, *path.parents) if not os.path.lexists(folder)}
     try:
         yield
     except BaseException:
