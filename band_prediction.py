@@ -34,11 +34,11 @@ def predict_bands(
     session: Session, image: Any, global_image: Tensor, band_rows: int, start: int = 0,
     first_pass: Optional[FirstPass] = None, on_first_pass: Optional[KeepFirstPass] = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """The stage's final prediction of one image (what predict_image gives), band by band
+    """The stage's final prediction of one image (what helper.predict_image gives), band by band
     from output row `start` down: (y0, ids (h, W) of rows y0..y0 + h), bands of band_rows
     rows (the last one shorter), on the session's device. The whole map is never held.
 
-    image: (3, H, W) as predict_image takes it, or anything stream_patch_logits can cut
+    image: (3, H, W) as helper.predict_image takes it, or anything stream_patch_logits can cut
     patches from (a lazy view of a file); global_image: its global image, (3, Hg, Wg) or
     (1, 3, Hg, Wg). Stage 1 upsamples the global argmax row band by row band. Stages 2 and
     3 merge each band from the grid rows of patches over it as they come from
@@ -55,7 +55,7 @@ def predict_bands(
         raise ValueError(f"band_rows must be at least 1, got {band_rows}")
     height, width = (int(s) for s in image.shape[-2:])
     with torch.inference_mode():
-        # An inference tensor, as predict_image's global images are: compiled networks
+        # An inference tensor, as helper.predict_image's global images are: compiled networks
         # (--compile) guard on the kind, and then one graph serves both paths.
         global_image = global_image.to(session.device).clone()
     global_image = global_image if global_image.dim() == 4 else global_image[None]
@@ -145,7 +145,7 @@ def predict_large(session: Session, image: LargeImage, writer: ClassMapWriter, *
     """Predict a large image into `writer` band by band, from the row it has done on (a
     writer that resumed a partial store continues there). The global image comes from the
     pyramid level global_image_large picks, or from full resolution (exact_global, equal
-    to predict_image's); patches are read from the file as they are cut. band_rows: None
+    to helper.predict_image's); patches are read from the file as they are cut. band_rows: None
     for BAND_ROWS. on_band: told the rows of each band written. Stage 3's first pass over
     every patch, which writes no band, is kept in the writer's partial store as it goes,
     and resumed from there (kept_first_pass).
