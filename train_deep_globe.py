@@ -33,7 +33,7 @@ from models.stages import STAGES, Stage
 from run_state import (Progress, RunFiles, check_resumable, data_identity, guard_outputs, refuse_other_data, resume,
                        run_facts, run_settings, save_epoch)
 from utils.checkpoint import CheckpointError, read_file
-from utils.distributed import DistInfo, cleanup, init_distributed, on_main, shard
+from utils.distributed import DistInfo, cleanup, init_distributed, main_by_environment, on_main, shard
 from utils.errors import MESSAGES_ENV, DataError, report, reports_errors
 from utils.files import RunLock, WriteError, remove_temporaries, write_new
 from utils.folders import output_folder, removed_if_failed
@@ -293,15 +293,14 @@ def run(args: argparse.Namespace) -> int:
     settled = settle_flags(args)
     table = settled.table
     check_args(args, table)
-    # The run's own log folder too, where it exists: the user may have made an old one read-only.
-    # Otherwise it is made once the run passed its checks (RunLog.begin).
+    # The run's own log folder too: the user may have made an old one read-only.
     run_logs = Path(args.log_path) / args.task_name
-    outputs = [("--log_path", args.log_path), ("--log_path", run_logs if run_logs.is_dir() else None),
+    outputs = [("--log_path", args.log_path), ("--log_path", run_logs),
                ("--model_path", None if args.evaluation else args.model_path),
                ("--save_predictions", args.save_predictions)]
     # A refused run leaves no empty folders behind. Rank 0 alone removes them: a rank that fails
     # first must not remove a folder another is about to write into.
-    with removed_if_failed(*(folder for _, folder in outputs if os.environ.get("RANK", "0") == "0")):
+    with removed_if_failed(*(folder for _, folder in outputs if main_by_environment())):
         for flag, folder in outputs:
             if folder is not None:
                 output_folder(folder, flag)
@@ -357,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt as interrupt:
-        if os.environ.get("RANK", "0") == "0":  # every process is stopped; one says what is saved
+        if main_by_environment():  # every process is stopped; one says what is saved
             report(f"{stop_word(interrupt)}: {interruption_note(args)}")
         return exit_status(interrupt)
     except WriteError as error:

@@ -27,6 +27,12 @@ class DistInfo:
         return self.world_size > 1
 
 
+def main_by_environment() -> bool:
+    """Whether this process is rank 0 (or alone), as torchrun's environment says: known
+    before the process group starts, and after it has gone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment (if any) and pick this
     process's device: `cuda:<local_rank>` under torchrun with CUDA, else `device`."""

@@ -76,10 +76,6 @@ class RunLog:
         come. A run refused before (another run's checkpoints in the way, unreadable data)
         leaves log.txt as it was: the log of the run in its way gets no lines of another."""
         if self.enabled and self.held is not None:
-            try:
-                self.folder.mkdir(exist_ok=True)
-            except OSError as error:
-                raise cannot_write(self.folder, error) from None
             for text in self.held:
                 append_line(self.folder / "log.txt", text)
         self.held = None
