@@ -35,7 +35,7 @@ from utils.errors import DataError
 from utils.files import WriteError
 from utils.georef import world_file, world_file_name
 from utils.resample import pil_bilinear
-from utils import tiled_writer
+from utils import band_store, tiled_writer
 from utils.tiled_writer import (ClassMapWriter, file_identity, level_sizes, majority_2x2, partial_paths,
                                  preview_size)
 
@@ -614,6 +614,40 @@ def test_full_disk_while_finishing_is_one_line_and_leaves_nothing(tmp_path):
     with pytest.raises(WriteError) as error:
         writer.finish(full)
     assert "cannot write (No space left on device" in one_line_naming(error, tmp_path / "x_ids.tif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".x_ids.tif.partial", ".x_ids.tif.partial.json"]
+    writer.close()
+
+
+class FullOnFlush(FullDisk):
+    """A file whose writes are buffered and fail when flushed, and again when closed (the
+    file is closed all the same), as a buffered file's on a full disk."""
+
+    def write(self, data):
+        return len(data)
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        self.file.close()
+        self.flush()
+
+
+def test_full_disk_while_writing_a_level_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    ids = class_map()
+    writer = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
+    writer.write_band(ids)
+    assert len(level_sizes(*ids.shape, TILE)) > 1  # a level below full resolution to fail on
+    real_open = open
+
+    def opening(path, *args, **kwargs):  # the stores of the levels below fill the disk
+        file = real_open(path, *args, **kwargs)
+        return FullOnFlush(file) if ".level" in Path(path).name else file
+
+    monkeypatch.setattr(band_store, "open", opening, raising=False)
+    with pytest.raises(WriteError) as error:
+        writer.finish()
+    assert "No space left on device" in one_line_naming(error, tmp_path / "x_ids.tif")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".x_ids.tif.partial", ".x_ids.tif.partial.json"]
     writer.close()
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -33,12 +33,15 @@ class BandStore:
     Memory: none beyond the band being appended or read (and its deflated bytes).
     """
 
-    def __init__(self, path: Path, width: int, bands: Sequence[tuple[int, int]] = (), sync: bool = False) -> None:
+    def __init__(self, path: Path, width: int, bands: Sequence[tuple[int, int]] = (), sync: bool = False,
+                 reported_as: Optional[Path] = None) -> None:
         """Open (creating) the data file; `bands` are the (rows, bytes) of the bands already
         in it, past which anything in the file (a band cut short by an interruption) is cut
         off. sync: make each band durable before append returns (for resuming after a
-        crash of the machine, not only of the process)."""
+        crash of the machine, not only of the process). reported_as: the file that write
+        errors name (default: `path`), for a store that is a step in writing another one."""
         self.path, self.width, self.sync = Path(path), int(width), sync
+        self.reported_as = self.path if reported_as is None else Path(reported_as)
         self.bands: list[tuple[int, int]] = [(int(r), int(n)) for r, n in bands]
         self.end = sum(n for _, n in self.bands)
         try:
@@ -48,7 +51,7 @@ class BandStore:
                 raise CorruptStore(f"{self.path}: shorter than the bands it should hold")
             self._file.truncate(self.end)
         except OSError as error:
-            raise cannot_write(self.path, error) from None
+            raise cannot_write(self.reported_as, error) from None
 
     @property
     def rows(self) -> int:
@@ -68,7 +71,7 @@ class BandStore:
         except OSError as error:
             with contextlib.suppress(OSError):
                 self._file.truncate(self.end)  # what was half written is no band
-            raise cannot_write(self.path, error) from None
+            raise cannot_write(self.reported_as, error) from None
         self.bands.append((band.shape[0], len(data)))
         self.end += len(data)
 
@@ -91,6 +94,9 @@ class BandStore:
         self._file.close()
 
     def remove(self) -> None:
-        """Close and delete the data file."""
-        self.close()
-        self.path.unlink(missing_ok=True)
+        """Close and delete the data file, deleted also where closing fails (closing writes
+        what is buffered, which a full disk refuses)."""
+        try:
+            self.close()
+        finally:
+            self.path.unlink(missing_ok=True)

@@ -258,7 +258,7 @@ class ClassMapWriter:
                     below = None
                     if k + 1 < len(sizes):
                         name = self.path.with_name(f"{self.path.name}.level{k + 1}")
-                        below = BandStore(temporary_name(name), sizes[k + 1][1])
+                        below = BandStore(temporary_name(name), sizes[k + 1][1], reported_as=self.path)
                         stores.append(below)
                     rows = self._tile_rows(source.read_bands(), height)
                     if k == 0 and preview is not None:
