@@ -7,7 +7,9 @@ a bad file fails before hours of work, not in the middle.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -15,7 +17,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 from xml.etree import ElementTree
 
 import numpy as np
@@ -51,6 +53,39 @@ class TiffFacts(NamedTuple):
     upright: bool  # no Orientation tag, or 1 (the region reader reads tiles as stored)
 
 
+class _QuietWhileParsing(logging.Filter):
+    """Drops tifffile's log records in the threads that are parsing a file's tables.
+
+    tifffile logs what it finds wrong there (a page past the file's end, a corrupt tag
+    list) before this module's checks name the same problem in one line of their own. A
+    filter per thread, not the logger's level, as readers open files side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._threads: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in self._threads
+
+    @contextlib.contextmanager
+    def parsing(self) -> Iterator[None]:
+        thread = threading.get_ident()
+        with self._lock:
+            self._threads[thread] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._threads[thread] -= 1
+                if not self._threads[thread]:
+                    del self._threads[thread]
+
+
+_QUIET = _QuietWhileParsing()
+tifffile.logger().addFilter(_QUIET)
+
+
 def _open(path: Path) -> tifffile.TiffFile:
     with opening(path, "a TIFF file", "no such file; check the path"):
         try:
@@ -76,7 +111,7 @@ def _level_pages(path: Path, tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
 def describe_tiff(path: Path) -> TiffFacts:
     """TiffFacts of the file's first image, from its tables only. DataError if it
     cannot be parsed."""
-    with _open(path) as tif:
+    with _QUIET.parsing(), _open(path) as tif:
         pages = _level_pages(path, tif)
         base = pages[0]
         return TiffFacts(
@@ -178,12 +213,13 @@ class TiffImage(LargeImage):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._tif = _open(self.path)
-        try:
-            self._setup()
-        except BaseException:
-            self._tif.close()
-            raise
+        with _QUIET.parsing():
+            self._tif = _open(self.path)
+            try:
+                self._setup()
+            except BaseException:
+                self._tif.close()
+                raise
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()  # the file position and the cache, for reads from several threads

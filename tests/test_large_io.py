@@ -10,6 +10,7 @@ import ast
 import collections
 import errno
 import json
+import logging
 import os
 import shutil
 import struct
@@ -269,6 +270,17 @@ def test_bad_slides_are_named(files, tmp_path):
     with pytest.raises(DataError) as error:
         open_large_image(cut)
     assert "is truncated" in one_line_naming(error, cut)
+
+
+@pytest.mark.parametrize("kind", ["pyramid", "geotiff", "svs"])
+def test_a_file_cut_in_its_tables_is_one_line_and_tifffile_logs_nothing(files, tmp_path, caplog, kind):
+    path = tmp_path / f"cut{files[kind].suffix}"
+    data = files[kind].read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # pages past the end: tifffile logs them as it parses
+    with caplog.at_level(logging.DEBUG, logger="tifffile"), pytest.raises(DataError) as error:
+        open_large_image(path)
+    assert "is truncated" in one_line_naming(error, path)
+    assert not [record.getMessage() for record in caplog.records if record.name == "tifffile"]
 
 
 def test_unsupported_compression_is_named(files, tmp_path):
