@@ -237,6 +237,8 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
                                 preview=output / preview_name, georef=image.georef, mpp=image.mpp)
         try:
             kept = first_pass_done(session, writer)
+            if writer.started_over is not None:
+                print(f"{path.name}: starting over: {started_over_reason(*writer.started_over, height)}", file=sys.stderr)
             if writer.rows_done:
                 print(f"{path.name}: continuing from row {writer.rows_done} of {height}", file=sys.stderr)
             elif kept:
@@ -261,6 +263,16 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
             raise
         finally:
             writer.close()
+
+
+def started_over_reason(rows: int, differing: Sequence[str], height: int) -> str:
+    """Why an earlier run's work on a map was deleted, from ClassMapWriter.started_over
+    and large_identity's keys."""
+    names = {"input": "input file", "checkpoints": "checkpoints", "code": "code version", "torch": "torch version",
+             "global": "--exact_global"}
+    what = f"the {rows} of {height} rows" if rows else "the pass over every patch"
+    differs = ", ".join(names.get(key, f"--{key}") for key in differing) or "what they were made with"
+    return f"{what} an earlier run kept differ in {differs}, so cannot join this run's"
 
 
 def first_pass_done(session: helper.Session, writer: ClassMapWriter) -> int:

@@ -177,8 +177,10 @@ def test_interrupted_run_resumes(models, inputs, in_memory_ids, tmp_path, monkey
     assert data.exists() and index.exists() and not state.exists()  # mode 2 has no pass to keep
     monkeypatch.setattr(band_prediction, "predict_bands", bands)
     assert run(models, *args, *rerun_flags) == 0
-    resumed = "continuing from row 64 of 300" in capsys.readouterr().err
-    assert resumed == (not rerun_flags)
+    err = capsys.readouterr().err
+    assert ("continuing from row 64 of 300" in err) == (not rerun_flags)
+    started_over = "big.tif: starting over: the 64 of 300 rows an earlier run kept differ in --micro_batch_size"
+    assert (started_over in err) == bool(rerun_flags), err
     ids = check_large_outputs(out, "big")
     if not rerun_flags:
         np.testing.assert_array_equal(ids, in_memory_ids(2))

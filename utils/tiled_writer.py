@@ -148,6 +148,9 @@ class ClassMapWriter:
         self.identity = json.loads(json.dumps(identity))
         self.data_path, self.index_path, self.state_path = partial_paths(self.path)
         self.resumed = False
+        # Where an earlier writer's work was deleted, not resumed: the rows it had written
+        # (0 where it kept only its producer's state) and the keys of `identity` that differ.
+        self.started_over: Optional[tuple[int, list[str]]] = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -161,7 +164,7 @@ class ClassMapWriter:
                 "bands": [list(b) for b in bands]}
 
     def _open_store(self) -> BandStore:
-        """The store left by an earlier writer of this map, or a new one."""
+        """The store left by an earlier writer of this map, or a new one (see started_over)."""
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, CorruptStore):
             index = json.loads(self.index_path.read_text())
             bands = [(int(r), int(n)) for r, n in index["bands"]]
@@ -169,6 +172,10 @@ class ClassMapWriter:
                 store = BandStore(self.data_path, self.width, bands, sync=True)
                 self.resumed = True
                 return store
+            rows, theirs = sum(r for r, _ in bands), index["identity"]
+            if (rows or self.state_path.exists()) and isinstance(theirs, dict):
+                self.started_over = (rows, sorted(key for key in theirs.keys() | self.identity.keys()
+                                                  if theirs.get(key) != self.identity.get(key)))
         self._remove_partial()
         store = BandStore(self.data_path, self.width, sync=True)
         self._save_index(store)
