@@ -232,6 +232,8 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
     """One very large image (see segment_large); returns whether a progress bar showed."""
     ids_name, preview_name = large_output_names(path.stem)
     with open_large_image(path) as image:
+        for line in image.damaged:
+            print(f"warning: {line}", file=sys.stderr)
         height, width = image.size
         writer = ClassMapWriter(output / ids_name, (height, width), large_identity(args, path), table.colours,
                                 preview=output / preview_name, georef=image.georef, mpp=image.mpp)

@@ -22,12 +22,15 @@ class LargeImage(abc.ABC):
         levels: (H, W) of each pyramid level, full resolution first, largest to smallest.
         georef: GeoTIFF georeferencing, or None.
         mpp: (y, x) microns per pixel of the full-resolution level, or None.
+        damaged: a line for each reduced-resolution level left out of `levels` as damaged
+            (a file cut short in them), for the user; the levels kept read whole.
     """
 
     path: Path
     levels: list[tuple[int, int]]
     georef: Optional[Georef] = None
     mpp: Optional[tuple[float, float]] = None
+    damaged: tuple[str, ...] = ()
 
     @property
     def size(self) -> tuple[int, int]:

@@ -167,8 +167,13 @@ def _rgb_rule(path: Path, page: tifffile.TiffPage) -> tuple[tuple[int, ...], Cal
                     f"it to 8-bit RGB and {SAVE_TILED.split(' (')[0]}")
 
 
+class _Damaged(DataError):
+    """A page's tiles are not all in the file: cut short, or listed wrongly."""
+
+
 def _level(path: Path, page: tifffile.TiffPage, file_size: int) -> _Level:
-    """_Level of a page; DataError for what this reader cannot read in it."""
+    """_Level of a page; DataError for what this reader cannot read in it (_Damaged where
+    the file is damaged there)."""
     compression = int(page.compression)
     if compression != 1 and compression not in TIFF.DECOMPRESSORS:
         name = COMPRESSION(compression).name if compression in set(COMPRESSION) else "an unknown method"
@@ -195,11 +200,11 @@ def _level(path: Path, page: tifffile.TiffPage, file_size: int) -> _Level:
     per_plane = -(-height // seg_h) * per_row
     expected = per_plane * (page.samplesperpixel if separate else 1)
     if len(page.dataoffsets) != expected or len(page.databytecounts) != expected:
-        raise DataError(f"{path}: lists {len(page.dataoffsets)} tiles where a {height} x {width} image needs "
+        raise _Damaged(f"{path}: lists {len(page.dataoffsets)} tiles where a {height} x {width} image needs "
                         f"{expected}; the file is corrupt, re-export it")
     ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
     if ends and max(ends) > file_size:
-        raise DataError(f"{path}: is truncated (its tiles reach byte {max(ends)}, the file ends at byte {file_size}); "
+        raise _Damaged(f"{path}: is truncated (its tiles reach byte {max(ends)}, the file ends at byte {file_size}); "
                         "re-download or re-export it")
     return _Level(page, page.decode, height, width, seg_h, seg_w, per_row, per_plane, channels, separate, to_rgb)
 
@@ -208,7 +213,8 @@ class TiffImage(LargeImage):
     """A TIFF or GeoTIFF read tile by tile (open it with dataset.large_files.open_large_image).
 
     Reduced-resolution levels this reader cannot use (another pixel format or
-    compression than the full-resolution one can have) are left out of `levels`.
+    compression than the full-resolution one can have, or damage: see `damaged`) are left
+    out of `levels`.
     """
 
     def __init__(self, path: Path) -> None:
@@ -231,9 +237,15 @@ class TiffImage(LargeImage):
                             "resolution copy); export the image with its full-resolution level")
         size = os.fstat(self._tif.filehandle.fileno()).st_size
         self._levels = [_level(self.path, pages[0], size)]
+        damaged = []
         for page in pages[1:]:
-            with contextlib.suppress(DataError):
+            try:
                 self._levels.append(_level(self.path, page, size))
+            except _Damaged as error:
+                damaged.append(f"{error} (its {page.imagelength} x {page.imagewidth} level, which is left out)")
+            except DataError:
+                pass  # another pixel format or compression: a level to do without
+        self.damaged = tuple(damaged)
         self.levels = [(lv.height, lv.width) for lv in self._levels]
         self.georef = self._georef(pages[0])
         self.mpp = None if self.georef is not None else _ome_mpp(self._tif.ome_metadata) or _mpp(pages[0])

@@ -283,6 +283,19 @@ def test_a_file_cut_in_its_tables_is_one_line_and_tifffile_logs_nothing(files, t
     assert not [record.getMessage() for record in caplog.records if record.name == "tifffile"]
 
 
+@pytest.mark.parametrize("kind", ["pyramid", "geotiff"])
+def test_a_reduced_level_cut_short_is_left_out_and_named(files, tmp_path, kind):
+    path = tmp_path / "cut.tif"
+    path.write_bytes(files[kind].read_bytes()[:-1000])  # the last tiles are the smallest level's
+    with open_large_image(path) as image:
+        assert image.levels == [(H, W), (350, 450)]
+        np.testing.assert_array_equal(image.read_region(0, 0, H, W), pixels())
+        (line,) = image.damaged
+    assert line.startswith(f"{path}: is truncated") and "175 x 225 level, which is left out" in line
+    with open_large_image(files[kind]) as whole:
+        assert whole.damaged == ()
+
+
 def test_unsupported_compression_is_named(files, tmp_path):
     path = tmp_path / "jbig.tif"
     shutil.copy(files["tiled"], path)
