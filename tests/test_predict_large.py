@@ -22,7 +22,7 @@ from dataset.streamed_global import global_image_large
 from utils.patches import PatchGrid
 import utils.progress
 from utils.progress import ProgressLines
-from utils.tiled_writer import partial_paths
+from utils.tiled_writer import ClassMapWriter, partial_paths
 
 # One patch per pass: the streamed passes then group patches as the in-memory path does, and
 # the maps are equal to the bit (other micro-batches may differ in float rounding). A 4 x 5 grid.
@@ -192,6 +192,32 @@ def test_unreadable_file_is_one_line(models, tmp_path, capsys):
     assert run(models, "--input", str(bad), "--output", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.svs" in err and "Traceback" not in err, err
+
+
+def test_a_tile_that_cannot_be_decoded_is_one_line_and_leaves_no_partial_map(models, pixels, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.setattr(band_prediction, "BAND_ROWS", 64)
+    bad = tmp_path / "bad.tif"
+    with tifffile.TiffWriter(bad) as tif:  # a level for the global image, so that full resolution is read by bands
+        tif.write(pixels, tile=(128, 128), compression="zlib", photometric="rgb", subifds=1, metadata=None)
+        tif.write(pixels[::2, ::2], tile=(128, 128), compression="zlib", photometric="rgb", subfiletype=1)
+    with tifffile.TiffFile(bad) as tif:
+        offset, count = tif.pages[0].dataoffsets[-1], tif.pages[0].databytecounts[-1]  # in the last row of tiles
+    with open(bad, "r+b") as file:
+        file.seek(offset)
+        file.write(bytes(count))  # not a deflate stream
+    written = []
+    write_band = ClassMapWriter.write_band
+    monkeypatch.setattr(ClassMapWriter, "write_band", lambda self, band: (written.append(len(band)),
+                                                                          write_band(self, band)))
+    out = tmp_path / "out"
+    assert run(models, "--mode", "2", "--size_g", "32", "--input", str(bad), "--output", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {bad}: ") and "Traceback" not in "".join(err), err
+    assert written  # bands were kept before the damage was met...
+    # ...and deleted: a repaired file is another input, which would start over; the folder
+    # the run made goes with them.
+    assert not out.exists()
 
 
 def test_a_pyramid_level_makes_the_global_image_by_default(models, inputs, pixels, tmp_path, monkeypatch):
