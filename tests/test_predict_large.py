@@ -117,6 +117,25 @@ def test_geotiff_keeps_its_georeferencing(models, inputs, tmp_path):
         assert ds.crs == rasterio.crs.CRS.from_string(CRS) and ds.transform == TRANSFORM
 
 
+def test_a_slide_equals_the_png_path_and_its_map_keeps_the_microns_per_pixel(models, pixels, in_memory_ids, tmp_path):
+    import openslide
+
+    slide = tmp_path / "slide.svs"
+    aperio = "Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] (128x128) {what}|AppMag = 20|MPP = 0.499"
+    with tifffile.TiffWriter(slide) as tif:  # deflated, so that OpenSlide reads the pixels back exactly
+        for level, what in [(pixels, "JPEG/RGB Q=70"), (pixels[::4, ::4], "-> downsampled")]:
+            tif.write(level, tile=(128, 128), compression="zlib", photometric="rgb", metadata=None,
+                      description=aperio.format(w=W, h=H, what=what))
+    out = tmp_path / "out"
+    assert run(models, "--mode", "2", "--input", str(slide), "--output", str(out)) == 0
+    np.testing.assert_array_equal(check_large_outputs(out, "slide"), in_memory_ids(2))
+    written = openslide.OpenSlide(str(out / "slide_ids.tif"))  # as QuPath opens it
+    try:
+        assert float(written.properties["openslide.mpp-x"]) == pytest.approx(0.499)
+    finally:
+        written.close()
+
+
 def test_a_world_file_beside_a_plain_tiff_places_the_map_too(models, inputs, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
