@@ -257,11 +257,6 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
                 writer.finish()
             carry_world_file(path, output / ids_name, image.georef is not None)
             return terminal
-        except DataError:
-            # The input is damaged where it was read; repaired, it is another file (another
-            # identity), which would start over: the bands kept would only clutter the folder.
-            writer.discard()
-            raise
         except KeyboardInterrupt:
             patches = 0 if writer.rows_done else first_pass_done(session, writer)
             kept = f" and {patches} patches of the pass over every patch" if patches else ""

@@ -348,12 +348,6 @@ class ClassMapWriter:
         """Close the store's file (the store stays, for a later writer to resume)."""
         self.store.close()
 
-    def discard(self) -> None:
-        """Close and delete the store (and the producer's state): for a map no later writer
-        can resume."""
-        self.close()
-        self._remove_partial()
-
     def __enter__(self) -> ClassMapWriter:
         return self
 
