@@ -270,11 +270,13 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
 def started_over_reason(rows: int, differing: Sequence[str], height: int) -> str:
     """Why an earlier run's work on a map was deleted, from ClassMapWriter.started_over
     and large_identity's keys."""
-    names = {"input": "input file", "checkpoints": "checkpoints", "code": "code version", "torch": "torch version",
-             "global": "--exact_global"}
-    what = f"the {rows} of {height} rows" if rows else "the pass over every patch"
-    differs = ", ".join(names.get(key, f"--{key}") for key in differing) or "what they were made with"
-    return f"{what} an earlier run kept differ in {differs}, so cannot join this run's"
+    names = {"input": "the input file", "checkpoints": "the checkpoints", "code": "the code version",
+             "torch": "the torch version", "global": "--exact_global"}
+    what = f"{rows} of {height} rows" if rows else "its pass over every patch"
+    if not differing:
+        return f"the {what} an earlier run kept could not be read back (damaged on disk)"
+    changed = ", ".join(names.get(key, f"--{key}") for key in differing)
+    return f"{changed} changed since an earlier run kept {what}"
 
 
 def first_pass_done(session: helper.Session, writer: ClassMapWriter) -> int:

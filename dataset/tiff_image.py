@@ -7,11 +7,11 @@ a bad file fails before hours of work, not in the middle.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -40,6 +40,7 @@ REDUCED_IMAGE = 1  # NewSubfileType bit: a reduced-resolution copy of another im
 # OME-XML's length units, in microns (its default unit); both spellings of "micro".
 OME_MICRONS = {"pm": 1e-6, "\u00c5": 1e-4, "nm": 1e-3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "mm": 1e3,
                "cm": 1e4, "m": 1e6, "in": 25400.0}
+REPAIR = "re-download or re-export it"
 SAVE_TILED = ("re-save it as a tiled TIFF (e.g. vips tiffsave IN OUT --tile --pyramid --compression deflate, "
               "or gdal_translate -co TILED=YES -co COMPRESS=DEFLATE IN OUT)")
 
@@ -53,37 +54,49 @@ class TiffFacts(NamedTuple):
     upright: bool  # no Orientation tag, or 1 (the region reader reads tiles as stored)
 
 
-class _QuietWhileParsing(logging.Filter):
-    """Drops tifffile's log records in the threads that are parsing a file's tables.
+class _HeldWhileParsing(logging.Filter):
+    """Holds back tifffile's warnings in the threads that are parsing a file's tables, for
+    the parser to report in its own words.
 
     tifffile logs what it finds wrong there (a page past the file's end, a corrupt tag
-    list) before this module's checks name the same problem in one line of their own. A
-    filter per thread, not the logger's level, as readers open files side by side."""
+    list), and leaves out what it cannot read, before this module's checks name the
+    problem in one line. Per thread, not by the logger's level, as readers open files side
+    by side."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._threads: collections.Counter[int] = collections.Counter()
+        self._held: dict[int, list[str]] = {}
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread not in self._threads
+        with self._lock:
+            held = self._held.get(record.thread) if record.levelno >= logging.WARNING else None
+        if held is None:
+            return True
+        held.append(re.sub(r"^<[^>]*>\s*", "", record.getMessage()))  # less tifffile's "<TiffFile 'x.tif'>"
+        return False
 
     @contextlib.contextmanager
-    def parsing(self) -> Iterator[None]:
+    def parsing(self) -> Iterator[list[str]]:
+        """The warnings tifffile logs in this thread meanwhile, held back."""
         thread = threading.get_ident()
         with self._lock:
-            self._threads[thread] += 1
+            outer = self._held.get(thread)
+            held = self._held.setdefault(thread, [])
         try:
-            yield
+            yield held
         finally:
-            with self._lock:
-                self._threads[thread] -= 1
-                if not self._threads[thread]:
-                    del self._threads[thread]
+            if outer is None:
+                with self._lock:
+                    del self._held[thread]
 
 
-_QUIET = _QuietWhileParsing()
-tifffile.logger().addFilter(_QUIET)
+_HELD = _HeldWhileParsing()
+tifffile.logger().addFilter(_HELD)
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    return DataError(f"{path}: not a TIFF file tifffile can read ({one_line(error)}); check the file, or {SAVE_TILED}")
 
 
 def _open(path: Path) -> tifffile.TiffFile:
@@ -93,16 +106,19 @@ def _open(path: Path) -> tifffile.TiffFile:
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             raise
         except Exception as error:  # tifffile's many ways of saying "not a TIFF it can parse"
-            raise DataError(f"{path}: not a TIFF file tifffile can read ({one_line(error)}); check the file, or "
-                            f"{SAVE_TILED}") from None
+            raise _unreadable(path, error) from None
 
 
 def _level_pages(path: Path, tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
     """The pages of the first image's pyramid, full resolution first (tifffile gathers
     SubIFD and reduced-resolution pyramids alike)."""
-    if not tif.series:
+    try:
+        series = tif.series  # parsed here, on first use
+    except Exception as error:  # as in _open: tables cut short, or worse
+        raise _unreadable(path, error) from None
+    if not series:
         raise DataError(f"{path}: holds no image; check the file")
-    pages = [level.keyframe for level in tif.series[0].levels]
+    pages = [level.keyframe for level in series[0].levels]
     if not pages or pages[0] is None:
         raise DataError(f"{path}: holds no image; check the file")
     return pages
@@ -111,7 +127,7 @@ def _level_pages(path: Path, tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
 def describe_tiff(path: Path) -> TiffFacts:
     """TiffFacts of the file's first image, from its tables only. DataError if it
     cannot be parsed."""
-    with _QUIET.parsing(), _open(path) as tif:
+    with _HELD.parsing(), _open(path) as tif:
         pages = _level_pages(path, tif)
         base = pages[0]
         return TiffFacts(
@@ -170,6 +186,10 @@ def _rgb_rule(path: Path, page: tifffile.TiffPage) -> tuple[tuple[int, ...], Cal
 class _Damaged(DataError):
     """A page's tiles are not all in the file: cut short, or listed wrongly."""
 
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}; {REPAIR}")
+        self.problem = problem
+
 
 def _level(path: Path, page: tifffile.TiffPage, file_size: int) -> _Level:
     """_Level of a page; DataError for what this reader cannot read in it (_Damaged where
@@ -200,12 +220,11 @@ def _level(path: Path, page: tifffile.TiffPage, file_size: int) -> _Level:
     per_plane = -(-height // seg_h) * per_row
     expected = per_plane * (page.samplesperpixel if separate else 1)
     if len(page.dataoffsets) != expected or len(page.databytecounts) != expected:
-        raise _Damaged(f"{path}: lists {len(page.dataoffsets)} tiles where a {height} x {width} image needs "
-                        f"{expected}; the file is corrupt, re-export it")
+        raise _Damaged(path, f"lists {len(page.dataoffsets)} tiles where a {height} x {width} image needs "
+                             f"{expected} (the file is corrupt)")
     ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
     if ends and max(ends) > file_size:
-        raise _Damaged(f"{path}: is truncated (its tiles reach byte {max(ends)}, the file ends at byte {file_size}); "
-                        "re-download or re-export it")
+        raise _Damaged(path, f"is truncated (its tiles reach byte {max(ends)}, the file ends at byte {file_size})")
     return _Level(page, page.decode, height, width, seg_h, seg_w, per_row, per_plane, channels, separate, to_rgb)
 
 
@@ -219,13 +238,16 @@ class TiffImage(LargeImage):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        with _QUIET.parsing():
+        with _HELD.parsing() as logged:
             self._tif = _open(self.path)
             try:
                 self._setup()
             except BaseException:
                 self._tif.close()
                 raise
+        if logged:  # what tifffile could not parse, it left out: a level, say
+            self.damaged += (f"{self.path}: tifffile left out what it could not read of its tables "
+                             f"({'; '.join(dict.fromkeys(logged))}); {REPAIR}",)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()  # the file position and the cache, for reads from several threads
@@ -242,7 +264,8 @@ class TiffImage(LargeImage):
             try:
                 self._levels.append(_level(self.path, page, size))
             except _Damaged as error:
-                damaged.append(f"{error} (its {page.imagelength} x {page.imagewidth} level, which is left out)")
+                damaged.append(f"{self.path}: its {page.imagelength} x {page.imagewidth} level {error.problem}, and is "
+                               f"left out; {REPAIR}")
             except DataError:
                 pass  # another pixel format or compression: a level to do without
         self.damaged = tuple(damaged)

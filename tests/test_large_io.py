@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image
 from dataset.classes import DEEPGLOBE
 from dataset.io import read_image
 from dataset.large_files import is_large_image_file, open_large_image
+from dataset import tiff_image
 from dataset.slide_image import SlideImage
 from dataset.streamed_global import global_image_large, global_image_streamed, pick_level
 from dataset.tiff_image import TiffImage, _ome_mpp
@@ -291,9 +293,47 @@ def test_a_reduced_level_cut_short_is_left_out_and_named(files, tmp_path, kind):
         assert image.levels == [(H, W), (350, 450)]
         np.testing.assert_array_equal(image.read_region(0, 0, H, W), pixels())
         (line,) = image.damaged
-    assert line.startswith(f"{path}: is truncated") and "175 x 225 level, which is left out" in line
+    assert line.startswith(f"{path}: its 175 x 225 level is truncated (its tiles reach byte ")
+    assert line.endswith(", and is left out; re-download or re-export it")
     with open_large_image(files[kind]) as whole:
         assert whole.damaged == ()
+
+
+def last_table_cut(source: Path, path: Path) -> Path:
+    """`source` cut 4 bytes into the table (IFD) of its smallest level."""
+    with tifffile.TiffFile(source) as tif:
+        offset = tif.series[0].levels[-1].keyframe.offset
+    path.write_bytes(source.read_bytes()[:offset + 4])
+    return path
+
+
+def test_a_reduced_level_whose_table_is_cut_is_left_out_and_named(files, tmp_path):
+    path = last_table_cut(files["pyramid"], tmp_path / "cut.tif")
+    with open_large_image(path) as image:  # tifffile drops the level as it parses
+        assert image.levels == [(H, W), (350, 450)]
+        (line,) = image.damaged
+    assert line.startswith(f"{path}: tifffile left out what it could not read of its tables (")
+    assert line.endswith("; re-download or re-export it") and "\n" not in line
+
+
+def test_a_table_cut_in_the_chain_of_pages_is_one_line(files, tmp_path):
+    path = last_table_cut(files["geotiff"], tmp_path / "cut.tif")  # its pages are a chain, not SubIFDs
+    with pytest.raises(DataError) as error:
+        open_large_image(path)
+    assert "not a TIFF file tifffile can read" in one_line_naming(error, path)
+
+
+def test_tifffile_warnings_are_held_only_in_the_thread_parsing_and_only_meanwhile(caplog):
+    log = tifffile.logger()
+    with caplog.at_level(logging.WARNING, logger="tifffile"):
+        with tiff_image._HELD.parsing() as held:
+            log.warning("<TiffFile 'x.tif'> in this thread")
+            other = threading.Thread(target=log.warning, args=("in another thread",))
+            other.start()
+            other.join()
+        log.warning("after parsing")
+    assert held == ["in this thread"]
+    assert [record.getMessage() for record in caplog.records] == ["in another thread", "after parsing"]
 
 
 def test_unsupported_compression_is_named(files, tmp_path):
@@ -564,16 +604,37 @@ def test_interrupted_writing_leaves_no_output_and_resumes(tmp_path):
     assert not data.exists() and not index.exists() and not state.exists()
 
 
-def test_partial_of_another_input_is_not_resumed(tmp_path):
+@pytest.mark.parametrize("rows", [100, 0])  # 0: the producer's state alone was kept
+def test_partial_of_another_input_is_not_resumed_and_says_what_differs(tmp_path, rows):
     ids = class_map()
-    for identity, shape in [({"input": "y"}, ids.shape), ({"input": "x"}, (H, W + 1))]:
-        writer = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
-        writer.write_band(ids[:100])
+    before = {"input": "x", "amp": None, "code": "abc"}
+    for identity, shape, differing in [({**before, "input": "y", "code": "abd"}, ids.shape, ["code", "input"]),
+                                       ({**before, "torch": "2"}, ids.shape, ["torch"]),
+                                       (before, (H, W + 1), [])]:  # the same facts, a store that does not fit them
+        writer = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, before, DEEPGLOBE.colours, tile=TILE)
+        if rows:
+            writer.write_band(ids[:rows])
         writer.save_state({"done": 7})
         writer.close()
         fresh = ClassMapWriter(tmp_path / "x_ids.tif", shape, identity, DEEPGLOBE.colours, tile=TILE)
         assert not fresh.resumed and fresh.rows_done == 0 and fresh.saved_state() is None
+        assert fresh.started_over == (rows, differing)
         fresh.close()
+
+
+def test_a_store_damaged_on_disk_starts_over_and_says_so(tmp_path):
+    ids = class_map()
+    writer = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
+    writer.write_band(ids[:100])
+    writer.close()
+    data = partial_paths(tmp_path / "x_ids.tif")[0]
+    data.write_bytes(data.read_bytes()[:10])  # shorter than the band its index lists
+    fresh = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
+    assert not fresh.resumed and fresh.rows_done == 0 and fresh.started_over == (100, [])
+    fresh.close()
+    again = ClassMapWriter(tmp_path / "x_ids.tif", ids.shape, {"input": "x"}, DEEPGLOBE.colours, tile=TILE)
+    assert again.started_over is None  # nothing kept to speak of
+    again.close()
 
 
 def test_a_damaged_producer_state_costs_only_the_work_it_saved(tmp_path):

@@ -199,11 +199,20 @@ def test_interrupted_run_resumes(models, inputs, in_memory_ids, tmp_path, monkey
     assert run(models, *args, *rerun_flags) == 0
     err = capsys.readouterr().err
     assert ("continuing from row 64 of 300" in err) == (not rerun_flags)
-    started_over = "big.tif: starting over: the 64 of 300 rows an earlier run kept differ in --micro_batch_size"
+    started_over = "big.tif: starting over: --micro_batch_size changed since an earlier run kept 64 of 300 rows"
     assert (started_over in err) == bool(rerun_flags), err
     ids = check_large_outputs(out, "big")
     if not rerun_flags:
         np.testing.assert_array_equal(ids, in_memory_ids(2))
+
+
+def test_a_map_started_over_says_what_changed():
+    assert predict.started_over_reason(64, ["amp", "code", "global", "input"], 300) == (
+        "--amp, the code version, --exact_global, the input file changed since an earlier run kept 64 of 300 rows")
+    assert predict.started_over_reason(0, ["checkpoints"], 300) == (
+        "the checkpoints changed since an earlier run kept its pass over every patch")
+    assert predict.started_over_reason(64, [], 300) == (
+        "the 64 of 300 rows an earlier run kept could not be read back (damaged on disk)")
 
 
 def test_unreadable_file_is_one_line(models, tmp_path, capsys):

@@ -149,7 +149,8 @@ class ClassMapWriter:
         self.data_path, self.index_path, self.state_path = partial_paths(self.path)
         self.resumed = False
         # Where an earlier writer's work was deleted, not resumed: the rows it had written
-        # (0 where it kept only its producer's state) and the keys of `identity` that differ.
+        # (0 where it kept only its producer's state) and the keys of `identity` that differ
+        # (none: its store was damaged on disk).
         self.started_over: Optional[tuple[int, list[str]]] = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,17 +166,18 @@ class ClassMapWriter:
 
     def _open_store(self) -> BandStore:
         """The store left by an earlier writer of this map, or a new one (see started_over)."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, CorruptStore):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, CorruptStore):
             index = json.loads(self.index_path.read_text())
             bands = [(int(r), int(n)) for r, n in index["bands"]]
-            if index == self._index(bands) and sum(r for r, _ in bands) <= self.height:
-                store = BandStore(self.data_path, self.width, bands, sync=True)
-                self.resumed = True
-                return store
-            rows, theirs = sum(r for r, _ in bands), index["identity"]
-            if (rows or self.state_path.exists()) and isinstance(theirs, dict):
+            rows, theirs = sum(r for r, _ in bands), dict(index["identity"])
+            if rows or self.state_path.exists():
+                # Set before the store is opened: one that fails to open was damaged on disk.
                 self.started_over = (rows, sorted(key for key in theirs.keys() | self.identity.keys()
                                                   if theirs.get(key) != self.identity.get(key)))
+            if index == self._index(bands) and rows <= self.height:
+                store = BandStore(self.data_path, self.width, bands, sync=True)
+                self.resumed, self.started_over = True, None
+                return store
         self._remove_partial()
         store = BandStore(self.data_path, self.width, sync=True)
         self._save_index(store)
