@@ -22,8 +22,9 @@ class LargeImage(abc.ABC):
         levels: (H, W) of each pyramid level, full resolution first, largest to smallest.
         georef: GeoTIFF georeferencing, or None.
         mpp: (y, x) microns per pixel of the full-resolution level, or None.
-        damaged: a line for each reduced-resolution level left out of `levels` as damaged
-            (a file cut short in them), for the user; the levels kept read whole.
+        damaged: one-line warnings for the user about damage that reading works around: a
+            reduced-resolution level left out of `levels` (a file cut short in it, say);
+            the levels kept read whole.
     """
 
     path: Path

@@ -245,9 +245,8 @@ class TiffImage(LargeImage):
             except BaseException:
                 self._tif.close()
                 raise
-        if logged:  # what tifffile could not parse, it left out: a level, say
-            self.damaged += (f"{self.path}: tifffile left out what it could not read of its tables "
-                             f"({'; '.join(dict.fromkeys(logged))}); {REPAIR}",)
+        if logged:  # what it could not parse (a level's table, say) tifffile left out; or a harmless oddity
+            self.damaged += (f"{self.path}: tifffile reports, reading its tables: {'; '.join(dict.fromkeys(logged))}",)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()  # the file position and the cache, for reads from several threads
