@@ -240,7 +240,8 @@ def segment_large_image(session: helper.Session, path: Path, table: ClassTable, 
         try:
             kept = first_pass_done(session, writer)
             if writer.started_over is not None:
-                print(f"{path.name}: starting over: {started_over_reason(*writer.started_over, height)}", file=sys.stderr)
+                reason = started_over_reason(*writer.started_over, height)
+                print(f"{path.name}: starting over: {reason}", file=sys.stderr)
             if writer.rows_done:
                 print(f"{path.name}: continuing from row {writer.rows_done} of {height}", file=sys.stderr)
             elif kept:

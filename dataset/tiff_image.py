@@ -78,17 +78,15 @@ class _HeldWhileParsing(logging.Filter):
 
     @contextlib.contextmanager
     def parsing(self) -> Iterator[list[str]]:
-        """The warnings tifffile logs in this thread meanwhile, held back."""
-        thread = threading.get_ident()
+        """The warnings tifffile logs in this thread meanwhile, held back (not nested)."""
+        thread, held = threading.get_ident(), []
         with self._lock:
-            outer = self._held.get(thread)
-            held = self._held.setdefault(thread, [])
+            self._held[thread] = held
         try:
             yield held
         finally:
-            if outer is None:
-                with self._lock:
-                    del self._held[thread]
+            with self._lock:
+                del self._held[thread]
 
 
 _HELD = _HeldWhileParsing()

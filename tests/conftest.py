@@ -136,3 +136,18 @@ def data(pristine, tmp_path) -> Path:
     root = tmp_path / "data"
     shutil.copytree(pristine, root)
     return root
+
+
+def write_svs(path: Path, pixels, tile: int) -> Path:
+    """An Aperio-style slide of (H, W, 3) uint8 pixels (the description OpenSlide
+    recognises), deflated so that the pixels read back exactly, with a level 4 times
+    smaller."""
+    import tifffile
+
+    h, w = pixels.shape[:2]
+    aperio = f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) {{}}|AppMag = 20|MPP = 0.499"
+    with tifffile.TiffWriter(path) as tif:
+        for level, what in [(pixels, "JPEG/RGB Q=70"), (pixels[::4, ::4], "-> downsampled")]:
+            tif.write(level, tile=(tile, tile), compression="zlib", photometric="rgb", metadata=None,
+                      description=aperio.format(what))
+    return path

@@ -25,6 +25,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from conftest import write_svs
 from dataset.classes import DEEPGLOBE
 from dataset.io import read_image
 from dataset.large_files import is_large_image_file, open_large_image
@@ -47,7 +48,6 @@ H, W = 700, 900
 TILE = 256
 CRS = "EPSG:32633"
 TRANSFORM = rasterio.Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4600000.0)  # 0.5 m pixels
-APERIO = "Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] (256x256) {what}|AppMag = 20|MPP = 0.499"
 
 
 def pixels(height: int = H, width: int = W, seed: int = 0) -> np.ndarray:
@@ -86,18 +86,6 @@ def write_geotiff(path: Path, a: np.ndarray, interleave: str = "band") -> Path:
     return path
 
 
-def write_svs(path: Path, a: np.ndarray) -> Path:
-    """An Aperio-style slide (the description OpenSlide recognises), deflated so that the
-    pixels read back exactly, with a level 4 times smaller."""
-    h, w = a.shape[:2]
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(a, tile=(TILE, TILE), compression="zlib", photometric="rgb", metadata=None,
-                  description=APERIO.format(w=w, h=h, what="JPEG/RGB Q=70"))
-        tif.write(a[::4, ::4], tile=(TILE, TILE), compression="zlib", photometric="rgb", metadata=None,
-                  description=APERIO.format(w=w, h=h, what="-> downsampled"))
-    return path
-
-
 def tag_offset(path: Path, name: str) -> int:
     with tifffile.TiffFile(path) as tif:
         return tif.pages[0].tags[name].valueoffset
@@ -113,7 +101,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "tiled": write_tiled(folder / "tiled.tif", a),
         "pyramid": write_subifd_pyramid(folder / "pyramid.tif", a),
         "geotiff": write_geotiff(folder / "geo.tif", a),
-        "svs": write_svs(folder / "slide.svs", a),
+        "svs": write_svs(folder / "slide.svs", a, TILE),
         "strips": strips,
     }
 

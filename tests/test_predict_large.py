@@ -17,7 +17,7 @@ from PIL import Image
 
 import band_prediction
 import predict
-from conftest import DEVICES
+from conftest import DEVICES, write_svs
 from dataset.classes import DEEPGLOBE
 from dataset.streamed_global import global_image_large
 from utils.patches import PatchGrid
@@ -121,12 +121,7 @@ def test_geotiff_keeps_its_georeferencing(models, inputs, tmp_path):
 def test_a_slide_equals_the_png_path_and_its_map_keeps_the_microns_per_pixel(models, pixels, in_memory_ids, tmp_path):
     import openslide
 
-    slide = tmp_path / "slide.svs"
-    aperio = "Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] (128x128) {what}|AppMag = 20|MPP = 0.499"
-    with tifffile.TiffWriter(slide) as tif:  # deflated, so that OpenSlide reads the pixels back exactly
-        for level, what in [(pixels, "JPEG/RGB Q=70"), (pixels[::4, ::4], "-> downsampled")]:
-            tif.write(level, tile=(128, 128), compression="zlib", photometric="rgb", metadata=None,
-                      description=aperio.format(w=W, h=H, what=what))
+    slide = write_svs(tmp_path / "slide.svs", pixels, 128)
     out = tmp_path / "out"
     assert run(models, "--mode", "2", "--input", str(slide), "--output", str(out)) == 0
     np.testing.assert_array_equal(check_large_outputs(out, "slide"), in_memory_ids(2))
